@@ -1,0 +1,133 @@
+"""``dsft`` command line: train, demo, ds-config.
+
+User mistakes (bad config, bad data rows) end with a clear message and exit
+code 2, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import yaml
+
+from dsft.config import ConfigError, load_config
+from dsft.data.formats import DataError
+
+USER_ERRORS = (ConfigError, DataError)
+
+
+def _launch(nproc: int, args: list[str]) -> int:
+    """Re-run ``dsft <args>`` as ``nproc`` local ranks under torchrun (argv list, no shell)."""
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc_per_node={nproc}",
+        "-m",
+        "dsft",
+        *args,
+    ]
+    print("launching:", " ".join(cmd), flush=True)
+    return subprocess.call(cmd)
+
+
+def _in_launched_job() -> bool:
+    return "RANK" in os.environ and "WORLD_SIZE" in os.environ
+
+
+def cmd_train(ns: argparse.Namespace) -> int:
+    cfg = load_config(ns.config, ns.overrides)  # validate before spawning anything
+    if ns.nproc > 1 and not _in_launched_job():
+        return _launch(ns.nproc, ["train", ns.config, *ns.overrides])
+    from dsft.train import run
+
+    run(cfg)
+    return 0
+
+
+def cmd_demo(ns: argparse.Namespace) -> int:
+    from dsft import demo
+
+    workdir = Path(ns.workdir or tempfile.mkdtemp(prefix="dsft-demo-"))
+    workdir.mkdir(parents=True, exist_ok=True)
+    demo.build_model_dir(workdir / "model")
+    cfg_path = workdir / "demo.yaml"
+    cfg_path.write_text(yaml.safe_dump(demo.demo_config(workdir, ns.nproc), sort_keys=False))
+    cfg = load_config(cfg_path, ns.overrides)
+    print(f"demo work dir: {workdir} (config: {cfg_path})", flush=True)
+    if ns.nproc > 1:
+        rc = _launch(ns.nproc, ["train", str(cfg_path), *ns.overrides])
+        if rc:
+            return rc
+        summary = json.loads((Path(cfg.output_dir) / "summary.json").read_text())
+    else:
+        from dsft.train import run
+
+        summary = run(cfg)
+    print(demo.format_report(summary), flush=True)
+    return 0
+
+
+def cmd_ds_config(ns: argparse.Namespace) -> int:
+    from dsft.config import batch_plan
+    from dsft.plan import deepspeed_config
+
+    cfg = load_config(ns.config, ns.overrides)
+    print(json.dumps(deepspeed_config(cfg, batch_plan(cfg.train, ns.world_size)), indent=2))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="dsft",
+        description="Distributed supervised fine-tuning of Hugging Face causal LMs on DeepSpeed.",
+    )
+    # The deepspeed launcher appends --local_rank=N; the rank comes from the env anyway.
+    p.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)
+    sub = p.add_subparsers(dest="command", required=True)
+
+    t = sub.add_parser("train", help="fine-tune a model (ranks from torchrun/deepspeed/Slurm/MPI)")
+    t.add_argument("config", help="YAML config file")
+    t.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.lr=2e-5")
+    t.add_argument("--nproc", type=int, default=1, help="spawn N local ranks via torchrun")
+    t.set_defaults(func=cmd_train)
+
+    d = sub.add_parser("demo", help="fine-tune a tiny model on the bundled tasks, no download")
+    d.add_argument("overrides", nargs="*", help="dotted overrides of the demo config")
+    d.add_argument("--nproc", type=int, default=1, help="number of local ranks")
+    d.add_argument("--workdir", help="where the model, config and run go (default: a temp dir)")
+    d.set_defaults(func=cmd_demo)
+
+    c = sub.add_parser("ds-config", help="print the DeepSpeed JSON a config generates")
+    c.add_argument("config")
+    c.add_argument("overrides", nargs="*")
+    c.add_argument("--world-size", type=int, default=1)
+    c.set_defaults(func=cmd_ds_config)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    # `--local_rank=N` may come after the subcommand's positionals (deepspeed launcher).
+    argv = [a for a in argv if not a.startswith(("--local_rank", "--local-rank"))]
+    ns = build_parser().parse_args(argv)
+    # dsft loads local directories only; never let a library reach for a hub.
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    try:
+        return ns.func(ns)
+    except USER_ERRORS as e:
+        print(f"dsft: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

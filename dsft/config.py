@@ -1,0 +1,419 @@
+"""Typed run configuration: the single source of defaults.
+
+A run is described by nested dataclasses. Users write a YAML file holding only
+what differs from the defaults and may override any field on the command line
+with dotted keys (``train.lr=2e-5 data.max_len=512``). Loading collects *every*
+problem (unknown keys, wrong types, inconsistent values) and raises one
+:class:`ConfigError` listing them all, each with a hint on how to fix it.
+
+This module imports nothing from the rest of dsft (it is the bottom layer).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import math
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, get_args, get_origin
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """One or more problems with the run configuration (all listed in the message)."""
+
+    def __init__(self, problems: list[str]):
+        self.problems = list(problems)
+        lines = "\n".join(f"  - {p}" for p in self.problems)
+        super().__init__(f"{len(self.problems)} problem(s) in the configuration:\n{lines}")
+
+
+@dataclass
+class LoraConfig:
+    """LoRA adapters through peft; the base weights stay frozen."""
+
+    enabled: bool = False
+    r: int = 16
+    alpha: int = 32
+    dropout: float = 0.05
+    # Module names (suffixes) to adapt, or ["all-linear"] for every linear layer but the head.
+    target_modules: list[str] = field(default_factory=lambda: ["all-linear"])
+
+
+@dataclass
+class ModelConfig:
+    """Which pretrained model to fine-tune and how to load it."""
+
+    path: str = ""  # a local directory that AutoModelForCausalLM.from_pretrained can load
+    trust_remote_code: bool = False  # never run a model repo's own Python unless asked
+    attn_implementation: str = "sdpa"  # "eager", "sdpa" or "flash_attention_2"
+    gradient_checkpointing: bool = False
+    lora: LoraConfig = field(default_factory=LoraConfig)
+
+
+@dataclass
+class DataConfig:
+    """Where the examples come from and how they become token sequences."""
+
+    path: list[str] = field(default_factory=list)  # jsonl files; one split is carved from them
+    format: Literal["auto", "instruction", "chat"] = "auto"
+    max_len: int = 1024  # tokens; longer examples are truncated (prompt kept, response cut)
+    val_fraction: float = 0.05
+    test_fraction: float = 0.05
+    split_seed: int = 0  # the split depends on this seed only, not on train.seed
+    shuffle: bool = True
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation: batch sizes, schedule, precision."""
+
+    epochs: int = 1
+    max_steps: int = 0  # optimizer steps; 0 = run `epochs` full epochs
+    micro_batch: int = 4  # sequences per rank per forward pass
+    grad_accum: int = 1  # micro-batches per optimizer step; ignored when global_batch is set
+    global_batch: int = 0  # sequences per optimizer step over all ranks; 0 = derived
+    lr: float = 2e-5
+    min_lr_ratio: float = 0.0  # the schedule decays to lr * min_lr_ratio
+    schedule: Literal["cosine", "linear", "constant"] = "cosine"
+    warmup_steps: int = 0
+    warmup_ratio: float = 0.0  # used when warmup_steps is 0
+    weight_decay: float = 0.0
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    eps: float = 1e-8
+    max_grad_norm: float = 1.0  # 0 disables clipping
+    precision: Literal["fp32", "bf16", "fp16"] = "bf16"
+    seed: int = 42
+
+
+@dataclass
+class DeepSpeedConfig:
+    """How DeepSpeed shards the model states. The JSON is generated from this."""
+
+    zero_stage: int = 0
+    offload_optimizer: bool = False  # ZeRO 1-3: optimizer states in host RAM
+    offload_params: bool = False  # ZeRO 3: parameters in host RAM
+    loss_scale_window: int = 1000  # fp16 dynamic loss scaling
+    initial_scale_power: int = 16
+    min_loss_scale: float = 1.0
+
+
+@dataclass
+class EvalConfig:
+    """Validation during training and the final test evaluation."""
+
+    every: int = 0  # optimizer steps between validations; 0 = only at the end
+    before_training: bool = True  # a step-0 validation gives the "before" numbers
+    micro_batch: int = 8
+    generate: bool = True  # exact-match accuracy of greedy generations on the test split
+    max_generate: int = 200  # test examples to generate for (0 = all)
+    max_new_tokens: int = 64
+
+
+@dataclass
+class CheckpointConfig:
+    """DeepSpeed checkpoints of the run and the exported Hugging Face model."""
+
+    every: int = 0  # optimizer steps between checkpoints; 0 = only at the end
+    save_final: bool = True
+    export: bool = True  # write <output_dir>/final: a from_pretrained directory
+
+
+@dataclass
+class LoggingConfig:
+    """What rank 0 reports and where."""
+
+    every: int = 10  # optimizer steps between train-loss log lines
+    tensorboard: bool = True
+    progress: bool = True
+
+
+@dataclass
+class Config:
+    """A complete dsft run."""
+
+    output_dir: str = "runs/dsft"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def _type_name(tp: Any) -> str:
+    if get_origin(tp) is Literal:
+        return " | ".join(repr(a) for a in get_args(tp))
+    return getattr(tp, "__name__", None) or str(tp)
+
+
+def _coerce(value: Any, tp: Any, where: str, problems: list[str]) -> Any:
+    """Check ``value`` against annotation ``tp``; return it (ints widen to float)."""
+    origin = get_origin(tp)
+    if origin is Literal:
+        if value not in get_args(tp):
+            problems.append(f"{where}: {value!r} is not one of {_type_name(tp)}")
+        return value
+    if origin in (typing.Union, types.UnionType):
+        for arg in get_args(tp):
+            sub: list[str] = []
+            out = _coerce(value, arg, where, sub)
+            if not sub:
+                return out
+        problems.append(f"{where}: expected {tp}, got {type(value).__name__} {value!r}")
+        return value
+    if origin is list:
+        (item_tp,) = get_args(tp)
+        if isinstance(value, str | int | float) and not isinstance(value, bool):
+            value = [value]  # `data.path=file.jsonl` is the common one-element case
+        if not isinstance(value, list):
+            problems.append(f"{where}: expected a list, got {type(value).__name__} {value!r}")
+            return value
+        return [_coerce(v, item_tp, f"{where}[{i}]", problems) for i, v in enumerate(value)]
+    if tp is type(None):
+        if value is not None:
+            problems.append(f"{where}: expected null")
+        return value
+    if tp is float:
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            return float(value)
+    elif tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif tp is bool:
+        if isinstance(value, bool):
+            return value
+    elif tp is str:
+        if isinstance(value, str):
+            return value
+    elif tp is Any or isinstance(value, tp):
+        return value
+    problems.append(f"{where}: expected {_type_name(tp)}, got {type(value).__name__} {value!r}")
+    return value
+
+
+def _build(cls: type, data: dict[str, Any], prefix: str, problems: list[str]) -> Any:
+    """Instantiate dataclass ``cls`` from a nested dict, collecting problems."""
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    kwargs: dict[str, Any] = {}
+    for key, value in data.items():
+        where = f"{prefix}{key}"
+        if key not in fields:
+            close = [n for n in fields if n.startswith(key[:3])] or list(fields)
+            problems.append(f"{where}: unknown key (valid keys here: {', '.join(close)})")
+            continue
+        tp = hints[key]
+        if dataclasses.is_dataclass(tp):
+            if not isinstance(value, dict):
+                problems.append(f"{where}: expected a mapping of {tp.__name__} fields")
+                continue
+            kwargs[key] = _build(tp, value, f"{where}.", problems)
+        else:
+            kwargs[key] = _coerce(value, tp, where, problems)
+    return cls(**kwargs)
+
+
+def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
+    node = tree
+    *parents, leaf = dotted.split(".")
+    for p in parents:
+        child = node.get(p)
+        if not isinstance(child, dict):
+            child = node[p] = {}
+        node = child
+    node[leaf] = value
+
+
+def parse_overrides(overrides: list[str], problems: list[str]) -> dict[str, Any]:
+    """Turn ``["train.lr=2e-5", ...]`` into a nested dict; values are parsed as YAML."""
+    tree: dict[str, Any] = {}
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            problems.append(f"override {item!r}: expected key=value, e.g. train.lr=2e-5")
+            continue
+        try:
+            value = yaml.safe_load(raw) if raw != "" else ""
+        except yaml.YAMLError:
+            value = raw
+        # YAML 1.1 reads "2e-5" as a string; numbers are what users mean.
+        if isinstance(value, str):
+            with contextlib.suppress(ValueError):
+                value = float(value) if any(c in value for c in ".eE") else int(value)
+        _set_dotted(tree, key.strip(), value)
+    return tree
+
+
+def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for k, v in extra.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = _merge(out[k], v)
+        else:
+            out[k] = v
+    return out
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """Build a validated :class:`Config` from an optional YAML file and dotted overrides.
+
+    Relative paths in the YAML file (``model.path``, ``data.path``) are resolved
+    against the file's directory, so a config travels with its data.
+    """
+    problems: list[str] = []
+    tree: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        try:
+            loaded = yaml.safe_load(path.read_text())
+        except FileNotFoundError:
+            raise ConfigError([f"{path}: config file not found"]) from None
+        except yaml.YAMLError as e:
+            raise ConfigError([f"{path}: not valid YAML: {e}"]) from None
+        if loaded is None:
+            loaded = {}
+        if not isinstance(loaded, dict):
+            raise ConfigError([f"{path}: the top level must be a mapping of sections"])
+        _resolve_relative_paths(loaded, path.parent)
+        tree = loaded
+    tree = _merge(tree, parse_overrides(overrides or [], problems))
+    cfg = _build(Config, tree, "", problems)
+    if not problems:
+        problems.extend(validate(cfg))
+    if problems:
+        raise ConfigError(problems)
+    return cfg
+
+
+def _resolve_relative_paths(tree: dict[str, Any], base: Path) -> None:
+    def fix(p: Any) -> Any:
+        if isinstance(p, str) and p and not Path(p).is_absolute():
+            candidate = base / p
+            if candidate.exists():
+                return str(candidate)
+        return p
+
+    model = tree.get("model")
+    if isinstance(model, dict) and "path" in model:
+        model["path"] = fix(model["path"])
+    data = tree.get("data")
+    if isinstance(data, dict) and "path" in data:
+        paths = data["path"]
+        data["path"] = [fix(p) for p in paths] if isinstance(paths, list) else fix(paths)
+
+
+def validate(cfg: Config) -> list[str]:
+    """Semantic checks that need several fields at once; returns every problem found."""
+    p: list[str] = []
+    t, d, ds, ev = cfg.train, cfg.data, cfg.deepspeed, cfg.eval
+    if not cfg.model.path:
+        p.append("model.path: required; set it to a local from_pretrained directory")
+    elif not (Path(cfg.model.path) / "config.json").is_file():
+        p.append(
+            f"model.path: {cfg.model.path!r} has no config.json; point it at a directory "
+            "written by save_pretrained"
+        )
+    if not d.path:
+        p.append("data.path: required; give one or more .jsonl files")
+    for f in d.path:
+        if not Path(f).is_file():
+            p.append(f"data.path: file {f!r} not found")
+    if d.max_len < 8:
+        p.append(f"data.max_len: {d.max_len} is too small; use at least 8 tokens")
+    for name in ("val_fraction", "test_fraction"):
+        v = getattr(d, name)
+        if not 0.0 <= v < 1.0:
+            p.append(f"data.{name}: {v} must be in [0, 1)")
+    if d.val_fraction + d.test_fraction >= 1.0:
+        p.append("data.val_fraction + data.test_fraction must leave examples for training (< 1)")
+    for name in ("micro_batch", "grad_accum", "epochs"):
+        if getattr(t, name) < 1:
+            p.append(f"train.{name}: must be >= 1")
+    if t.max_steps < 0:
+        p.append("train.max_steps: must be >= 0 (0 means: run train.epochs)")
+    if t.global_batch < 0:
+        p.append("train.global_batch: must be >= 0 (0 means micro_batch x grad_accum x ranks)")
+    if not (t.lr > 0 and math.isfinite(t.lr)):
+        p.append(f"train.lr: {t.lr} must be a positive number")
+    if not 0.0 <= t.min_lr_ratio <= 1.0:
+        p.append("train.min_lr_ratio: must be in [0, 1]")
+    if not 0.0 <= t.warmup_ratio < 1.0:
+        p.append("train.warmup_ratio: must be in [0, 1)")
+    if t.warmup_steps < 0:
+        p.append("train.warmup_steps: must be >= 0")
+    if len(t.betas) != 2 or not all(0.0 <= b < 1.0 for b in t.betas):
+        p.append(f"train.betas: {t.betas} must be two numbers in [0, 1), e.g. [0.9, 0.999]")
+    if t.max_grad_norm < 0:
+        p.append("train.max_grad_norm: must be >= 0 (0 disables clipping)")
+    if ds.zero_stage not in (0, 1, 2, 3):
+        p.append(f"deepspeed.zero_stage: {ds.zero_stage} must be 0, 1, 2 or 3")
+    if ds.offload_optimizer and ds.zero_stage == 0:
+        p.append("deepspeed.offload_optimizer: needs deepspeed.zero_stage >= 1")
+    if ds.offload_params and ds.zero_stage != 3:
+        p.append("deepspeed.offload_params: needs deepspeed.zero_stage=3")
+    if ev.every < 0 or ev.micro_batch < 1 or ev.max_generate < 0 or ev.max_new_tokens < 1:
+        p.append("eval: every >= 0, micro_batch >= 1, max_generate >= 0, max_new_tokens >= 1")
+    if ev.generate and d.test_fraction == 0:
+        p.append(
+            "eval.generate: needs a test split; set data.test_fraction > 0 or eval.generate=false"
+        )
+    if cfg.checkpoint.every < 0:
+        p.append("checkpoint.every: must be >= 0")
+    if cfg.logging.every < 1:
+        p.append("logging.every: must be >= 1")
+    lora = cfg.model.lora
+    if lora.enabled and (lora.r < 1 or lora.alpha <= 0 or not 0 <= lora.dropout < 1):
+        p.append("model.lora: r >= 1, alpha > 0 and dropout in [0, 1) are required")
+    return p
+
+
+def to_dict(cfg: Config) -> dict[str, Any]:
+    """The resolved configuration as plain data (what is saved with the run)."""
+    return dataclasses.asdict(cfg)
+
+
+def save_config(cfg: Config, path: str | Path) -> None:
+    """Write the resolved configuration as YAML; it loads back to an equal Config."""
+    Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+
+
+@dataclass(frozen=True)
+class BatchPlan:
+    """Batch geometry of one optimizer step; derived once, used everywhere."""
+
+    micro_batch: int
+    grad_accum: int
+    world_size: int
+
+    @property
+    def global_batch(self) -> int:
+        return self.micro_batch * self.grad_accum * self.world_size
+
+
+def batch_plan(train: TrainConfig, world_size: int) -> BatchPlan:
+    """Derive gradient accumulation from ``train.global_batch`` (if set) and the world size.
+
+    global batch = micro-batch x grad-accum x data-parallel size; this is the only
+    place that equation is solved.
+    """
+    if train.global_batch <= 0:
+        return BatchPlan(train.micro_batch, train.grad_accum, world_size)
+    per_step = train.micro_batch * world_size
+    if train.global_batch % per_step:
+        raise ConfigError(
+            [
+                f"train.global_batch: {train.global_batch} is not a multiple of train.micro_batch "
+                f"({train.micro_batch}) x ranks ({world_size}) = {per_step}; choose a multiple of "
+                f"{per_step} or change the micro-batch"
+            ]
+        )
+    return BatchPlan(train.micro_batch, train.global_batch // per_step, world_size)

@@ -1,0 +1,272 @@
+"""Everything that differs per rank: discovery, process-group init, rank-0 helpers.
+
+Discovery order (first match wins):
+  1. torchrun / the ``deepspeed`` launcher: ``RANK``, ``LOCAL_RANK``, ``WORLD_SIZE``
+  2. Slurm ``srun`` tasks: ``SLURM_PROCID``, ``SLURM_LOCALID``, ``SLURM_NTASKS``
+  3. OpenMPI ``mpirun``: ``OMPI_COMM_WORLD_*`` (or any MPI through mpi4py, ``PMI_*``)
+  4. nothing: a single process
+The result is written back into the torch env-var convention, so that
+``deepspeed.init_distributed`` (and anything else) sees one consistent world.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import subprocess
+import sys
+import warnings
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+log = logging.getLogger("dsft")
+
+
+@dataclass(frozen=True)
+class DistEnv:
+    """Where this process sits in the job."""
+
+    rank: int
+    local_rank: int
+    world_size: int
+    source: str  # which launcher the values came from
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def _int(env: dict[str, str], key: str) -> int:
+    return int(env[key])
+
+
+def discover(env: dict[str, str] | None = None) -> DistEnv:
+    """Find rank / local rank / world size from the launcher's environment."""
+    env = dict(os.environ if env is None else env)
+    if "RANK" in env and "WORLD_SIZE" in env:
+        source = "deepspeed" if "CROSS_RANK" in env or "DS_LAUNCHER" in env else "torchrun"
+        return DistEnv(
+            _int(env, "RANK"), int(env.get("LOCAL_RANK", 0)), _int(env, "WORLD_SIZE"), source
+        )
+    if "SLURM_PROCID" in env and "SLURM_NTASKS" in env:
+        return DistEnv(
+            _int(env, "SLURM_PROCID"),
+            int(env.get("SLURM_LOCALID", 0)),
+            _int(env, "SLURM_NTASKS"),
+            "slurm",
+        )
+    if "OMPI_COMM_WORLD_RANK" in env:
+        return DistEnv(
+            _int(env, "OMPI_COMM_WORLD_RANK"),
+            int(env.get("OMPI_COMM_WORLD_LOCAL_RANK", 0)),
+            _int(env, "OMPI_COMM_WORLD_SIZE"),
+            "openmpi",
+        )
+    if "PMI_RANK" in env and "PMI_SIZE" in env:  # MPICH / Intel MPI through mpi4py
+        return DistEnv(
+            _int(env, "PMI_RANK"), int(env.get("MPI_LOCALRANKID", 0)), _int(env, "PMI_SIZE"), "mpi"
+        )
+    return DistEnv(0, 0, 1, "single")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _slurm_head_node(env: dict[str, str]) -> str | None:
+    nodelist = env.get("SLURM_JOB_NODELIST") or env.get("SLURM_NODELIST")
+    if not nodelist:
+        return None
+    try:  # argv list, never a shell string: the nodelist comes from the environment
+        out = subprocess.run(
+            ["scontrol", "show", "hostnames", nodelist],
+            capture_output=True,
+            text=True,
+            check=True,
+            timeout=30,
+        ).stdout.split()
+        return out[0] if out else None
+    except (OSError, subprocess.SubprocessError):
+        return nodelist.split(",")[0] if "[" not in nodelist else None
+
+
+def _mpi_broadcast_head() -> str | None:
+    try:
+        from mpi4py import MPI
+    except ImportError:
+        return None
+    return MPI.COMM_WORLD.bcast(socket.gethostname() if MPI.COMM_WORLD.Get_rank() == 0 else None)
+
+
+def export_torch_env(d: DistEnv) -> None:
+    """Write the torch ``env://`` variables (rank, world, master address/port)."""
+    os.environ["RANK"] = str(d.rank)
+    os.environ["LOCAL_RANK"] = str(d.local_rank)
+    os.environ["WORLD_SIZE"] = str(d.world_size)
+    os.environ.setdefault("LOCAL_WORLD_SIZE", str(d.world_size) if d.source == "single" else "1")
+    if "MASTER_ADDR" not in os.environ:
+        head = None
+        if d.source == "slurm":
+            head = _slurm_head_node(dict(os.environ))
+        elif d.source in ("openmpi", "mpi"):
+            head = _mpi_broadcast_head()
+        os.environ["MASTER_ADDR"] = head or "127.0.0.1"
+    if "MASTER_PORT" not in os.environ:
+        if d.source == "slurm" and "SLURM_JOB_ID" in os.environ:
+            # Every task of a job derives the same port without talking to the others.
+            os.environ["MASTER_PORT"] = str(20000 + int(os.environ["SLURM_JOB_ID"]) % 20000)
+        elif d.world_size == 1:
+            os.environ["MASTER_PORT"] = str(_free_port())
+        else:
+            os.environ["MASTER_PORT"] = "29500"
+
+
+def configure_accelerator() -> str:
+    """Pick DeepSpeed's accelerator before deepspeed is imported; return the dist backend.
+
+    DeepSpeed chooses its accelerator once, at import. Without a GPU it must be told
+    ``DS_ACCELERATOR=cpu`` (and then talks gloo), otherwise it assumes CUDA.
+    """
+    # JIT-built ops (DeepSpeed's shm comm, CPU Adam) are cached per environment, so
+    # two virtualenvs with different torch builds never load each other's binaries.
+    os.environ.setdefault("TORCH_EXTENSIONS_DIR", os.path.join(sys.prefix, "torch_extensions"))
+    if torch.cuda.is_available():
+        return "nccl"
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    return "gloo"
+
+
+def import_deepspeed() -> Any:
+    """Import deepspeed with the accelerator configured (use instead of ``import deepspeed``)."""
+    configure_accelerator()
+    import deepspeed
+
+    return deepspeed
+
+
+def setup() -> DistEnv:
+    """Discover the world, initialise the process group, bind the local device."""
+    d = discover()
+    export_torch_env(d)
+    backend = configure_accelerator()
+    if backend == "nccl":
+        torch.cuda.set_device(d.local_rank)
+    deepspeed = import_deepspeed()
+    if not torch.distributed.is_initialized():
+        deepspeed.init_distributed(
+            dist_backend=backend,
+            auto_mpi_discovery=False,
+            init_method="env://",
+            rank=d.rank,
+            world_size=d.world_size,
+        )
+    _configure_logging(d)
+    # DeepSpeed still calls a collective that torch deprecated; one warning per rank
+    # per step would bury the log.
+    warnings.filterwarnings(
+        "ignore", message=r".*all_gather_into_tensor.*deprecated", category=FutureWarning
+    )
+    if not d.is_main:  # one progress bar per job, not one per rank
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+    return d
+
+
+def device() -> torch.device:
+    """The device this rank computes on."""
+    if torch.cuda.is_available():
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def get_rank() -> int:
+    return torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+
+
+def get_world_size() -> int:
+    return torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
+
+
+def is_main() -> bool:
+    """True on global rank 0 (the only rank that logs and writes shared files)."""
+    return get_rank() == 0
+
+
+def barrier() -> None:
+    if torch.distributed.is_initialized():
+        torch.distributed.barrier()
+
+
+def all_reduce_sum(values: list[float] | torch.Tensor) -> torch.Tensor:
+    """Sum a vector of float64 counters over all ranks (exact metric aggregation).
+
+    Sums and counts travel in float64 so that token counts up to 2**53 stay exact.
+    """
+    t = torch.as_tensor(values, dtype=torch.float64).clone()
+    if torch.distributed.is_initialized() and get_world_size() > 1:
+        dev = device()
+        t = t.to(dev)
+        torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.SUM)
+        t = t.cpu()
+    return t
+
+
+def all_reduce_max(value: int) -> int:
+    """The largest of an integer over all ranks."""
+    t = torch.tensor([value], dtype=torch.int64)
+    if torch.distributed.is_initialized() and get_world_size() > 1:
+        t = t.to(device())
+        torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
+    return int(t.item())
+
+
+def broadcast_object(obj: Any, src: int = 0) -> Any:
+    """Send a picklable object from ``src`` to every rank."""
+    if not torch.distributed.is_initialized() or get_world_size() == 1:
+        return obj
+    box = [obj]
+    torch.distributed.broadcast_object_list(box, src=src)
+    return box[0]
+
+
+def all_gather_objects(obj: Any) -> list[Any]:
+    """Every rank's object, in rank order, on every rank."""
+    if not torch.distributed.is_initialized() or get_world_size() == 1:
+        return [obj]
+    out: list[Any] = [None] * get_world_size()
+    torch.distributed.all_gather_object(out, obj)
+    return out
+
+
+class _RankFilter(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return is_main() or record.levelno >= logging.WARNING
+
+
+def _configure_logging(d: DistEnv) -> None:
+    """Rank 0 logs INFO; other ranks only warnings and errors, tagged with their rank."""
+    log.setLevel(logging.INFO)
+    if not log.handlers:
+        h = logging.StreamHandler(sys.stdout)
+        tag = "" if d.world_size == 1 else f"[rank{d.rank}] "
+        h.setFormatter(logging.Formatter(f"%(asctime)s {tag}%(message)s", "%H:%M:%S"))
+        h.addFilter(_RankFilter())
+        log.addHandler(h)
+        log.propagate = False
+
+
+def print0(*args: Any) -> None:
+    """``print`` on rank 0 only (for user-facing summaries)."""
+    if is_main():
+        print(*args, flush=True)
+
+
+def cleanup() -> None:
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()

@@ -1,0 +1,112 @@
+"""Shared fixtures: a tiny real model directory, small datasets, a multi-rank runner."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from dsft.demo import build_model_dir, generate_tasks, write_tasks
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def cpu_env() -> dict[str, str]:
+    """Environment for child ranks on a machine without GPU or network."""
+    env = dict(os.environ)
+    env.update(
+        DS_ACCELERATOR="cpu",
+        OMP_NUM_THREADS="1",
+        HF_HUB_OFFLINE="1",
+        HF_DATASETS_OFFLINE="1",
+        TOKENIZERS_PARALLELISM="false",
+        PYTHONUNBUFFERED="1",
+    )
+    for k in (
+        "RANK",
+        "WORLD_SIZE",
+        "LOCAL_RANK",
+        "MASTER_ADDR",
+        "MASTER_PORT",
+        "SLURM_PROCID",
+        "SLURM_NTASKS",
+        "OMPI_COMM_WORLD_RANK",
+        "PMI_RANK",
+    ):
+        env.pop(k, None)
+    return env
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A 2-layer, 32-wide Llama with the demo's char tokenizer, saved by save_pretrained."""
+    return build_model_dir(tmp_path_factory.mktemp("model") / "tiny", hidden=32, layers=2)
+
+
+@pytest.fixture(scope="session")
+def tiny_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("data") / "tasks.jsonl"
+    write_tasks(path, generate_tasks(n=200, seed=7))
+    return path
+
+
+def write_config(path: Path, tree: dict[str, Any]) -> Path:
+    path.write_text(yaml.safe_dump(tree, sort_keys=False))
+    return path
+
+
+def base_config(model: Path, data: Path, out: Path, **sections: dict[str, Any]) -> dict:
+    """A fast config for tests: fp32, a few steps, small eval, no progress bar."""
+    tree: dict[str, Any] = {
+        "output_dir": str(out),
+        "model": {"path": str(model)},
+        "data": {"path": [str(data)], "max_len": 48, "val_fraction": 0.13, "test_fraction": 0.1},
+        "train": {
+            "max_steps": 12,
+            "micro_batch": 4,
+            "grad_accum": 2,
+            "lr": 3e-3,
+            "warmup_steps": 2,
+            "precision": "fp32",
+            "max_grad_norm": 1.0,
+        },
+        "deepspeed": {"zero_stage": 0},
+        "eval": {"micro_batch": 4, "max_generate": 8, "max_new_tokens": 6},
+        "logging": {"every": 2, "progress": False},
+    }
+    for name, values in sections.items():
+        tree.setdefault(name, {}).update(values)
+    return tree
+
+
+def run_dsft(args: list[str], nproc: int = 1, timeout: int = 600) -> subprocess.CompletedProcess:
+    """Run ``dsft`` as ``nproc`` ranks via torchrun (or one plain process)."""
+    if nproc > 1:
+        cmd = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            f"--nproc_per_node={nproc}",
+            "-m",
+            "dsft",
+            *args,
+        ]
+    else:
+        cmd = [sys.executable, "-m", "dsft", *args]
+    proc = subprocess.run(
+        cmd, env=cpu_env(), capture_output=True, text=True, timeout=timeout, cwd=ROOT
+    )
+    if proc.returncode != 0:
+        sys.stderr.write(proc.stdout[-5000:] + proc.stderr[-5000:])
+    return proc
+
+
+def read_summary(out: Path) -> dict[str, Any]:
+    return json.loads((out / "summary.json").read_text())

@@ -1,0 +1,137 @@
+"""Config: YAML + dotted overrides, unknown keys and wrong types, validation, batch plan."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from dsft.config import (
+    Config,
+    ConfigError,
+    TrainConfig,
+    batch_plan,
+    load_config,
+    parse_overrides,
+    save_config,
+)
+
+
+@pytest.fixture
+def valid(tmp_path: Path) -> Path:
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "config.json").write_text("{}")
+    data = tmp_path / "d.jsonl"
+    data.write_text('{"instruction": "a", "output": "b"}\n')
+    cfg = tmp_path / "cfg.yaml"
+    cfg.write_text("model:\n  path: model\ndata:\n  path: [d.jsonl]\ntrain:\n  lr: 1.0e-4\n")
+    return cfg
+
+
+def test_yaml_and_overrides(valid: Path) -> None:
+    cfg = load_config(
+        valid,
+        [
+            "train.lr=2e-5",
+            "data.max_len=512",
+            "deepspeed.zero_stage=3",
+            "train.betas=[0.8,0.95]",
+            "eval.generate=false",
+        ],
+    )
+    assert cfg.train.lr == pytest.approx(2e-5)
+    assert isinstance(cfg.train.lr, float)
+    assert cfg.data.max_len == 512
+    assert cfg.deepspeed.zero_stage == 3
+    assert cfg.train.betas == [0.8, 0.95]
+    assert cfg.eval.generate is False
+    # relative paths resolve against the YAML file's directory
+    assert Path(cfg.model.path) == valid.parent / "model"
+    assert cfg.train.epochs == TrainConfig().epochs  # untouched fields keep defaults
+
+
+def test_every_problem_reported_at_once(valid: Path) -> None:
+    with pytest.raises(ConfigError) as e:
+        load_config(
+            valid,
+            [
+                "train.lrr=1",
+                "train.micro_batch=abc",
+                "model.bogus=1",
+                "train.precision=fp8",
+                "nonsense",
+            ],
+        )
+    msg = str(e.value)
+    assert len(e.value.problems) == 5, msg
+    assert "train.lrr: unknown key" in msg
+    assert "train.micro_batch: expected int" in msg
+    assert "model.bogus: unknown key" in msg
+    assert "train.precision" in msg and "'fp32'" in msg
+    assert "expected key=value" in msg
+
+
+def test_semantic_validation_lists_all(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError) as e:
+        load_config(
+            None,
+            [
+                "deepspeed.zero_stage=5",
+                "data.val_fraction=0.6",
+                "data.test_fraction=0.5",
+                "train.lr=-1",
+                "deepspeed.offload_params=true",
+            ],
+        )
+    msg = str(e.value)
+    for needle in (
+        "model.path: required",
+        "data.path: required",
+        "zero_stage: 5",
+        "must leave examples",
+        "train.lr",
+        "offload_params: needs",
+    ):
+        assert needle in msg, needle
+
+
+def test_bool_is_not_int(valid: Path) -> None:
+    with pytest.raises(ConfigError, match=r"train\.epochs: expected int, got bool"):
+        load_config(valid, ["train.epochs=true"])
+
+
+def test_unknown_top_level_section(tmp_path: Path, valid: Path) -> None:
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(valid.read_text() + "optimiser:\n  lr: 1\n")
+    with pytest.raises(ConfigError, match="optimiser: unknown key"):
+        load_config(bad)
+
+
+def test_saved_config_round_trips(valid: Path, tmp_path: Path) -> None:
+    cfg = load_config(valid, ["train.lr=3e-4", "model.lora.enabled=true"])
+    save_config(cfg, tmp_path / "resolved.yaml")
+    again = load_config(tmp_path / "resolved.yaml")
+    assert again == cfg
+
+
+def test_parse_overrides_nested() -> None:
+    problems: list[str] = []
+    tree = parse_overrides(["a.b.c=1", "a.b.d=x", "e=2.5"], problems)
+    assert tree == {"a": {"b": {"c": 1, "d": "x"}}, "e": 2.5}
+    assert not problems
+
+
+def test_batch_plan_derives_accumulation_once() -> None:
+    t = TrainConfig(micro_batch=4, grad_accum=3)
+    assert batch_plan(t, 2).global_batch == 24
+    t = TrainConfig(micro_batch=4, global_batch=64)
+    p = batch_plan(t, 2)
+    assert (p.micro_batch, p.grad_accum, p.world_size, p.global_batch) == (4, 8, 2, 64)
+    with pytest.raises(ConfigError, match="not a multiple"):
+        batch_plan(TrainConfig(micro_batch=4, global_batch=20), 3)
+
+
+def test_defaults_live_in_dataclasses() -> None:
+    assert Config().train.max_grad_norm == 1.0
+    assert Config().model.trust_remote_code is False

@@ -1,0 +1,134 @@
+"""Rank discovery (pure) and exact metric aggregation over real gloo process groups."""
+
+from __future__ import annotations
+
+import math
+import os
+import socket
+
+import pytest
+import torch
+import torch.distributed as torch_dist
+import torch.multiprocessing as mp
+
+from dsft import distributed as dist
+from dsft.data.collate import collate
+from dsft.evaluate import validate
+
+
+@pytest.mark.parametrize(
+    ("env", "expected"),
+    [
+        ({"RANK": "3", "LOCAL_RANK": "1", "WORLD_SIZE": "8"}, (3, 1, 8, "torchrun")),
+        ({"SLURM_PROCID": "5", "SLURM_LOCALID": "1", "SLURM_NTASKS": "6"}, (5, 1, 6, "slurm")),
+        (
+            {
+                "OMPI_COMM_WORLD_RANK": "2",
+                "OMPI_COMM_WORLD_LOCAL_RANK": "0",
+                "OMPI_COMM_WORLD_SIZE": "4",
+            },
+            (2, 0, 4, "openmpi"),
+        ),
+        ({"PMI_RANK": "1", "PMI_SIZE": "2"}, (1, 0, 2, "mpi")),
+        ({}, (0, 0, 1, "single")),
+        # a launcher's explicit env wins over the Slurm allocation it runs inside
+        (
+            {"RANK": "1", "WORLD_SIZE": "2", "SLURM_PROCID": "0", "SLURM_NTASKS": "1"},
+            (1, 0, 2, "torchrun"),
+        ),
+    ],
+)
+def test_discover(env: dict[str, str], expected: tuple) -> None:
+    d = dist.discover(env)
+    assert (d.rank, d.local_rank, d.world_size, d.source) == expected
+
+
+def test_slurm_port_is_derived_from_job_id(monkeypatch: pytest.MonkeyPatch) -> None:
+    for k in ("MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(k, raising=False)
+    monkeypatch.setenv("SLURM_JOB_ID", "123456")
+    monkeypatch.setenv("MASTER_ADDR", "node1")
+    dist.export_torch_env(dist.DistEnv(1, 0, 4, "slurm"))
+    assert os.environ["MASTER_PORT"] == str(20000 + 123456 % 20000)
+    assert (os.environ["RANK"], os.environ["WORLD_SIZE"]) == ("1", "4")
+
+
+class _ToyLM(torch.nn.Module):
+    """Deterministic 'model' whose logits depend only on the input ids."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.emb = torch.nn.Embedding(50, 50)
+
+    def forward(self, input_ids, attention_mask):
+        return type("Out", (), {"logits": self.emb(input_ids)})()
+
+
+def _examples():
+    from dsft.data.tokenize import Tokenized
+
+    g = torch.Generator().manual_seed(1)
+    out = []
+    for i in range(13):  # not divisible by 2 or 3
+        n = 3 + i % 5
+        ids = torch.randint(1, 50, (n,), generator=g).tolist()
+        labels = [-100] * (n // 2) + ids[n // 2 :]
+        out.append(Tokenized(ids, labels))
+    return out
+
+
+def _worker(rank: int, world: int, port: int, q) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch_dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        metrics = validate(_ToyLM(), _examples(), micro_batch=2, pad_id=0)
+        total = dist.all_reduce_sum([rank + 1.0, 1.0])
+        q.put((rank, metrics, total.tolist(), dist.all_gather_objects(rank)))
+    finally:
+        torch_dist.destroy_process_group()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _reference() -> dict[str, float]:
+    model, exs = _ToyLM(), _examples()
+    b = collate(exs, pad_id=0)
+    logits = model(b["input_ids"], b["attention_mask"]).logits[:, :-1]
+    target = b["labels"][:, 1:]
+    mask = target != -100
+    nll = torch.nn.functional.cross_entropy(logits[mask], target[mask], reduction="mean")
+    acc = (logits.argmax(-1)[mask] == target[mask]).float().mean()
+    return {"loss": nll.item(), "token_acc": acc.item(), "tokens": int(mask.sum())}
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("world", [2, 3])
+def test_validation_metrics_exact_across_world_sizes(world: int) -> None:
+    ctx = mp.get_context("spawn")
+    q = ctx.Queue()
+    procs = [
+        ctx.Process(target=_worker, args=(r, world, _free_port() if False else port, q))
+        for port in [_free_port()]
+        for r in range(world)
+    ]
+    for p in procs:
+        p.start()
+    results = sorted(q.get(timeout=120) for _ in procs)
+    for p in procs:
+        p.join(timeout=60)
+        assert p.exitcode == 0
+    ref = _reference()
+    for _rank, metrics, total, gathered in results:
+        # every rank gets the same, exact, token-weighted result
+        assert metrics["tokens"] == ref["tokens"]
+        assert metrics["examples"] == 13
+        assert metrics["loss"] == pytest.approx(ref["loss"], rel=1e-6)
+        assert metrics["token_acc"] == pytest.approx(ref["token_acc"], rel=1e-6)
+        assert metrics["ppl"] == pytest.approx(math.exp(ref["loss"]), rel=1e-6)
+        assert total == [world * (world + 1) / 2, world]
+        assert gathered == list(range(world))
