@@ -24,10 +24,10 @@ from .conftest import base_config, read_summary, run_dsft, write_config
 pytestmark = [pytest.mark.slow, pytest.mark.distributed]
 
 
-def _check_run(out: Path, data: Path, lora: bool = False) -> dict:
+def _check_run(out: Path, data: Path, lora: bool = False, min_drop: float = 0.3) -> dict:
     s = read_summary(out)
     before, after = s["before"]["val"], s["after"]["val"]
-    assert after["loss"] < before["loss"] - 0.3, (before, after)
+    assert after["loss"] < before["loss"] - min_drop, (before, after)
     assert s["before"]["val"]["examples"] == s["data"]["val"]  # nothing dropped or duplicated
     ckpt = Path(s["checkpoint"])
     assert ckpt.is_dir() and any(ckpt.iterdir())
@@ -48,7 +48,7 @@ def _check_run(out: Path, data: Path, lora: bool = False) -> dict:
     val = prepare(cfg, tok).val
     metrics = validate(model, val, micro_batch=4, pad_id=tok.pad_token_id)
     assert metrics["tokens"] == after["tokens"]
-    assert metrics["loss"] == pytest.approx(after["loss"], rel=2e-2 if lora else 1e-4)
+    assert metrics["loss"] == pytest.approx(after["loss"], rel=1e-4)
     return s
 
 
@@ -97,12 +97,15 @@ def test_lora_zero3(tiny_model: Path, tiny_data: Path, tmp_path: Path) -> None:
             out,
             deepspeed={"zero_stage": 3},
             model={"lora": {"enabled": True, "r": 8, "alpha": 16, "dropout": 0.0}},
-            train={"lr": 1e-2, "max_steps": 16},
+            train={"lr": 3e-2, "max_steps": 20},
         ),
     )
     assert run_dsft(["train", str(cfg)], nproc=2).returncode == 0
-    s = _check_run(out, tiny_data, lora=True)
-    assert s["trainable_params"] < s["params"] / 5
+    s = _check_run(out, tiny_data, lora=True, min_drop=0.1)
+    # only the adapters train: r * (in + out) per linear layer, 7 linears in each of 2 layers
+    hidden, inter, r = 32, 96, 8
+    per_layer = 4 * r * (hidden + hidden) + 3 * r * (hidden + inter)
+    assert s["trainable_params"] == 2 * per_layer
 
 
 def test_single_process_matches_two_rank_validation(
