@@ -128,10 +128,10 @@ def demo_config(workdir: Path, nproc: int) -> dict[str, Any]:
             "test_fraction": 0.025,
         },
         "train": {
-            "epochs": 10,
+            "epochs": 6,
             "micro_batch": 32 // nproc,
             "grad_accum": 1,
-            "lr": 3e-3,
+            "lr": 1.5e-3,
             "warmup_steps": 30,
             "schedule": "cosine",
             "min_lr_ratio": 0.05,
@@ -140,9 +140,9 @@ def demo_config(workdir: Path, nproc: int) -> dict[str, Any]:
             "precision": "fp32",
         },
         "deepspeed": {"zero_stage": 0 if nproc == 1 else 2},
-        "eval": {"every": 700, "micro_batch": 64, "max_generate": 200, "max_new_tokens": 12},
+        "eval": {"every": 500, "micro_batch": 64, "max_generate": 200, "max_new_tokens": 12},
         "checkpoint": {"every": 0},
-        "logging": {"every": 20, "progress": True},
+        "logging": {"every": 100, "progress": True},
     }
 
 

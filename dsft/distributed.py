@@ -244,6 +244,18 @@ def all_gather_objects(obj: Any) -> list[Any]:
     return out
 
 
+class _TqdmHandler(logging.StreamHandler):
+    """Writes log lines above rank 0's progress bar instead of through it."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            from tqdm import tqdm
+
+            tqdm.write(self.format(record), file=sys.stdout)
+        except Exception:
+            self.handleError(record)
+
+
 class _RankFilter(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         return is_main() or record.levelno >= logging.WARNING
@@ -253,7 +265,7 @@ def _configure_logging(d: DistEnv) -> None:
     """Rank 0 logs INFO; other ranks only warnings and errors, tagged with their rank."""
     log.setLevel(logging.INFO)
     if not log.handlers:
-        h = logging.StreamHandler(sys.stdout)
+        h = _TqdmHandler(sys.stdout)
         tag = "" if d.world_size == 1 else f"[rank{d.rank}] "
         h.setFormatter(logging.Formatter(f"%(asctime)s {tag}%(message)s", "%H:%M:%S"))
         h.addFilter(_RankFilter())

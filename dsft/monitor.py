@@ -28,7 +28,7 @@ class Monitor:
         self.start = time.time()
         if not self.main:
             return
-        self.jsonl = (out_dir / "metrics.jsonl").open("a", encoding="utf-8")
+        self.jsonl = (out_dir / "metrics.jsonl").open("w", encoding="utf-8")
         if cfg.tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
@@ -36,7 +36,10 @@ class Monitor:
         if cfg.progress:
             from tqdm.auto import tqdm
 
-            self.bar = tqdm(total=total_steps, desc="train", unit="step", dynamic_ncols=True)
+            # disable=None: no bar when stdout is not a terminal (batch jobs, CI logs)
+            self.bar = tqdm(
+                total=total_steps, desc="train", unit="step", dynamic_ncols=True, disable=None
+            )
 
     def scalars(self, step: int, prefix: str, values: dict[str, Any]) -> None:
         """Record numeric ``values`` as ``prefix/name`` at ``step``."""
@@ -54,12 +57,18 @@ class Monitor:
         if self.main and self.writer is not None:
             self.writer.add_text(tag, text, step)
 
-    def progress(self, step: int, loss: float | None = None) -> None:
-        if self.bar is not None:
+    def progress(self, step: int, loss: float, lr: float, grad_norm: float) -> None:
+        """Advance the progress bar; without a terminal (batch jobs) log a line instead."""
+        if not self.main:
+            return
+        if self.bar is not None and not self.bar.disable:
             self.bar.n = step
-            if loss is not None:
-                self.bar.set_postfix(loss=f"{loss:.4f}", refresh=False)
+            self.bar.set_postfix(loss=f"{loss:.4f}", refresh=False)
             self.bar.refresh()
+        else:
+            log.info(
+                "step %d | train loss %.4f | lr %.3g | grad norm %.3f", step, loss, lr, grad_norm
+            )
 
     def close(self) -> None:
         if not self.main:

@@ -31,6 +31,7 @@ from dsft import checkpoint, data, distributed, evaluate
 from dsft.config import Config, ConfigError, batch_plan, save_config
 from dsft.data.collate import collate
 from dsft.data.sampler import train_batches
+from dsft.data.tokenize import IGNORE_INDEX
 from dsft.model import (
     apply_lora,
     count_params,
@@ -220,6 +221,7 @@ def run(cfg: Config) -> dict[str, Any]:
     step, epoch = 0, 0
     t_start = time.time()
     tokens_seen = 0
+    log_nll = log_targets = 0.0  # this rank's summed NLL / global target count since last log
     while step < total_steps:
         batches = train_batches(
             len(splits.train),
@@ -238,9 +240,8 @@ def run(cfg: Config) -> dict[str, Any]:
             ]
             # Count the response tokens of the whole global batch before any backward,
             # so every micro-batch can be weighted by the same global denominator.
-            local_targets = sum(int((m["labels"][:, 1:] != -100).sum()) for m in window)
+            local_targets = sum(int((m["labels"][:, 1:] != IGNORE_INDEX).sum()) for m in window)
             global_targets = distributed.all_reduce_sum([local_targets])[0].item()
-            nll_local = 0.0
             own_norm = None
             for i, micro in enumerate(window):
                 micro = {k: v.to(dev) for k, v in micro.items()}
@@ -254,18 +255,23 @@ def run(cfg: Config) -> dict[str, Any]:
                     # gradients are already averaged over ranks here, before the clip.
                     own_norm = grad_norm(engine.module)
                 engine.step()  # clips and steps only at the accumulation boundary
-                nll_local += nll.item()
+                log_nll += nll.item()
                 tokens_seen += int(micro["attention_mask"].sum())
             step += 1
+            log_targets += global_targets
 
             if step % cfg.logging.every == 0 or step == total_steps:
-                train_loss = distributed.all_reduce_sum([nll_local])[0].item() / global_targets
+                nll_sum, tokens_total = distributed.all_reduce_sum([log_nll, tokens_seen]).tolist()
+                # token-weighted mean over every step since the last log line
+                train_loss = nll_sum / log_targets
+                log_nll = log_targets = 0.0
                 lrs = {
                     f"lr/{g.get('name', i)}": g["lr"] for i, g in enumerate(optimizer.param_groups)
                 }
                 norm = engine.get_global_grad_norm()
-                norm = own_norm if norm is None else norm
-                elapsed = time.time() - t_start
+                if norm is None:  # ZeRO-0: DeepSpeed keeps no norm, ours was taken above
+                    norm = own_norm if own_norm is not None else float("nan")
+                norm = float(norm)
                 monitor.scalars(
                     step,
                     "train",
@@ -273,11 +279,12 @@ def run(cfg: Config) -> dict[str, Any]:
                         "loss": train_loss,
                         "epoch": epoch,
                         **lrs,
-                        "grad_norm": float(norm) if norm is not None else float("nan"),
-                        "tokens_per_s": tokens_seen * env.world_size / max(elapsed, 1e-9),
+                        "grad_norm": norm,
+                        # real (non-pad) tokens of all ranks since the loop started
+                        "tokens_per_s": tokens_total / max(time.time() - t_start, 1e-9),
                     },
                 )
-                monitor.progress(step, train_loss)
+                monitor.progress(step, train_loss, optimizer.param_groups[0]["lr"], norm)
             if cfg.eval.every and step % cfg.eval.every == 0 and step < total_steps:
                 run_validation(step)
             if cfg.checkpoint.every and step % cfg.checkpoint.every == 0 and step < total_steps:
