@@ -9,6 +9,10 @@ weights, gathered correctly even under ZeRO-3).
 from __future__ import annotations
 
 import json
+import os
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -19,7 +23,7 @@ from dsft.config import DataConfig
 from dsft.data import prepare
 from dsft.evaluate import validate
 
-from .conftest import base_config, read_summary, run_dsft, write_config
+from .conftest import ROOT, base_config, cpu_env, read_summary, run_dsft, write_config
 
 pytestmark = [pytest.mark.slow, pytest.mark.distributed]
 
@@ -66,7 +70,7 @@ def test_two_ranks_fp32(stage: int, tiny_model: Path, tiny_data: Path, tmp_path:
     assert s["after"]["test"]["examples"] == 8
 
 
-@pytest.mark.parametrize("stage", [2, 3])
+@pytest.mark.parametrize("stage", [0, 2, 3])
 def test_two_ranks_bf16(stage: int, tiny_model: Path, tiny_data: Path, tmp_path: Path) -> None:
     out = tmp_path / "run"
     cfg = write_config(
@@ -133,3 +137,98 @@ def test_single_process_matches_two_rank_validation(
     assert one["examples"] == two["examples"] == 26 and one["tokens"] == two["tokens"]
     assert two["loss"] == pytest.approx(one["loss"], rel=1e-5)
     assert two["token_acc"] == pytest.approx(one["token_acc"], rel=1e-6)
+
+
+def _launcher_config(model: Path, data: Path, out: Path, stage: int, accum: int) -> dict:
+    return base_config(
+        model,
+        data,
+        out,
+        deepspeed={"zero_stage": stage},
+        train={"max_steps": 6, "grad_accum": accum},
+        eval={"generate": False, "before_training": False},
+        checkpoint={"save_final": False, "export": False},
+        logging={"every": 1},
+    )
+
+
+@pytest.fixture(scope="module")
+def reference_losses(tiny_model: Path, tiny_data: Path, tmp_path_factory) -> list[float]:
+    """Per-step train losses of one plain process, ZeRO-0, micro-batch 4 x accumulation 4."""
+    tmp = tmp_path_factory.mktemp("ref")
+    cfg = write_config(tmp / "c.yaml", _launcher_config(tiny_model, tiny_data, tmp / "run", 0, 4))
+    assert run_dsft(["train", str(cfg)]).returncode == 0
+    rows = [json.loads(x) for x in (tmp / "run" / "metrics.jsonl").read_text().splitlines()]
+    return [r["loss"] for r in rows if r["split"] == "train"]
+
+
+def _launch_cmd(launcher: str, cfg: Path) -> list[str]:
+    py = sys.executable
+    if launcher == "torchrun":
+        return [
+            py,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node=2",
+            "-m",
+            "dsft",
+            "train",
+            str(cfg),
+        ]
+    if launcher == "deepspeed":
+        port = str(29600 + os.getpid() % 1000)  # 29500 clashes between parallel runs
+        return [
+            str(Path(py).parent / "deepspeed"),
+            "--num_gpus",
+            "2",
+            "--master_port",
+            port,
+            "--module",
+            "dsft",
+            "train",
+            str(cfg),
+        ]
+    mpirun = shutil.which("mpirun")
+    if mpirun is None:
+        pytest.skip("OpenMPI's mpirun is not installed (apt-get install openmpi-bin)")
+    return [
+        mpirun,
+        "--allow-run-as-root",
+        "--oversubscribe",
+        "-np",
+        "2",
+        "-x",
+        "DS_ACCELERATOR",
+        "-x",
+        "OMP_NUM_THREADS",
+        py,
+        "-m",
+        "dsft",
+        "train",
+        str(cfg),
+    ]
+
+
+@pytest.mark.parametrize("launcher", ["torchrun", "deepspeed", "mpirun"])
+def test_launchers_discover_the_same_world(
+    launcher: str, tiny_model: Path, tiny_data: Path, tmp_path: Path, reference_losses: list
+) -> None:
+    """torchrun, the deepspeed launcher and mpirun give the same 2-rank run, step for step."""
+    out = tmp_path / "run"
+    cfg = write_config(tmp_path / "c.yaml", _launcher_config(tiny_model, tiny_data, out, 2, 2))
+    proc = subprocess.run(
+        _launch_cmd(launcher, cfg),
+        env=cpu_env(),
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=ROOT,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    source = {"torchrun": "torchrun", "deepspeed": "deepspeed", "mpirun": "openmpi"}[launcher]
+    assert f"ranks 2 ({source})" in proc.stdout
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    losses = [r["loss"] for r in rows if r["split"] == "train"]
+    # Same global batches as the 1-rank run with 4 accumulation steps: same losses.
+    assert losses == pytest.approx(reference_losses, rel=1e-4)
