@@ -16,10 +16,8 @@ from pathlib import Path
 
 import yaml
 
-from dsft.config import ConfigError, load_config
-from dsft.data.formats import DataError
-
-USER_ERRORS = (ConfigError, DataError)
+from dsft.config import load_config
+from dsft.errors import USER_ERRORS
 
 
 def _launch(nproc: int, args: list[str]) -> int:
@@ -126,7 +124,7 @@ def main(argv: list[str] | None = None) -> int:
         return ns.func(ns)
     except USER_ERRORS as e:
         print(f"dsft: error: {e}", file=sys.stderr)
-        return 2
+        return e.exit_code
 
 
 if __name__ == "__main__":

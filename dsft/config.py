@@ -6,7 +6,7 @@ with dotted keys (``train.lr=2e-5 data.max_len=512``). Loading collects *every*
 problem (unknown keys, wrong types, inconsistent values) and raises one
 :class:`ConfigError` listing them all, each with a hint on how to fix it.
 
-This module imports nothing from the rest of dsft (it is the bottom layer).
+This module imports nothing from the rest of dsft but its exceptions (it is the bottom layer).
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import math
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -22,14 +23,7 @@ from typing import Any, Literal, get_args, get_origin
 
 import yaml
 
-
-class ConfigError(ValueError):
-    """One or more problems with the run configuration (all listed in the message)."""
-
-    def __init__(self, problems: list[str]):
-        self.problems = list(problems)
-        lines = "\n".join(f"  - {p}" for p in self.problems)
-        super().__init__(f"{len(self.problems)} problem(s) in the configuration:\n{lines}")
+from dsft.errors import ConfigError
 
 
 @dataclass
@@ -42,6 +36,17 @@ class LoraConfig:
     dropout: float = 0.05
     # Module names (suffixes) to adapt, or ["all-linear"] for every linear layer but the head.
     target_modules: list[str] = field(default_factory=lambda: ["all-linear"])
+    # Modules trained in full next to the adapters and saved with them (e.g. ["lm_head"]).
+    modules_to_save: list[str] = field(default_factory=list)
+
+
+@dataclass
+class FreezeConfig:
+    """Parameters that keep their pretrained values (no gradient, no optimizer state)."""
+
+    embeddings: bool = False  # the input embeddings (a head tied to them stays frozen too)
+    bottom_layers: int = 0  # the first N transformer blocks
+    patterns: list[str] = field(default_factory=list)  # regexes searched in parameter names
 
 
 @dataclass
@@ -51,8 +56,12 @@ class ModelConfig:
     path: str = ""  # a local directory that AutoModelForCausalLM.from_pretrained can load
     trust_remote_code: bool = False  # never run a model repo's own Python unless asked
     attn_implementation: str = "sdpa"  # "eager", "sdpa" or "flash_attention_2"
-    gradient_checkpointing: bool = False
+    gradient_checkpointing: bool = (
+        False  # recompute activations in backward: less memory, ~30% slower
+    )
+    compile: bool = False  # torch.compile the model: faster steps after a slow first one
     lora: LoraConfig = field(default_factory=LoraConfig)
+    freeze: FreezeConfig = field(default_factory=FreezeConfig)
 
 
 @dataclass
@@ -82,10 +91,19 @@ class TrainConfig:
     schedule: Literal["cosine", "linear", "constant"] = "cosine"
     warmup_steps: int = 0
     warmup_ratio: float = 0.0  # used when warmup_steps is 0
-    weight_decay: float = 0.0
+    weight_decay: float = 0.0  # never applied to biases and norm weights
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
     eps: float = 1e-8
+    # Layer-wise LR decay: block i of L gets lr * layer_decay ** (L - i), the embeddings
+    # lr * layer_decay ** (L + 1), the head and final norm lr. 1.0 = off.
+    layer_decay: float = 1.0
+    # Regex on parameter names -> LR multiplier (first match wins), on top of layer_decay,
+    # e.g. {"embed_tokens": 0.1}.
+    lr_scale: dict[str, float] = field(default_factory=dict)
     max_grad_norm: float = 1.0  # 0 disables clipping
+    # Consecutive steps with a non-finite loss or gradient norm (each skipped) before the
+    # run stops; 0 = never stop. fp16 loss-scale overflows are skipped but not counted.
+    max_bad_steps: int = 5
     precision: Literal["fp32", "bf16", "fp16"] = "bf16"
     seed: int = 42
 
@@ -170,6 +188,17 @@ def _coerce(value: Any, tp: Any, where: str, problems: list[str]) -> Any:
                 return out
         problems.append(f"{where}: expected {tp}, got {type(value).__name__} {value!r}")
         return value
+    if origin is dict:
+        key_tp, val_tp = get_args(tp)
+        if not isinstance(value, dict):
+            problems.append(f"{where}: expected a mapping, got {type(value).__name__} {value!r}")
+            return value
+        return {
+            _coerce(k, key_tp, f"{where} key", problems): _coerce(
+                v, val_tp, f"{where}.{k}", problems
+            )
+            for k, v in value.items()
+        }
     if origin is list:
         (item_tp,) = get_args(tp)
         if isinstance(value, str | int | float) and not isinstance(value, bool):
@@ -370,10 +399,39 @@ def validate(cfg: Config) -> list[str]:
         p.append("checkpoint.every: must be >= 0")
     if cfg.logging.every < 1:
         p.append("logging.every: must be >= 1")
+    if not 0.0 < t.layer_decay <= 1.0:
+        p.append(f"train.layer_decay: {t.layer_decay} must be in (0, 1]; 1.0 turns it off")
+    for pattern, scale in t.lr_scale.items():
+        p.extend(_regex_problem("train.lr_scale", pattern))
+        if scale < 0:
+            p.append(f"train.lr_scale.{pattern}: {scale} must be >= 0 (0 freezes in effect)")
+    if t.max_bad_steps < 0:
+        p.append("train.max_bad_steps: must be >= 0 (0 = never stop)")
+    fr = cfg.model.freeze
+    for pattern in fr.patterns:
+        p.extend(_regex_problem("model.freeze.patterns", pattern))
+    if fr.bottom_layers < 0:
+        p.append("model.freeze.bottom_layers: must be >= 0")
+    if cfg.model.attn_implementation not in ATTENTION:
+        p.append(
+            f"model.attn_implementation: {cfg.model.attn_implementation!r} is not one of "
+            f"{', '.join(ATTENTION)}"
+        )
     lora = cfg.model.lora
     if lora.enabled and (lora.r < 1 or lora.alpha <= 0 or not 0 <= lora.dropout < 1):
         p.append("model.lora: r >= 1, alpha > 0 and dropout in [0, 1) are required")
     return p
+
+
+ATTENTION = ("eager", "sdpa", "flash_attention_2", "flex_attention")
+
+
+def _regex_problem(where: str, pattern: str) -> list[str]:
+    try:
+        re.compile(pattern)
+    except re.error as e:
+        return [f"{where}: {pattern!r} is not a valid regular expression ({e})"]
+    return []
 
 
 def to_dict(cfg: Config) -> dict[str, Any]:

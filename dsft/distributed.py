@@ -33,6 +33,7 @@ class DistEnv:
     local_rank: int
     world_size: int
     source: str  # which launcher the values came from
+    local_world_size: int = 1  # ranks on this node
 
     @property
     def is_main(self) -> bool:
@@ -47,16 +48,25 @@ def discover(env: dict[str, str] | None = None) -> DistEnv:
     """Find rank / local rank / world size from the launcher's environment."""
     env = dict(os.environ if env is None else env)
     if "RANK" in env and "WORLD_SIZE" in env:
-        source = "deepspeed" if "CROSS_RANK" in env or "DS_LAUNCHER" in env else "torchrun"
+        source = "deepspeed" if "CROSS_RANK" in env else "torchrun"
+        local = env.get("LOCAL_WORLD_SIZE") or env.get("LOCAL_SIZE") or "1"
         return DistEnv(
-            _int(env, "RANK"), int(env.get("LOCAL_RANK", 0)), _int(env, "WORLD_SIZE"), source
+            _int(env, "RANK"),
+            int(env.get("LOCAL_RANK", 0)),
+            _int(env, "WORLD_SIZE"),
+            source,
+            int(local),
         )
     if "SLURM_PROCID" in env and "SLURM_NTASKS" in env:
+        # SLURM_TASKS_PER_NODE looks like "4(x2),3"; this node's count is not in it by
+        # name, but SLURM_NTASKS_PER_NODE is set whenever --ntasks-per-node was given.
+        local = env.get("SLURM_NTASKS_PER_NODE") or env.get("SLURM_TASKS_PER_NODE", "1")
         return DistEnv(
             _int(env, "SLURM_PROCID"),
             int(env.get("SLURM_LOCALID", 0)),
             _int(env, "SLURM_NTASKS"),
             "slurm",
+            int(local.split("(")[0].split(",")[0]),
         )
     if "OMPI_COMM_WORLD_RANK" in env:
         return DistEnv(
@@ -64,10 +74,15 @@ def discover(env: dict[str, str] | None = None) -> DistEnv:
             int(env.get("OMPI_COMM_WORLD_LOCAL_RANK", 0)),
             _int(env, "OMPI_COMM_WORLD_SIZE"),
             "openmpi",
+            int(env.get("OMPI_COMM_WORLD_LOCAL_SIZE", 1)),
         )
     if "PMI_RANK" in env and "PMI_SIZE" in env:  # MPICH / Intel MPI through mpi4py
         return DistEnv(
-            _int(env, "PMI_RANK"), int(env.get("MPI_LOCALRANKID", 0)), _int(env, "PMI_SIZE"), "mpi"
+            _int(env, "PMI_RANK"),
+            int(env.get("MPI_LOCALRANKID", 0)),
+            _int(env, "PMI_SIZE"),
+            "mpi",
+            int(env.get("MPI_LOCALNRANKS", 1)),
         )
     return DistEnv(0, 0, 1, "single")
 
@@ -108,7 +123,7 @@ def export_torch_env(d: DistEnv) -> None:
     os.environ["RANK"] = str(d.rank)
     os.environ["LOCAL_RANK"] = str(d.local_rank)
     os.environ["WORLD_SIZE"] = str(d.world_size)
-    os.environ.setdefault("LOCAL_WORLD_SIZE", str(d.world_size) if d.source == "single" else "1")
+    os.environ.setdefault("LOCAL_WORLD_SIZE", str(d.local_world_size))
     if "MASTER_ADDR" not in os.environ:
         head = None
         if d.source == "slurm":

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import logging
 import math
+import re
 from typing import Any
 
 import torch
 
-from dsft.config import ConfigError, LoraConfig, ModelConfig, TrainConfig
+from dsft.config import FreezeConfig, LoraConfig, ModelConfig, TrainConfig
+from dsft.errors import ConfigError
 
 log = logging.getLogger("dsft")
 
@@ -67,26 +69,117 @@ def apply_lora(model: torch.nn.Module, cfg: LoraConfig) -> torch.nn.Module:
         lora_alpha=cfg.alpha,
         lora_dropout=cfg.dropout,
         target_modules=targets,
+        modules_to_save=cfg.modules_to_save or None,
         task_type="CAUSAL_LM",
     )
     return get_peft_model(model, peft_cfg)
 
 
-def param_groups(model: torch.nn.Module, train: TrainConfig) -> list[dict[str, Any]]:
-    """Trainable parameters split into decay / no-decay optimizer groups.
+# Transformer block index in parameter names: model.layers.3., transformer.h.3., blocks.3.
+LAYER_RE = re.compile(r"\.(?:layers|h|blocks|layer)\.(\d+)\.")
+EMBED_RE = re.compile(r"embed|wte|wpe")
 
+
+def num_layers(model: torch.nn.Module) -> int:
+    """Number of transformer blocks, from the model config."""
+    return int(model.config.num_hidden_layers)
+
+
+def freeze(model: torch.nn.Module, cfg: FreezeConfig) -> list[str]:
+    """Stop gradients for the configured parameters; returns the frozen names.
+
+    Frozen parameters are then left out of the optimizer (no state, no update).
+    """
+    patterns = [re.compile(p) for p in cfg.patterns]
+    frozen: list[str] = []
+    hits = dict.fromkeys(cfg.patterns, 0)
+    for name, p in model.named_parameters():
+        layer = LAYER_RE.search(name)
+        by_pattern = [r.pattern for r in patterns if r.search(name)]
+        for pat in by_pattern:
+            hits[pat] += 1
+        if (
+            (cfg.embeddings and layer is None and EMBED_RE.search(name))
+            or (layer is not None and int(layer.group(1)) < cfg.bottom_layers)
+            or by_pattern
+        ) and p.requires_grad:
+            p.requires_grad_(False)
+            frozen.append(name)
+    for pat, n in hits.items():
+        if n == 0:
+            log.warning("model.freeze.patterns: %r matches no parameter; nothing frozen by it", pat)
+    if cfg.bottom_layers > num_layers(model):
+        log.warning(
+            "model.freeze.bottom_layers=%d exceeds the model's %d layers",
+            cfg.bottom_layers,
+            num_layers(model),
+        )
+    return frozen
+
+
+def _depth(name: str, layers: int) -> int:
+    """Depth from the top: head and final norm 0, block i -> layers - i, embeddings layers + 1."""
+    m = LAYER_RE.search(name)
+    if m:
+        return layers - int(m.group(1))
+    return layers + 1 if EMBED_RE.search(name) else 0
+
+
+def param_groups(model: torch.nn.Module, train: TrainConfig) -> list[dict[str, Any]]:
+    """Trainable parameters as optimizer groups with their own LR and weight decay.
+
+    A group is one (depth, lr_scale pattern, decay / no-decay) combination. Its LR is
+    ``train.lr * layer_decay ** depth * lr_scale[pattern]``; the LR schedule multiplies
+    each group's own LR. Biases, norms and other 1-D parameters get no weight decay.
     Frozen parameters are left out, so they get no optimizer state.
     """
-    decay, no_decay = [], []
+    layers = num_layers(model)
+    llrd = train.layer_decay != 1.0
+    hits = dict.fromkeys(train.lr_scale, 0)
+    groups: dict[str, dict[str, Any]] = {}
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        (no_decay if any(k in name.lower() for k in NO_DECAY) or p.ndim < 2 else decay).append(p)
-    groups = [
-        {"params": decay, "weight_decay": train.weight_decay, "name": "decay"},
-        {"params": no_decay, "weight_decay": 0.0, "name": "no_decay"},
-    ]
-    return [g for g in groups if g["params"]]
+        # ZeRO-3 flattens partitioned parameters; ds_shape keeps the real shape.
+        shape = getattr(p, "ds_shape", p.shape)
+        no_decay = len(shape) < 2 or any(k in name.lower() for k in NO_DECAY)
+        scale, where = 1.0, "all"
+        if llrd:
+            depth = _depth(name, layers)
+            scale = train.layer_decay**depth
+            where = {0: "head", layers + 1: "embed"}.get(depth, f"layer{layers - depth:02d}")
+        pattern = next((pat for pat in train.lr_scale if re.search(pat, name)), None)
+        if pattern is not None:
+            hits[pattern] += 1
+            scale *= train.lr_scale[pattern]
+            where += f"[{pattern}]"
+        key = f"{where}/{'no_decay' if no_decay else 'decay'}"
+        group = groups.setdefault(
+            key,
+            {
+                "params": [],
+                "name": key,
+                "lr": train.lr * scale,
+                "lr_scale": scale,
+                "weight_decay": 0.0 if no_decay else train.weight_decay,
+            },
+        )
+        group["params"].append(p)
+    for pat, n in hits.items():
+        if n == 0:
+            log.warning("train.lr_scale: %r matches no trainable parameter; it does nothing", pat)
+    return list(groups.values())
+
+
+def describe_groups(groups: list[dict[str, Any]]) -> str:
+    """One line per optimizer group: name, parameters, LR, weight decay."""
+    lines = []
+    for g in groups:
+        n = sum(getattr(p, "ds_numel", None) or p.numel() for p in g["params"])
+        lines.append(
+            f"  {g['name']:<28} {n:>14,} params  lr {g['lr']:.3g}  wd {g['weight_decay']:g}"
+        )
+    return "\n".join(lines)
 
 
 def count_params(model: torch.nn.Module) -> tuple[int, int]:

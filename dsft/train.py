@@ -17,8 +17,11 @@ number of ranks changes the step.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import logging
+import math
+import os
 import random
 import time
 from pathlib import Path
@@ -28,13 +31,16 @@ import numpy as np
 import torch
 
 from dsft import checkpoint, data, distributed, evaluate
-from dsft.config import Config, ConfigError, batch_plan, save_config
+from dsft.config import Config, batch_plan, save_config
 from dsft.data.collate import collate
 from dsft.data.sampler import train_batches
 from dsft.data.tokenize import IGNORE_INDEX
+from dsft.errors import ConfigError, TrainingDiverged
 from dsft.model import (
     apply_lora,
     count_params,
+    describe_groups,
+    freeze,
     load_model,
     load_tokenizer,
     lr_lambda,
@@ -55,16 +61,24 @@ def seed_everything(seed: int) -> None:
 
 def check_runtime(cfg: Config) -> None:
     """Refuse what cannot work on this machine before anything expensive starts."""
-    if not torch.cuda.is_available():
-        if cfg.train.precision == "fp16":
-            raise ConfigError(
-                [
-                    "train.precision=fp16 needs a CUDA GPU (DeepSpeed has no fp16 "
-                    "on CPU); use train.precision=bf16 or fp32"
-                ]
-            )
-        if cfg.train.precision == "bf16":
-            log.warning("train.precision=bf16 on CPU is correct but much slower than fp32 here")
+    problems = []
+    cuda = torch.cuda.is_available()
+    if cfg.train.precision == "fp16" and not cuda:
+        problems.append(
+            "train.precision=fp16 needs a CUDA GPU (DeepSpeed has no fp16 on CPU); "
+            "use train.precision=bf16 or fp32"
+        )
+    if cfg.model.attn_implementation == "flash_attention_2" and (
+        not cuda or importlib.util.find_spec("flash_attn") is None
+    ):
+        problems.append(
+            "model.attn_implementation=flash_attention_2 needs a CUDA GPU and the "
+            "flash-attn package; use sdpa (PyTorch's fused attention) instead"
+        )
+    if problems:
+        raise ConfigError(problems)
+    if cfg.train.precision == "bf16" and not cuda:
+        log.warning("train.precision=bf16 on CPU is correct but much slower than fp32 here")
 
 
 def run(cfg: Config) -> dict[str, Any]:
@@ -92,14 +106,17 @@ def run(cfg: Config) -> dict[str, Any]:
 
     # Under ZeRO-3 transformers must see the DeepSpeed config while it builds the
     # model, so weights are partitioned as they load (never whole on one rank).
-    keepalive = None
+    hf_zero3 = None
     if zero3:
         from transformers.integrations import HfDeepSpeedConfig
 
-        keepalive = HfDeepSpeedConfig(ds_config)
+        # Kept referenced for the whole run: transformers asks it (through a weak
+        # reference) whether ZeRO-3 is on, e.g. when generating.
+        hf_zero3 = HfDeepSpeedConfig(ds_config)  # noqa: F841
     model = load_model(cfg.model, torch_dtype(cfg.train.precision))
     if cfg.model.lora.enabled:
         model = apply_lora(model, cfg.model.lora)
+    frozen = freeze(model, cfg.model.freeze)
     total_params, trainable_params = count_params(model)
     groups = param_groups(model, cfg.train)
     optimizer = _make_optimizer(cfg, groups)
@@ -133,7 +150,8 @@ def run(cfg: Config) -> dict[str, Any]:
     engine, optimizer, _, scheduler = deepspeed.initialize(
         model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config
     )
-    del keepalive
+    if cfg.model.compile:
+        engine.compile()  # DeepSpeed wraps torch.compile so its hooks stay in place
     log.info(
         "model: %s params, %s trainable | ranks %d (%s) | ZeRO-%d | %s | micro-batch %d x "
         "accum %d x ranks %d = global batch %d | %d steps (%d per epoch)",
@@ -151,6 +169,12 @@ def run(cfg: Config) -> dict[str, Any]:
         steps_per_epoch,
     )
 
+    log.info(
+        "optimizer groups (%d frozen parameter tensors):\n%s",
+        len(frozen),
+        describe_groups(optimizer.param_groups),
+    )
+    summary_frozen = len(frozen)
     monitor = Monitor(out, cfg.logging, total_steps)
     dev = distributed.device()
     pad_id = tokenizer.pad_token_id
@@ -161,6 +185,7 @@ def run(cfg: Config) -> dict[str, Any]:
         "data": splits.stats,
         "params": total_params,
         "trainable_params": trainable_params,
+        "frozen_tensors": summary_frozen,
     }
 
     def run_validation(step: int) -> dict[str, float]:
@@ -221,7 +246,10 @@ def run(cfg: Config) -> dict[str, Any]:
     step, epoch = 0, 0
     t_start = time.time()
     tokens_seen = 0
-    log_nll = log_targets = 0.0  # this rank's summed NLL / global target count since last log
+    log_loss_sum = log_targets = 0.0  # global summed NLL / target count since the last log line
+    bad_steps = bad_in_a_row = 0
+    fault_steps = _fault_steps()
+    zero0_fp32 = cfg.deepspeed.zero_stage == 0 and cfg.train.precision == "fp32"
     while step < total_steps:
         batches = train_batches(
             len(splits.train),
@@ -243,35 +271,61 @@ def run(cfg: Config) -> dict[str, Any]:
             local_targets = sum(int((m["labels"][:, 1:] != IGNORE_INDEX).sum()) for m in window)
             global_targets = distributed.all_reduce_sum([local_targets])[0].item()
             own_norm = None
+            step_nll = 0.0
+            skipped_before = engine.skipped_steps
             for i, micro in enumerate(window):
                 micro = {k: v.to(dev) for k, v in micro.items()}
                 logits = engine(
                     input_ids=micro["input_ids"], attention_mask=micro["attention_mask"]
                 ).logits
                 nll, _, _ = evaluate.token_stats(logits, micro["labels"])
+                if step + 1 in fault_steps and env.is_main:
+                    nll = nll * float("nan")  # test hook: a step whose loss blows up
                 engine.backward(nll * env.world_size / global_targets, scale_wrt_gas=False)
-                if i == len(window) - 1 and cfg.deepspeed.zero_stage == 0:
-                    # DeepSpeed's ZeRO-0 fp32 path clips without keeping the norm; the
-                    # gradients are already averaged over ranks here, before the clip.
-                    own_norm = grad_norm(engine.module)
+                if i == len(window) - 1 and zero0_fp32:
+                    own_norm = guard_zero0_fp32_step(engine)
                 engine.step()  # clips and steps only at the accumulation boundary
-                log_nll += nll.item()
+                step_nll += nll.item()
                 tokens_seen += int(micro["attention_mask"].sum())
             step += 1
-            log_targets += global_targets
+
+            # A step is bad when its global loss is not finite or DeepSpeed skipped it for
+            # non-finite gradients (fp16 overflows are the loss scaler's business). Bad
+            # steps update nothing; too many in a row end the run.
+            step_loss = distributed.all_reduce_sum([step_nll])[0].item() / global_targets
+            skipped = engine.skipped_steps > skipped_before
+            if not math.isfinite(step_loss) or (skipped and cfg.train.precision != "fp16"):
+                bad_steps += 1
+                bad_in_a_row += 1
+                log.warning(
+                    "step %d skipped: non-finite loss or gradient norm (%d in a row)",
+                    step,
+                    bad_in_a_row,
+                )
+                if cfg.train.max_bad_steps and bad_in_a_row >= cfg.train.max_bad_steps:
+                    raise TrainingDiverged(
+                        f"stopped at step {step}: {bad_in_a_row} steps in a row had a non-finite "
+                        "loss or gradient norm (all skipped, weights untouched); lower train.lr, "
+                        "check the data, or raise train.max_bad_steps"
+                    )
+            else:
+                bad_in_a_row = 0
+                log_loss_sum += step_loss * global_targets
+                log_targets += global_targets
 
             if step % cfg.logging.every == 0 or step == total_steps:
-                nll_sum, tokens_total = distributed.all_reduce_sum([log_nll, tokens_seen]).tolist()
-                # token-weighted mean over every step since the last log line
-                train_loss = nll_sum / log_targets
-                log_nll = log_targets = 0.0
-                lrs = {
-                    f"lr/{g.get('name', i)}": g["lr"] for i, g in enumerate(optimizer.param_groups)
-                }
+                tokens_total = distributed.all_reduce_sum([tokens_seen])[0].item()
+                # token-weighted mean over the good steps since the last log line
+                train_loss = log_loss_sum / log_targets if log_targets else float("nan")
+                log_loss_sum = log_targets = 0.0
+                lrs = {f"lr/{g['name']}": g["lr"] for g in optimizer.param_groups}
                 norm = engine.get_global_grad_norm()
-                if norm is None:  # ZeRO-0: DeepSpeed keeps no norm, ours was taken above
+                if norm is None:  # ZeRO-0 fp32: DeepSpeed keeps no norm, ours was taken above
                     norm = own_norm if own_norm is not None else float("nan")
                 norm = float(norm)
+                extra = {}
+                if cfg.train.precision == "fp16":
+                    extra["loss_scale"] = float(getattr(engine.optimizer, "cur_scale", "nan"))
                 monitor.scalars(
                     step,
                     "train",
@@ -282,6 +336,9 @@ def run(cfg: Config) -> dict[str, Any]:
                         "grad_norm": norm,
                         # real (non-pad) tokens of all ranks since the loop started
                         "tokens_per_s": tokens_total / max(time.time() - t_start, 1e-9),
+                        "skipped_steps": engine.skipped_steps,
+                        "bad_steps": bad_steps,
+                        **extra,
                     },
                 )
                 monitor.progress(step, train_loss, optimizer.param_groups[0]["lr"], norm)
@@ -310,6 +367,36 @@ def run(cfg: Config) -> dict[str, Any]:
     return summary
 
 
+def _fault_steps() -> set[int]:
+    """Test hook: ``DSFT_FAULT_NAN_STEPS=3,4`` makes rank 0's loss NaN at those steps."""
+    raw = os.environ.get("DSFT_FAULT_NAN_STEPS", "")
+    return {int(x) for x in raw.split(",") if x.strip()}
+
+
+def guard_zero0_fp32_step(engine: Any) -> float:
+    """Pre-clip gradient norm at ZeRO-0 fp32, where DeepSpeed neither keeps nor checks it.
+
+    A non-finite norm raises DeepSpeed's ``overflow`` flag on our optimizer: the
+    optimizer then skips its update (weights and moments untouched), and the engine
+    counts the step as skipped and holds the LR schedule, exactly as its ZeRO 1-3 and
+    16-bit optimizers do on their own.
+    """
+    norm = grad_norm(engine.module)
+    engine.optimizer.overflow = not math.isfinite(norm)
+    return norm
+
+
+class AdamW(torch.optim.AdamW):
+    """torch's AdamW that honours DeepSpeed's ``overflow`` flag (set at ZeRO-0 fp32)."""
+
+    overflow = False
+
+    def step(self, closure: Any = None) -> Any:
+        if self.overflow:
+            return None
+        return super().step(closure)
+
+
 def grad_norm(module: torch.nn.Module) -> float:
     """Global L2 norm of the gradients held by ``module`` (unsharded, i.e. ZeRO-0)."""
     grads = [p.grad for p in module.parameters() if p.grad is not None]
@@ -325,4 +412,4 @@ def _make_optimizer(cfg: Config, groups: list[dict[str, Any]]) -> torch.optim.Op
         from deepspeed.ops.adam import DeepSpeedCPUAdam
 
         return DeepSpeedCPUAdam(groups, adamw_mode=True, **kwargs)
-    return torch.optim.AdamW(groups, fused=torch.cuda.is_available(), **kwargs)
+    return AdamW(groups, fused=torch.cuda.is_available(), **kwargs)

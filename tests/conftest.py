@@ -17,12 +17,18 @@ from dsft.demo import build_model_dir, generate_tasks, write_tasks
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def cpu_env() -> dict[str, str]:
-    """Environment for child ranks on a machine without GPU or network."""
+def cpu_env(threads: int = 1) -> dict[str, str]:
+    """Environment for child ranks on a machine without GPU or network.
+
+    One thread per rank by default: several ranks share the machine's few cores.
+    GPUs are hidden, so the suite means the same on a GPU machine (CUDA tests use
+    ``gpu_env``).
+    """
     env = dict(os.environ)
     env.update(
+        CUDA_VISIBLE_DEVICES="",
         DS_ACCELERATOR="cpu",
-        OMP_NUM_THREADS="1",
+        OMP_NUM_THREADS=str(threads),
         HF_HUB_OFFLINE="1",
         HF_DATASETS_OFFLINE="1",
         TOKENIZERS_PARALLELISM="false",
@@ -85,7 +91,21 @@ def base_config(model_dir: Path, data: Path, out: Path, **sections: dict[str, An
     return tree
 
 
-def run_dsft(args: list[str], nproc: int = 1, timeout: int = 600) -> subprocess.CompletedProcess:
+def gpu_env() -> dict[str, str]:
+    """Environment for a run on the machine's CUDA GPU (DeepSpeed picks CUDA itself)."""
+    env = {
+        k: v for k, v in cpu_env().items() if k not in ("CUDA_VISIBLE_DEVICES", "DS_ACCELERATOR")
+    }
+    return env
+
+
+def run_dsft(
+    args: list[str],
+    nproc: int = 1,
+    timeout: int = 600,
+    env: dict[str, str] | None = None,
+    gpu: bool = False,
+) -> subprocess.CompletedProcess:
     """Run ``dsft`` as ``nproc`` ranks via torchrun (or one plain process)."""
     if nproc > 1:
         cmd = [
@@ -100,8 +120,14 @@ def run_dsft(args: list[str], nproc: int = 1, timeout: int = 600) -> subprocess.
         ]
     else:
         cmd = [sys.executable, "-m", "dsft", *args]
+    threads = max(1, (os.cpu_count() or 1) // nproc)
     proc = subprocess.run(
-        cmd, env=cpu_env(), capture_output=True, text=True, timeout=timeout, cwd=ROOT
+        cmd,
+        env={**(gpu_env() if gpu else cpu_env(threads)), **(env or {})},
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=ROOT,
     )
     if proc.returncode != 0:
         sys.stderr.write(proc.stdout[-5000:] + proc.stderr[-5000:])
@@ -110,3 +136,33 @@ def run_dsft(args: list[str], nproc: int = 1, timeout: int = 600) -> subprocess.
 
 def read_summary(out: Path) -> dict[str, Any]:
     return json.loads((out / "summary.json").read_text())
+
+
+def train_rows(out: Path, split: str = "train") -> list[dict[str, Any]]:
+    """The rows of ``metrics.jsonl`` for one split."""
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    return [r for r in rows if r["split"] == split]
+
+
+def short_run_config(model_dir: Path, data: Path, out: Path, stage: int, accum: int) -> dict:
+    """Six logged steps, micro-batch 4, no evaluation or saving: for comparing steps."""
+    return base_config(
+        model_dir,
+        data,
+        out,
+        deepspeed={"zero_stage": stage},
+        train={"max_steps": 6, "grad_accum": accum},
+        eval={"generate": False, "before_training": False},
+        checkpoint={"save_final": False, "export": False},
+        logging={"every": 1},
+    )
+
+
+@pytest.fixture(scope="session")
+def reference_run(tiny_model: Path, tiny_data: Path, tmp_path_factory) -> dict[str, list]:
+    """Per-step loss and grad norm of one plain process, ZeRO-0, micro-batch 4 x accum 4."""
+    tmp = tmp_path_factory.mktemp("ref")
+    cfg = write_config(tmp / "c.yaml", short_run_config(tiny_model, tiny_data, tmp / "run", 0, 4))
+    assert run_dsft(["train", str(cfg)]).returncode == 0
+    rows = train_rows(tmp / "run")
+    return {"loss": [r["loss"] for r in rows], "grad_norm": [r["grad_norm"] for r in rows]}

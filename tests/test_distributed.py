@@ -19,28 +19,50 @@ from dsft.evaluate import validate
 @pytest.mark.parametrize(
     ("env", "expected"),
     [
-        ({"RANK": "3", "LOCAL_RANK": "1", "WORLD_SIZE": "8"}, (3, 1, 8, "torchrun")),
-        ({"SLURM_PROCID": "5", "SLURM_LOCALID": "1", "SLURM_NTASKS": "6"}, (5, 1, 6, "slurm")),
+        (
+            {"RANK": "3", "LOCAL_RANK": "1", "WORLD_SIZE": "8", "LOCAL_WORLD_SIZE": "4"},
+            (3, 1, 8, "torchrun", 4),
+        ),
+        (
+            {
+                "RANK": "1",
+                "LOCAL_RANK": "1",
+                "WORLD_SIZE": "2",
+                "CROSS_RANK": "0",
+                "LOCAL_SIZE": "2",
+            },
+            (1, 1, 2, "deepspeed", 2),
+        ),
+        (
+            {
+                "SLURM_PROCID": "5",
+                "SLURM_LOCALID": "1",
+                "SLURM_NTASKS": "6",
+                "SLURM_TASKS_PER_NODE": "2(x3)",
+            },
+            (5, 1, 6, "slurm", 2),
+        ),
         (
             {
                 "OMPI_COMM_WORLD_RANK": "2",
                 "OMPI_COMM_WORLD_LOCAL_RANK": "0",
                 "OMPI_COMM_WORLD_SIZE": "4",
+                "OMPI_COMM_WORLD_LOCAL_SIZE": "2",
             },
-            (2, 0, 4, "openmpi"),
+            (2, 0, 4, "openmpi", 2),
         ),
-        ({"PMI_RANK": "1", "PMI_SIZE": "2"}, (1, 0, 2, "mpi")),
-        ({}, (0, 0, 1, "single")),
+        ({"PMI_RANK": "1", "PMI_SIZE": "2"}, (1, 0, 2, "mpi", 1)),
+        ({}, (0, 0, 1, "single", 1)),
         # a launcher's explicit env wins over the Slurm allocation it runs inside
         (
             {"RANK": "1", "WORLD_SIZE": "2", "SLURM_PROCID": "0", "SLURM_NTASKS": "1"},
-            (1, 0, 2, "torchrun"),
+            (1, 0, 2, "torchrun", 1),
         ),
     ],
 )
 def test_discover(env: dict[str, str], expected: tuple) -> None:
     d = dist.discover(env)
-    assert (d.rank, d.local_rank, d.world_size, d.source) == expected
+    assert (d.rank, d.local_rank, d.world_size, d.source, d.local_world_size) == expected
 
 
 def test_slurm_port_is_derived_from_job_id(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -111,11 +133,8 @@ def _reference() -> dict[str, float]:
 def test_validation_metrics_exact_across_world_sizes(world: int) -> None:
     ctx = mp.get_context("spawn")
     q = ctx.Queue()
-    procs = [
-        ctx.Process(target=_worker, args=(r, world, _free_port() if False else port, q))
-        for port in [_free_port()]
-        for r in range(world)
-    ]
+    port = _free_port()
+    procs = [ctx.Process(target=_worker, args=(r, world, port, q)) for r in range(world)]
     for p in procs:
         p.start()
     results = sorted(q.get(timeout=120) for _ in procs)

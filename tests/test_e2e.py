@@ -23,7 +23,16 @@ from dsft.config import DataConfig
 from dsft.data import prepare
 from dsft.evaluate import validate
 
-from .conftest import ROOT, base_config, cpu_env, read_summary, run_dsft, write_config
+from .conftest import (
+    ROOT,
+    base_config,
+    cpu_env,
+    read_summary,
+    run_dsft,
+    short_run_config,
+    train_rows,
+    write_config,
+)
 
 pytestmark = [pytest.mark.slow, pytest.mark.distributed]
 
@@ -139,29 +148,6 @@ def test_single_process_matches_two_rank_validation(
     assert two["token_acc"] == pytest.approx(one["token_acc"], rel=1e-6)
 
 
-def _launcher_config(model: Path, data: Path, out: Path, stage: int, accum: int) -> dict:
-    return base_config(
-        model,
-        data,
-        out,
-        deepspeed={"zero_stage": stage},
-        train={"max_steps": 6, "grad_accum": accum},
-        eval={"generate": False, "before_training": False},
-        checkpoint={"save_final": False, "export": False},
-        logging={"every": 1},
-    )
-
-
-@pytest.fixture(scope="module")
-def reference_losses(tiny_model: Path, tiny_data: Path, tmp_path_factory) -> list[float]:
-    """Per-step train losses of one plain process, ZeRO-0, micro-batch 4 x accumulation 4."""
-    tmp = tmp_path_factory.mktemp("ref")
-    cfg = write_config(tmp / "c.yaml", _launcher_config(tiny_model, tiny_data, tmp / "run", 0, 4))
-    assert run_dsft(["train", str(cfg)]).returncode == 0
-    rows = [json.loads(x) for x in (tmp / "run" / "metrics.jsonl").read_text().splitlines()]
-    return [r["loss"] for r in rows if r["split"] == "train"]
-
-
 def _launch_cmd(launcher: str, cfg: Path) -> list[str]:
     py = sys.executable
     if launcher == "torchrun":
@@ -212,11 +198,13 @@ def _launch_cmd(launcher: str, cfg: Path) -> list[str]:
 
 @pytest.mark.parametrize("launcher", ["torchrun", "deepspeed", "mpirun"])
 def test_launchers_discover_the_same_world(
-    launcher: str, tiny_model: Path, tiny_data: Path, tmp_path: Path, reference_losses: list
+    launcher: str, tiny_model: Path, tiny_data: Path, tmp_path: Path, reference_run: dict
 ) -> None:
     """torchrun, the deepspeed launcher and mpirun give the same 2-rank run, step for step."""
     out = tmp_path / "run"
-    cfg = write_config(tmp_path / "c.yaml", _launcher_config(tiny_model, tiny_data, out, 2, 2))
+    cfg = write_config(
+        tmp_path / "c.yaml", short_run_config(tiny_model, tiny_data, out, stage=2, accum=2)
+    )
     proc = subprocess.run(
         _launch_cmd(launcher, cfg),
         env=cpu_env(),
@@ -228,7 +216,7 @@ def test_launchers_discover_the_same_world(
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     source = {"torchrun": "torchrun", "deepspeed": "deepspeed", "mpirun": "openmpi"}[launcher]
     assert f"ranks 2 ({source})" in proc.stdout
-    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
-    losses = [r["loss"] for r in rows if r["split"] == "train"]
-    # Same global batches as the 1-rank run with 4 accumulation steps: same losses.
-    assert losses == pytest.approx(reference_losses, rel=1e-4)
+    rows = train_rows(out)
+    # Same global batches as the 1-rank run with 4 accumulation steps: same steps.
+    assert [r["loss"] for r in rows] == pytest.approx(reference_run["loss"], rel=1e-4)
+    assert [r["grad_norm"] for r in rows] == pytest.approx(reference_run["grad_norm"], rel=1e-4)

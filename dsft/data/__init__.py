@@ -6,9 +6,10 @@ from dataclasses import dataclass
 from typing import Any
 
 from dsft.config import DataConfig
-from dsft.data.formats import DataError, Example, load_examples
+from dsft.data.formats import Example, load_examples
 from dsft.data.split import split_indices, take
 from dsft.data.tokenize import Tokenized, tokenize_example
+from dsft.errors import DataError
 
 __all__ = ["DataError", "Example", "Splits", "Tokenized", "prepare"]
 

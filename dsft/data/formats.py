@@ -14,12 +14,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from dsft.errors import DataError
+
 Message = dict[str, str]
 ROLES = ("system", "user", "assistant")
-
-
-class DataError(ValueError):
-    """A problem with the user's data, located to file, line and field."""
 
 
 @dataclass(frozen=True)

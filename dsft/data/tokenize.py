@@ -13,7 +13,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from dsft.data.formats import DataError, Example, Message
+from dsft.data.formats import Example, Message
+from dsft.errors import DataError
 
 IGNORE_INDEX = -100
 

@@ -1,0 +1,29 @@
+"""Exceptions that end a run with a clear message and an exit code, never a traceback."""
+
+from __future__ import annotations
+
+
+class ConfigError(ValueError):
+    """One or more problems with the run configuration (all listed in the message)."""
+
+    exit_code = 2
+
+    def __init__(self, problems: list[str]):
+        self.problems = list(problems)
+        lines = "\n".join(f"  - {p}" for p in self.problems)
+        super().__init__(f"{len(self.problems)} problem(s) in the configuration:\n{lines}")
+
+
+class DataError(ValueError):
+    """A problem with the user's data, located to file, line and field."""
+
+    exit_code = 2
+
+
+class TrainingDiverged(RuntimeError):
+    """Too many consecutive steps with a non-finite loss or gradient norm."""
+
+    exit_code = 3
+
+
+USER_ERRORS = (ConfigError, DataError, TrainingDiverged)

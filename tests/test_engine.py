@@ -1,0 +1,119 @@
+"""Training engine pieces: freezing, layer-wise LR groups, schedules, precision checks."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from dsft.config import Config, FreezeConfig, TrainConfig, load_config
+from dsft.errors import ConfigError
+from dsft.model import freeze, lr_lambda, param_groups
+from dsft.train import check_runtime
+
+
+@pytest.fixture
+def model(tiny_model: Path) -> torch.nn.Module:
+    return AutoModelForCausalLM.from_pretrained(tiny_model)
+
+
+def _names(model: torch.nn.Module, group: dict) -> set[str]:
+    ids = {id(p) for p in group["params"]}
+    return {n for n, p in model.named_parameters() if id(p) in ids}
+
+
+def test_layer_decay_and_pattern_scales(model: torch.nn.Module) -> None:
+    train = TrainConfig(lr=1e-3, weight_decay=0.1, layer_decay=0.5, lr_scale={"embed_tokens": 0.1})
+    groups = param_groups(model, train)
+    by_name = {g["name"]: g for g in groups}
+    lr = {name.split("/")[0]: g["lr"] for name, g in by_name.items()}
+    # 2 blocks: block 1 is one below the head, block 0 two below, embeddings three.
+    assert lr == pytest.approx(
+        {
+            "head": 1e-3,
+            "layer01": 1e-3 * 0.5,
+            "layer00": 1e-3 * 0.25,
+            "embed[embed_tokens]": 1e-3 * 0.125 * 0.1,
+        }
+    )
+    # norms get no weight decay; matrices do
+    assert all(n.endswith("norm.weight") for n in _names(model, by_name["layer00/no_decay"]))
+    assert by_name["layer00/no_decay"]["weight_decay"] == 0.0
+    assert by_name["layer00/decay"]["weight_decay"] == 0.1
+    # every trainable parameter is in exactly one group
+    seen = [id(p) for g in groups for p in g["params"]]
+    assert sorted(seen) == sorted(id(p) for p in model.parameters())
+
+
+def test_without_llrd_two_groups(model: torch.nn.Module) -> None:
+    groups = param_groups(model, TrainConfig(lr=2e-5, weight_decay=0.01))
+    assert sorted(g["name"] for g in groups) == ["all/decay", "all/no_decay"]
+    assert {g["lr"] for g in groups} == {2e-5}
+
+
+def test_freeze_embeddings_bottom_layers_and_patterns(model: torch.nn.Module, caplog) -> None:
+    with caplog.at_level(logging.WARNING, logger="dsft"):
+        frozen = freeze(
+            model,
+            FreezeConfig(
+                embeddings=True, bottom_layers=1, patterns=[r"layers\.1\.mlp\.down", "nomatch"]
+            ),
+        )
+    assert "nomatch" in caplog.text  # an option that does nothing says so
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert "model.embed_tokens.weight" in frozen
+    assert all(
+        n.startswith("model.layers.0.")
+        for n in frozen
+        if n.startswith("model.layers.") and "down_proj" not in n
+    )
+    assert "model.layers.1.mlp.down_proj.weight" in frozen
+    assert "model.layers.1.self_attn.q_proj.weight" in trainable
+    # frozen parameters get no optimizer group, hence no optimizer state
+    grouped = {id(p) for g in param_groups(model, TrainConfig()) for p in g["params"]}
+    assert not grouped & {id(p) for n, p in model.named_parameters() if n in frozen}
+
+
+def test_schedule_warmup_then_decay() -> None:
+    f = lr_lambda(total_steps=110, warmup_steps=10, schedule="cosine", min_ratio=0.1)
+    assert [f(s) for s in range(3)] == pytest.approx([0.1, 0.2, 0.3])
+    assert f(10) == pytest.approx(1.0)
+    assert f(60) == pytest.approx(0.1 + 0.9 * 0.5)
+    assert f(110) == pytest.approx(0.1)
+    lin = lr_lambda(total_steps=10, warmup_steps=0, schedule="linear", min_ratio=0.0)
+    assert lin(5) == pytest.approx(0.5)
+    assert lr_lambda(10, 2, "constant", 0.0)(7) == 1.0
+
+
+def test_lr_scale_override_and_bad_regex(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError) as e:
+        load_config(
+            None,
+            [
+                "train.lr_scale={'(bad': 0.1}",
+                "train.layer_decay=1.5",
+                "model.attn_implementation=magic",
+            ],
+        )
+    msg = str(e.value)
+    assert "not a valid regular expression" in msg
+    assert "train.layer_decay" in msg and "model.attn_implementation" in msg
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU refusal")
+def test_fp16_refused_on_cpu() -> None:
+    cfg = Config()
+    cfg.train.precision = "fp16"
+    with pytest.raises(ConfigError, match="fp16 needs a CUDA GPU"):
+        check_runtime(cfg)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU refusal")
+def test_flash_attention_refused_without_cuda() -> None:
+    cfg = Config()
+    cfg.model.attn_implementation = "flash_attention_2"
+    with pytest.raises(ConfigError, match="flash-attn package"):
+        check_runtime(cfg)
