@@ -110,9 +110,7 @@ def run(cfg: Config) -> dict[str, Any]:
     if zero3:
         from transformers.integrations import HfDeepSpeedConfig
 
-        # Kept referenced for the whole run: transformers asks it (through a weak
-        # reference) whether ZeRO-3 is on, e.g. when generating.
-        hf_zero3 = HfDeepSpeedConfig(ds_config)  # noqa: F841
+        hf_zero3 = HfDeepSpeedConfig(ds_config)  # transformers holds only a weak reference
     model = load_model(cfg.model, torch_dtype(cfg.train.precision))
     if cfg.model.lora.enabled:
         model = apply_lora(model, cfg.model.lora)
@@ -150,6 +148,10 @@ def run(cfg: Config) -> dict[str, Any]:
     engine, optimizer, _, scheduler = deepspeed.initialize(
         model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config
     )
+    # Released once the engine exists: a later from_pretrained on rank 0 alone (the LoRA
+    # merge in export) must not enter zero.Init, a collective the other ranks never join.
+    # Generation is told about ZeRO-3 explicitly (synced_gpus).
+    del hf_zero3
     if cfg.model.compile:
         engine.compile()  # DeepSpeed wraps torch.compile so its hooks stay in place
     log.info(

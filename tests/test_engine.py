@@ -117,3 +117,16 @@ def test_flash_attention_refused_without_cuda() -> None:
     cfg.model.attn_implementation = "flash_attention_2"
     with pytest.raises(ConfigError, match="flash-attn package"):
         check_runtime(cfg)
+
+
+def test_layer_decay_applies_to_lora_adapters(model: torch.nn.Module) -> None:
+    from dsft.config import LoraConfig
+    from dsft.model import apply_lora
+
+    peft_model = apply_lora(model, LoraConfig(enabled=True, r=4, target_modules=["q_proj"]))
+    groups = param_groups(peft_model, TrainConfig(lr=1.0, layer_decay=0.5))
+    lr_of = {n: g["lr"] for g in groups for n in _names(peft_model, g)}
+    assert set(lr_of) == {n for n, p in peft_model.named_parameters() if p.requires_grad}
+    assert all("lora_" in n for n in lr_of)  # the frozen base has no group
+    assert lr_of["base_model.model.model.layers.0.self_attn.q_proj.lora_A.default.weight"] == 0.25
+    assert lr_of["base_model.model.model.layers.1.self_attn.q_proj.lora_B.default.weight"] == 0.5

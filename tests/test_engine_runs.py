@@ -79,7 +79,11 @@ def test_frozen_weights_stay_bit_identical(
             tiny_data,
             out,
             deepspeed={"zero_stage": 3},
-            model={"freeze": {"embeddings": True, "bottom_layers": 1}},
+            # activation checkpointing on too: recomputation must not touch frozen weights
+            model={
+                "freeze": {"embeddings": True, "bottom_layers": 1},
+                "gradient_checkpointing": True,
+            },
             train={"max_steps": 6, "weight_decay": 0.1},
             eval={"generate": False},
         ),
