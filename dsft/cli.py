@@ -1,4 +1,4 @@
-"""``dsft`` command line: train, demo, ds-config.
+"""``dsft`` command line: train, eval, demo, ds-config.
 
 User mistakes (bad config, bad data rows) end with a clear message and exit
 code 2, never a traceback.
@@ -50,6 +50,17 @@ def cmd_train(ns: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_eval(ns: argparse.Namespace) -> int:
+    cfg = load_config(ns.config, ns.overrides)
+    if ns.nproc > 1 and not _in_launched_job():
+        extra = ["--checkpoint", ns.checkpoint] + (["--out", ns.out] if ns.out else [])
+        return _launch(ns.nproc, ["eval", ns.config, *ns.overrides, *extra])
+    from dsft.eval_checkpoint import run_eval
+
+    run_eval(cfg, ns.checkpoint, ns.out)
+    return 0
+
+
 def cmd_demo(ns: argparse.Namespace) -> int:
     from dsft import demo
 
@@ -97,6 +108,20 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--nproc", type=int, default=1, help="spawn N local ranks via torchrun")
     t.set_defaults(func=cmd_train)
 
+    e = sub.add_parser("eval", help="metrics of a saved model on the val/test split, no training")
+    e.add_argument("config", help="the run's YAML config (data, split, eval settings)")
+    e.add_argument("overrides", nargs="*", help="dotted overrides, e.g. eval.max_generate=0")
+    e.add_argument(
+        "--checkpoint",
+        required=True,
+        help="exported model dir, run dir, checkpoints/ dir or checkpoints/step_N",
+    )
+    e.add_argument(
+        "--out", help="where results.json and predictions go (default: <output_dir>/eval)"
+    )
+    e.add_argument("--nproc", type=int, default=1, help="spawn N local ranks via torchrun")
+    e.set_defaults(func=cmd_eval)
+
     d = sub.add_parser("demo", help="fine-tune a tiny model on the bundled tasks, no download")
     d.add_argument("overrides", nargs="*", help="dotted overrides of the demo config")
     d.add_argument("--nproc", type=int, default=1, help="number of local ranks")
@@ -115,7 +140,15 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     # `--local_rank=N` may come after the subcommand's positionals (deepspeed launcher).
     argv = [a for a in argv if not a.startswith(("--local_rank", "--local-rank"))]
-    ns = build_parser().parse_args(argv)
+    parser = build_parser()
+    # Overrides may come before or after options (`train c.yaml --nproc 2 train.lr=1e-4`);
+    # argparse leaves the later ones unparsed.
+    ns, rest = parser.parse_known_args(argv)
+    unknown = [a for a in rest if "=" not in a or a.startswith("-")]
+    if unknown or (rest and not hasattr(ns, "overrides")):
+        parser.error(f"unrecognized arguments: {' '.join(unknown or rest)}")
+    if rest:
+        ns.overrides = [*ns.overrides, *rest]
     # dsft loads local directories only; never let a library reach for a hub.
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")

@@ -122,14 +122,28 @@ class DeepSpeedConfig:
 
 @dataclass
 class EvalConfig:
-    """Validation during training and the final test evaluation."""
+    """Validation during training, generation metrics, early stopping."""
 
     every: int = 0  # optimizer steps between validations; 0 = only at the end
     before_training: bool = True  # a step-0 validation gives the "before" numbers
     micro_batch: int = 8
-    generate: bool = True  # exact-match accuracy of greedy generations on the test split
-    max_generate: int = 200  # test examples to generate for (0 = all)
+    generate: bool = True  # generation metrics (exact match, F1) on the test split at the end
+    max_generate: int = 200  # examples to generate for (0 = all)
     max_new_tokens: int = 64
+    do_sample: bool = False  # greedy by default; sampling uses temperature / top_p
+    temperature: float = 1.0
+    top_p: float = 1.0
+    # Accuracy and macro-F1 over the label set: "auto" when references look like labels
+    # (at most 20 distinct values, each at least twice), "on", or "off".
+    label_metrics: Literal["auto", "on", "off"] = "auto"
+    # Early stopping and best model: the validation metric to watch. val/exact_match and
+    # val/f1 generate on the validation split at every evaluation (up to max_generate).
+    metric: Literal["val/loss", "val/ppl", "val/token_acc", "val/exact_match", "val/f1"] = (
+        "val/loss"
+    )
+    patience: int = 0  # evaluations without improvement before stopping; 0 = never stop
+    min_delta: float = 0.0  # the smallest change that counts as an improvement
+    save_best: bool = True  # export the best model to <output_dir>/best (needs eval.every)
 
 
 @dataclass
@@ -148,6 +162,9 @@ class LoggingConfig:
     every: int = 10  # optimizer steps between train-loss log lines
     tensorboard: bool = True
     progress: bool = True
+    # Peak dense FLOP/s per GPU, in TFLOP/s, for MFU; 0 = look it up from the GPU's
+    # name (bf16/fp16 dense numbers); without a known peak MFU is not logged.
+    peak_tflops: float = 0.0
 
 
 @dataclass
@@ -391,6 +408,16 @@ def validate(cfg: Config) -> list[str]:
         p.append("deepspeed.offload_params: needs deepspeed.zero_stage=3")
     if ev.every < 0 or ev.micro_batch < 1 or ev.max_generate < 0 or ev.max_new_tokens < 1:
         p.append("eval: every >= 0, micro_batch >= 1, max_generate >= 0, max_new_tokens >= 1")
+    if ev.patience < 0 or ev.min_delta < 0:
+        p.append("eval.patience and eval.min_delta must be >= 0")
+    if ev.patience and not ev.every:
+        p.append("eval.patience: early stopping needs periodic validation; set eval.every > 0")
+    if ev.metric.startswith(("val/exact", "val/f1")) and d.val_fraction == 0:
+        p.append(f"eval.metric={ev.metric} needs a validation split; set data.val_fraction > 0")
+    if not (ev.temperature > 0 and 0 < ev.top_p <= 1):
+        p.append("eval.temperature must be > 0 and eval.top_p in (0, 1]")
+    if cfg.logging.peak_tflops < 0:
+        p.append("logging.peak_tflops: must be >= 0 (0 = look up the GPU)")
     if ev.generate and d.test_fraction == 0:
         p.append(
             "eval.generate: needs a test split; set data.test_fraction > 0 or eval.generate=false"

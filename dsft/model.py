@@ -56,6 +56,25 @@ def load_model(cfg: ModelConfig, dtype: torch.dtype) -> torch.nn.Module:
     return model
 
 
+def build_model(cfg: ModelConfig, dtype: torch.dtype, ds_config: dict[str, Any]) -> torch.nn.Module:
+    """Load the model (partitioned as it loads under ZeRO-3) and add LoRA if configured."""
+    hf_zero3 = None
+    if ds_config["zero_optimization"]["stage"] == 3:
+        from transformers.integrations import HfDeepSpeedConfig
+
+        # While this lives, from_pretrained loads under deepspeed.zero.Init, so the
+        # weights are partitioned as they load and never whole on one rank.
+        hf_zero3 = HfDeepSpeedConfig(ds_config)  # transformers holds a weak reference
+    model = load_model(cfg, dtype)
+    if cfg.lora.enabled:
+        model = apply_lora(model, cfg.lora)
+    # Released now: a later from_pretrained on rank 0 alone (the LoRA merge at export)
+    # must not enter zero.Init, a collective the other ranks never join. Generation is
+    # told about ZeRO-3 explicitly (synced_gpus).
+    del hf_zero3
+    return model
+
+
 def apply_lora(model: torch.nn.Module, cfg: LoraConfig) -> torch.nn.Module:
     """Wrap the model with peft LoRA adapters (base weights frozen)."""
     from peft import LoraConfig as PeftLoraConfig

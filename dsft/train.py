@@ -31,23 +31,22 @@ import numpy as np
 import torch
 
 from dsft import checkpoint, data, distributed, evaluate
-from dsft.config import Config, batch_plan, save_config
+from dsft.config import Config, batch_plan, save_config, to_dict
 from dsft.data.collate import collate
 from dsft.data.sampler import train_batches
 from dsft.data.tokenize import IGNORE_INDEX
 from dsft.errors import ConfigError, TrainingDiverged
 from dsft.model import (
-    apply_lora,
+    build_model,
     count_params,
     describe_groups,
     freeze,
-    load_model,
     load_tokenizer,
     lr_lambda,
     param_groups,
     torch_dtype,
 )
-from dsft.monitor import Monitor
+from dsft.monitor import FlopCounter, Monitor
 from dsft.plan import deepspeed_config
 
 log = logging.getLogger("dsft")
@@ -104,20 +103,11 @@ def run(cfg: Config) -> dict[str, Any]:
     splits = data.prepare(cfg.data, tokenizer)
     log.info("data: %s", splits.stats)
 
-    # Under ZeRO-3 transformers must see the DeepSpeed config while it builds the
-    # model, so weights are partitioned as they load (never whole on one rank).
-    hf_zero3 = None
-    if zero3:
-        from transformers.integrations import HfDeepSpeedConfig
-
-        hf_zero3 = HfDeepSpeedConfig(ds_config)  # transformers holds only a weak reference
-    model = load_model(cfg.model, torch_dtype(cfg.train.precision))
-    if cfg.model.lora.enabled:
-        model = apply_lora(model, cfg.model.lora)
+    model = build_model(cfg.model, torch_dtype(cfg.train.precision), ds_config)
     frozen = freeze(model, cfg.model.freeze)
     total_params, trainable_params = count_params(model)
     groups = param_groups(model, cfg.train)
-    optimizer = _make_optimizer(cfg, groups)
+    optimizer = make_optimizer(cfg, groups)
 
     batches_per_epoch = len(
         train_batches(
@@ -148,10 +138,6 @@ def run(cfg: Config) -> dict[str, Any]:
     engine, optimizer, _, scheduler = deepspeed.initialize(
         model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config
     )
-    # Released once the engine exists: a later from_pretrained on rank 0 alone (the LoRA
-    # merge in export) must not enter zero.Init, a collective the other ranks never join.
-    # Generation is told about ZeRO-3 explicitly (synced_gpus).
-    del hf_zero3
     if cfg.model.compile:
         engine.compile()  # DeepSpeed wraps torch.compile so its hooks stay in place
     log.info(
@@ -176,10 +162,15 @@ def run(cfg: Config) -> dict[str, Any]:
         len(frozen),
         describe_groups(optimizer.param_groups),
     )
-    summary_frozen = len(frozen)
     monitor = Monitor(out, cfg.logging, total_steps)
     dev = distributed.device()
     pad_id = tokenizer.pad_token_id
+    evaluator = evaluate.Evaluator(
+        engine, tokenizer, splits, cfg.eval, monitor, out, synced=zero3 and env.world_size > 1
+    )
+    tracker = evaluate.BestTracker(cfg.eval.metric, cfg.eval.patience, cfg.eval.min_delta)
+    model_cfg = getattr(engine.module, "config", None)
+    flops = FlopCounter(total_params, model_cfg, monitor.peak_flops * env.world_size)
     summary: dict[str, Any] = {
         "world_size": env.world_size,
         "global_batch": plan.global_batch,
@@ -187,72 +178,35 @@ def run(cfg: Config) -> dict[str, Any]:
         "data": splits.stats,
         "params": total_params,
         "trainable_params": trainable_params,
-        "frozen_tensors": summary_frozen,
+        "frozen_tensors": len(frozen),
     }
 
-    def run_validation(step: int) -> dict[str, float]:
-        engine.eval()
-        metrics = evaluate.validate(engine, splits.val, cfg.eval.micro_batch, pad_id)
-        engine.train()
-        if metrics:
-            monitor.scalars(step, "val", metrics)
+    def keep_if_best(metrics: dict[str, Any], step: int) -> None:
+        # The best model so far (by eval.metric) is exported when it appears, so a run
+        # that later overfits or dies still leaves it behind.
+        if tracker.update(metrics, step) and cfg.eval.save_best and cfg.eval.every:
+            checkpoint.export_hf(engine, cfg, tokenizer, out / "best")
             log.info(
-                "step %d | val loss %.4f | ppl %.3f | token acc %.4f",
-                step,
-                metrics["loss"],
-                metrics["ppl"],
-                metrics["token_acc"],
+                "step %d | new best %s %.4f -> %s", step, tracker.metric, tracker.best, out / "best"
             )
-        return metrics
-
-    def run_generation(step: int) -> dict[str, Any]:
-        if not cfg.eval.generate:
-            return {}
-        engine.eval()
-        n = cfg.eval.max_generate or len(splits.test_raw)
-        t0 = time.time()
-        metrics = evaluate.generate_metrics(
-            engine.module,
-            tokenizer,
-            splits.test_raw[:n],
-            cfg.eval.micro_batch,
-            cfg.eval.max_new_tokens,
-            synced=zero3 and env.world_size > 1,
-        )
-        engine.train()
-        if metrics:
-            metrics["seconds"] = round(time.time() - t0, 2)
-            monitor.scalars(step, "test", {"exact_match": metrics["exact_match"]})
-            monitor.text(
-                step,
-                "test/samples",
-                "\n\n".join(
-                    f"**ref** {s['reference']}  \n**pred** {s['prediction']}"
-                    for s in metrics["samples"]
-                ),
-            )
-            log.info(
-                "step %d | test exact match %.4f on %d examples (%.1fs)",
-                step,
-                metrics["exact_match"],
-                metrics["examples"],
-                metrics["seconds"],
-            )
-        return metrics
 
     if cfg.eval.before_training:
-        summary["before"] = {"val": run_validation(0), "test": run_generation(0)}
+        summary["before"] = {"val": evaluator.validation(0), "test": evaluator.test(0)}
 
     # ---------------------------------------------------------------- loop
     engine.train()
     step, epoch = 0, 0
     t_start = time.time()
-    tokens_seen = 0
     log_loss_sum = log_targets = 0.0  # global summed NLL / target count since the last log line
+    eval_loss_sum = eval_targets = 0.0  # ... since the last validation (for the train/val gap)
+    tokens_seen = 0  # this rank's real tokens since the last log line (and their squares)
+    sq_tokens = 0
+    step_seconds = 0.0
     bad_steps = bad_in_a_row = 0
     fault_steps = _fault_steps()
     zero0_fp32 = cfg.deepspeed.zero_stage == 0 and cfg.train.precision == "fp32"
-    while step < total_steps:
+    stopped_early = False
+    while step < total_steps and not stopped_early:
         batches = train_batches(
             len(splits.train),
             plan.micro_batch,
@@ -264,6 +218,7 @@ def run(cfg: Config) -> dict[str, Any]:
             plan.grad_accum,
         )
         for first in range(0, len(batches), plan.grad_accum):
+            t_step = time.time()
             window = [
                 collate([splits.train[i] for i in b], pad_id)
                 for b in batches[first : first + plan.grad_accum]
@@ -288,7 +243,9 @@ def run(cfg: Config) -> dict[str, Any]:
                     own_norm = guard_zero0_fp32_step(engine)
                 engine.step()  # clips and steps only at the accumulation boundary
                 step_nll += nll.item()
-                tokens_seen += int(micro["attention_mask"].sum())
+                lengths = micro["attention_mask"].sum(1)
+                tokens_seen += int(lengths.sum())
+                sq_tokens += int((lengths**2).sum())
             step += 1
 
             # A step is bad when its global loss is not finite or DeepSpeed skipped it for
@@ -314,47 +271,80 @@ def run(cfg: Config) -> dict[str, Any]:
                 bad_in_a_row = 0
                 log_loss_sum += step_loss * global_targets
                 log_targets += global_targets
+                eval_loss_sum += step_loss * global_targets
+                eval_targets += global_targets
+            step_seconds += time.time() - t_step
 
             if step % cfg.logging.every == 0 or step == total_steps:
-                tokens_total = distributed.all_reduce_sum([tokens_seen])[0].item()
+                steps_logged = step % cfg.logging.every or cfg.logging.every
+                tokens_total, sq_total = distributed.all_reduce_sum(
+                    [tokens_seen, sq_tokens]
+                ).tolist()
                 # token-weighted mean over the good steps since the last log line
                 train_loss = log_loss_sum / log_targets if log_targets else float("nan")
-                log_loss_sum = log_targets = 0.0
-                lrs = {f"lr/{g['name']}": g["lr"] for g in optimizer.param_groups}
                 norm = engine.get_global_grad_norm()
                 if norm is None:  # ZeRO-0 fp32: DeepSpeed keeps no norm, ours was taken above
                     norm = own_norm if own_norm is not None else float("nan")
-                norm = float(norm)
-                extra = {}
+                scalars = {
+                    "loss": train_loss,
+                    "epoch": epoch,
+                    **{f"lr/{g['name']}": g["lr"] for g in optimizer.param_groups},
+                    "grad_norm": float(norm),
+                    "step_time": step_seconds / steps_logged,
+                    # real (non-pad) tokens of all ranks per second of training steps
+                    "tokens_per_s": tokens_total / max(step_seconds, 1e-9),
+                    "skipped_steps": engine.skipped_steps,
+                    "bad_steps": bad_steps,
+                    **flops.scalars(tokens_total, sq_total, step_seconds),
+                }
                 if cfg.train.precision == "fp16":
-                    extra["loss_scale"] = float(getattr(engine.optimizer, "cur_scale", "nan"))
-                monitor.scalars(
-                    step,
-                    "train",
-                    {
-                        "loss": train_loss,
-                        "epoch": epoch,
-                        **lrs,
-                        "grad_norm": norm,
-                        # real (non-pad) tokens of all ranks since the loop started
-                        "tokens_per_s": tokens_total / max(time.time() - t_start, 1e-9),
-                        "skipped_steps": engine.skipped_steps,
-                        "bad_steps": bad_steps,
-                        **extra,
-                    },
-                )
-                monitor.progress(step, train_loss, optimizer.param_groups[0]["lr"], norm)
+                    scalars["loss_scale"] = float(getattr(engine.optimizer, "cur_scale", "nan"))
+                if torch.cuda.is_available():
+                    scalars["gpu_mem_gb"] = torch.cuda.max_memory_allocated() / 2**30
+                monitor.scalars(step, "train", scalars)
+                monitor.progress(step, train_loss, optimizer.param_groups[0]["lr"], float(norm))
+                log_loss_sum = log_targets = step_seconds = 0.0
+                tokens_seen = sq_tokens = 0
             if cfg.eval.every and step % cfg.eval.every == 0 and step < total_steps:
-                run_validation(step)
+                train_loss = eval_loss_sum / eval_targets if eval_targets else None
+                eval_loss_sum = eval_targets = 0.0
+                keep_if_best(evaluator.validation(step, train_loss), step)
+                if tracker.should_stop:
+                    log.info(
+                        "early stop at step %d: %s has not improved for %d evaluations "
+                        "(best %.4f at step %d)",
+                        step,
+                        tracker.metric,
+                        tracker.since_best,
+                        tracker.best,
+                        tracker.best_step,
+                    )
+                    stopped_early = True
+                    break
             if cfg.checkpoint.every and step % cfg.checkpoint.every == 0 and step < total_steps:
                 checkpoint.save(engine, out, step, {"step": step, "epoch": epoch})
             if step >= total_steps:
                 break
-        epoch += 1
+        else:
+            epoch += 1
 
     # ---------------------------------------------------------------- finish
     summary["train_seconds"] = round(time.time() - t_start, 2)
-    summary["after"] = {"val": run_validation(step), "test": run_generation(step)}
+    summary["steps"] = step
+    train_loss = eval_loss_sum / eval_targets if eval_targets else None
+    summary["after"] = {"val": evaluator.validation(step, train_loss)}
+    keep_if_best(summary["after"]["val"], step)
+    summary["after"]["test"] = evaluator.test(step)
+    summary["early_stopped"] = stopped_early
+    if tracker.best is not None:
+        summary["best"] = {
+            "metric": tracker.metric,
+            "value": tracker.best,
+            "step": tracker.best_step,
+        }
+        if (out / "best").is_dir():
+            summary["best"]["export"] = str(out / "best")
+    monitor.hparams(to_dict(cfg), summary["after"])
     monitor.close()
     if cfg.checkpoint.save_final:
         summary["checkpoint"] = str(
@@ -405,7 +395,7 @@ def grad_norm(module: torch.nn.Module) -> float:
     return float(torch.nn.utils.get_total_norm(grads)) if grads else 0.0
 
 
-def _make_optimizer(cfg: Config, groups: list[dict[str, Any]]) -> torch.optim.Optimizer:
+def make_optimizer(cfg: Config, groups: list[dict[str, Any]]) -> torch.optim.Optimizer:
     t = cfg.train
     kwargs = {"lr": t.lr, "betas": tuple(t.betas), "eps": t.eps}
     if cfg.deepspeed.offload_optimizer:

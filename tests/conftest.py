@@ -67,12 +67,17 @@ def write_config(path: Path, tree: dict[str, Any]) -> Path:
     return path
 
 
-def base_config(model_dir: Path, data: Path, out: Path, **sections: dict[str, Any]) -> dict:
+def base_config(model_dir: Path, data_path: Path, out: Path, **sections: dict[str, Any]) -> dict:
     """A fast config for tests: fp32, a few steps, small eval, no progress bar."""
     tree: dict[str, Any] = {
         "output_dir": str(out),
         "model": {"path": str(model_dir)},
-        "data": {"path": [str(data)], "max_len": 48, "val_fraction": 0.13, "test_fraction": 0.1},
+        "data": {
+            "path": [str(data_path)],
+            "max_len": 48,
+            "val_fraction": 0.13,
+            "test_fraction": 0.1,
+        },
         "train": {
             "max_steps": 12,
             "micro_batch": 4,

@@ -16,11 +16,12 @@ __all__ = ["DataError", "Example", "Splits", "Tokenized", "prepare"]
 
 @dataclass
 class Splits:
-    """Tokenised train/validation examples and raw test examples (for generation)."""
+    """Tokenised splits and the raw validation/test examples (for generation)."""
 
     train: list[Tokenized]
     val: list[Tokenized]
     test: list[Tokenized]
+    val_raw: list[Example]
     test_raw: list[Example]
     stats: dict[str, Any]
 
@@ -60,4 +61,6 @@ def prepare(cfg: DataConfig, tokenizer: Any) -> Splits:
         "train_target_tokens": sum(t.num_target_tokens for t in out["train"]),
         "train_tokens": sum(len(t.input_ids) for t in out["train"]),
     }
-    return Splits(out["train"], out["val"], out["test"], take(examples, te_idx), stats)
+    return Splits(
+        out["train"], out["val"], out["test"], take(examples, va_idx), take(examples, te_idx), stats
+    )

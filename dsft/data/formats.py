@@ -27,6 +27,11 @@ class Example:
     messages: list[Message]
     source: str  # "file.jsonl:12"
 
+    @property
+    def dataset(self) -> str:
+        """The name of the file the example came from, without directory and suffix."""
+        return Path(self.source.rsplit(":", 1)[0]).stem
+
 
 def detect_format(record: dict[str, Any]) -> str:
     if "messages" in record:

@@ -26,6 +26,7 @@ class Tokenized:
     input_ids: list[int]
     labels: list[int]
     truncated: bool = False
+    dataset: str = ""  # which file it came from (metrics are also reported per dataset)
 
     @property
     def num_target_tokens(self) -> int:
@@ -67,7 +68,7 @@ def tokenize_example(tokenizer: Any, ex: Example, max_len: int) -> Tokenized:
         if any(a <= start < b for a, b in spans):
             labels[j] = ids[j]
     truncated = len(ids) > max_len
-    return Tokenized(ids[:max_len], labels[:max_len], truncated)
+    return Tokenized(ids[:max_len], labels[:max_len], truncated, ex.dataset)
 
 
 def tokenize_prompt(tokenizer: Any, messages: list[Message]) -> tuple[list[int], str]:

@@ -1,0 +1,115 @@
+"""``dsft eval``: validation and test metrics of a saved model, without training.
+
+The model can be an exported Hugging Face directory (``<run>/final``, ``<run>/best``)
+or a DeepSpeed checkpoint: a run directory, its ``checkpoints/`` folder (the
+``latest`` tag is used) or one ``checkpoints/step_N`` tag. The same sharded,
+exact metrics as during training are computed, on the same split of the data.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+from dsft import data, distributed, evaluate
+from dsft.config import Config, LoraConfig, batch_plan
+from dsft.errors import ConfigError
+from dsft.model import build_model, load_tokenizer, param_groups, torch_dtype
+from dsft.monitor import Monitor
+from dsft.plan import deepspeed_config
+
+log = logging.getLogger("dsft")
+
+
+def locate(path: str | Path) -> tuple[str, Path, str | None]:
+    """What ``path`` holds: ("hf", dir, None) or ("deepspeed", checkpoints_dir, tag)."""
+    p = Path(path)
+    if (p / "config.json").is_file():
+        return "hf", p, None
+    if (p / "checkpoints" / "latest").is_file():
+        p = p / "checkpoints"
+    if (p / "latest").is_file():
+        return "deepspeed", p, (p / "latest").read_text().strip()
+    if p.is_dir() and any(p.glob("*model_states.pt")):
+        return "deepspeed", p.parent, p.name
+    raise ConfigError(
+        [
+            f"--checkpoint {path}: neither a Hugging Face model directory (config.json) nor a "
+            "DeepSpeed checkpoint (a run directory, its checkpoints/ folder, or a step_N tag)"
+        ]
+    )
+
+
+def run_eval(cfg: Config, checkpoint: str, out_dir: str | None = None) -> dict[str, Any]:
+    """Evaluate ``checkpoint`` on the validation and test splits of ``cfg.data``."""
+    from dsft.train import check_runtime, make_optimizer
+
+    kind, where, tag = locate(checkpoint)
+    env = distributed.setup()
+    if kind == "deepspeed":
+        saved = len(list((where / str(tag)).glob("zero_pp_rank_*optim_states.pt")))
+        if saved and saved != env.world_size:
+            raise ConfigError(
+                [
+                    f"--checkpoint {checkpoint}: a ZeRO checkpoint saved on {saved} ranks loads on "
+                    f"{saved} ranks only; run with --nproc {saved}, or evaluate the exported model "
+                    "(<run>/final or <run>/best) on any number of ranks"
+                ]
+            )
+    deepspeed = distributed.import_deepspeed()
+    check_runtime(cfg)
+    if kind == "hf":
+        # An export is a plain model (a LoRA run exports the adapter merged).
+        cfg = dataclasses.replace(
+            cfg, model=dataclasses.replace(cfg.model, path=str(where), lora=LoraConfig())
+        )
+    ds_config = deepspeed_config(cfg, batch_plan(cfg.train, env.world_size))
+    tokenizer = load_tokenizer(cfg.model)
+    splits = data.prepare(cfg.data, tokenizer)
+    model = build_model(cfg.model, torch_dtype(cfg.train.precision), ds_config)
+    optimizer = None
+    if kind == "deepspeed":
+        # The engine is built as in training, optimizer included: under ZeRO-3 the
+        # weights live in the optimizer's partitions of the checkpoint.
+        optimizer = make_optimizer(cfg, param_groups(model, cfg.train))
+    engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
+    if kind == "deepspeed":
+        engine.load_checkpoint(str(where), tag=tag, load_lr_scheduler_states=False)
+    log.info(
+        "evaluating %s (%s%s) on %d ranks",
+        where,
+        kind,
+        f", tag {tag}" if tag else "",
+        env.world_size,
+    )
+
+    out = Path(out_dir or Path(cfg.output_dir) / "eval")
+    if env.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+    monitor = Monitor(out, dataclasses.replace(cfg.logging, progress=False), 0)
+    evaluator = evaluate.Evaluator(
+        engine,
+        tokenizer,
+        splits,
+        cfg.eval,
+        monitor,
+        out,
+        synced=cfg.deepspeed.zero_stage == 3 and env.world_size > 1,
+    )
+    results: dict[str, Any] = {
+        "checkpoint": str(checkpoint),
+        "kind": kind,
+        "world_size": env.world_size,
+        "val": evaluator.validation(0, split="val"),
+        "test": evaluator.validation(0, split="test"),
+        "test_generation": evaluator.test(0),
+    }
+    monitor.close()
+    if env.is_main:
+        (out / "results.json").write_text(json.dumps(results, indent=2, default=str))
+        log.info("results: %s", out / "results.json")
+    distributed.barrier()
+    return results
