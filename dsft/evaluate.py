@@ -1,9 +1,12 @@
-"""Validation metrics and generation accuracy, aggregated exactly across ranks.
+"""Validation and generation metrics, exact whatever the number of ranks.
 
-Every metric is a ratio of sums. Each rank accumulates its sums over a disjoint
-shard (no padding, no duplicates), the sums are all-reduced once, and the ratio
-is taken afterwards, so the result does not depend on the number of ranks or on
-how examples fall into batches (unlike a mean of per-batch means).
+Token metrics are ratios of sums: each rank sums over a disjoint shard (no padding,
+no duplicates), the sums are all-reduced once and divided afterwards, so the result
+does not depend on the number of ranks or on how examples fall into batches (unlike
+a mean of per-batch means). Generation metrics are computed from every rank's
+(prediction, reference) pairs gathered in example order. Under ZeRO-3 every rank runs
+the same number of forward passes (dummy batches on short shards), because each
+forward gathers parameters collectively.
 """
 
 from __future__ import annotations
@@ -216,35 +219,6 @@ def generate_predictions(
     return sorted(gathered, key=lambda p: p["index"]), total_tokens
 
 
-def generate_metrics(
-    module: Any,
-    tokenizer: Any,
-    examples: list[Example],
-    micro_batch: int,
-    max_new_tokens: int,
-    synced: bool,
-    label_metrics: str = "auto",
-    sample: dict[str, float] | None = None,
-) -> dict[str, Any]:
-    """Generation metrics (EM, F1, label accuracy / macro-F1), speed and all predictions."""
-    if not examples:
-        return {}
-    t0 = time.time()
-    preds, new_tokens = generate_predictions(
-        module, tokenizer, examples, micro_batch, max_new_tokens, synced, sample
-    )
-    seconds = time.time() - t0
-    for p in preds:
-        p["exact"] = normalize_answer(p["prediction"]) == normalize_answer(p["reference"])
-    metrics: dict[str, Any] = generation_scores(
-        [(p["prediction"], p["reference"]) for p in preds], label_metrics
-    )
-    metrics.update(
-        seconds=round(seconds, 3), tokens_per_s=new_tokens / max(seconds, 1e-9), predictions=preds
-    )
-    return metrics
-
-
 @dataclass
 class BestTracker:
     """Best value of the watched validation metric, and evaluations since it improved."""
@@ -353,19 +327,25 @@ class Evaluator:
 
     def _generate(self, step: int, split: str, examples: list[Example]) -> dict[str, Any]:
         examples = examples[: self.cfg.max_generate or len(examples)]
-        metrics = generate_metrics(
+        if not examples:
+            return {}
+        t0 = time.time()
+        preds, new_tokens = generate_predictions(
             self._module(),
             self.tokenizer,
             examples,
             self.cfg.micro_batch,
             self.cfg.max_new_tokens,
             self.synced,
-            self.cfg.label_metrics,
             self.sample,
         )
-        if not metrics:
-            return {}
-        preds = metrics.pop("predictions")
+        seconds = time.time() - t0
+        for p in preds:
+            p["exact"] = normalize_answer(p["prediction"]) == normalize_answer(p["reference"])
+        metrics: dict[str, Any] = generation_scores(
+            [(p["prediction"], p["reference"]) for p in preds], self.cfg.label_metrics
+        )
+        metrics.update(seconds=round(seconds, 3), tokens_per_s=new_tokens / max(seconds, 1e-9))
         if dist.is_main():
             folder = self.out_dir / "predictions"
             folder.mkdir(parents=True, exist_ok=True)
