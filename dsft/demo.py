@@ -160,6 +160,7 @@ def format_report(summary: dict[str, Any]) -> str:
         ("validation loss", "val", "loss"),
         ("validation perplexity", "val", "ppl"),
         ("test exact match", "test", "exact_match"),
+        ("test token F1", "test", "f1"),
     ):
         before = b.get(split, {}).get(key, float("nan"))
         lines.append(f"  {label:22}{before:>10.3f}{a[split][key]:>10.3f}")
