@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+import torch
 
 from dsft.evaluate import BestTracker, generation_scores, normalize_answer, token_f1
 
@@ -49,3 +50,31 @@ def test_best_tracker_patience_and_direction() -> None:
     assert t.should_stop and (t.best, t.best_step) == (2.0, 10)
     up = BestTracker("val/exact_match", patience=1)
     assert up.maximize and up.update({"exact_match": 0.2}, 1) and up.update({"exact_match": 0.3}, 2)
+
+
+def test_validation_reports_each_mixed_dataset() -> None:
+    from dsft.data.tokenize import Tokenized
+    from dsft.evaluate import validate
+
+    from .test_distributed import _ToyLM
+
+    g = torch.Generator().manual_seed(3)
+
+    def ex(ds: str, n: int) -> Tokenized:
+        ids = torch.randint(1, 50, (n,), generator=g).tolist()
+        return Tokenized(ids, [-100] * 2 + ids[2:], dataset=ds)
+
+    a = [ex("alpaca", 6) for _ in range(5)]
+    b = [ex("chats", 9) for _ in range(3)]
+    model = _ToyLM()
+    both = validate(model, a + b, micro_batch=3, pad_id=0)
+    only_a, only_b = validate(model, a, 3, 0), validate(model, b, 3, 0)
+    for k in ("loss", "token_acc", "tokens", "examples"):
+        assert both[f"alpaca/{k}"] == pytest.approx(only_a[k])
+        assert both[f"chats/{k}"] == pytest.approx(only_b[k])
+    # the overall loss is token-weighted, not the mean of the two datasets
+    weighted = (only_a["loss"] * only_a["tokens"] + only_b["loss"] * only_b["tokens"]) / (
+        only_a["tokens"] + only_b["tokens"]
+    )
+    assert both["loss"] == pytest.approx(weighted)
+    assert "alpaca/loss" not in only_a  # a single dataset gets no per-dataset keys
