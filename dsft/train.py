@@ -33,7 +33,7 @@ import torch
 from dsft import checkpoint, data, distributed, evaluate
 from dsft.config import Config, batch_plan, save_config, to_dict
 from dsft.data.collate import collate
-from dsft.data.sampler import train_batches
+from dsft.data.sampler import steps_per_epoch, train_batches
 from dsft.data.tokenize import IGNORE_INDEX
 from dsft.errors import ConfigError, TrainingDiverged
 from dsft.model import (
@@ -109,19 +109,10 @@ def run(cfg: Config) -> dict[str, Any]:
     groups = param_groups(model, cfg.train)
     optimizer = make_optimizer(cfg, groups)
 
-    batches_per_epoch = len(
-        train_batches(
-            len(splits.train),
-            plan.micro_batch,
-            env.world_size,
-            env.rank,
-            0,
-            cfg.train.seed,
-            multiple=plan.grad_accum,
-        )
+    per_epoch = steps_per_epoch(
+        len(splits.train), plan.micro_batch, env.world_size, plan.grad_accum
     )
-    steps_per_epoch = batches_per_epoch // plan.grad_accum
-    if steps_per_epoch == 0:
+    if per_epoch == 0:
         raise ConfigError(
             [
                 f"train: {len(splits.train)} training examples do not fill one "
@@ -129,7 +120,7 @@ def run(cfg: Config) -> dict[str, Any]:
                 "train.grad_accum"
             ]
         )
-    total_steps = cfg.train.max_steps or cfg.train.epochs * steps_per_epoch
+    total_steps = cfg.train.max_steps or cfg.train.epochs * per_epoch
     warmup = cfg.train.warmup_steps or int(cfg.train.warmup_ratio * total_steps)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lr_lambda(total_steps, warmup, cfg.train.schedule, cfg.train.min_lr_ratio)
@@ -154,7 +145,7 @@ def run(cfg: Config) -> dict[str, Any]:
         env.world_size,
         plan.global_batch,
         total_steps,
-        steps_per_epoch,
+        per_epoch,
     )
 
     log.info(

@@ -11,7 +11,7 @@ from dsft.config import DataConfig
 from dsft.data import prepare
 from dsft.data.collate import collate, collate_prompts
 from dsft.data.formats import DataError, Example, read_jsonl
-from dsft.data.sampler import eval_shard, train_batches
+from dsft.data.sampler import eval_shard, steps_per_epoch, train_batches
 from dsft.data.split import split_indices
 from dsft.data.tokenize import IGNORE_INDEX, tokenize_example, tokenize_prompt
 from dsft.demo import build_tokenizer
@@ -124,7 +124,7 @@ def test_train_shards_disjoint_and_lockstep(world: int) -> None:
         train_batches(n, mb, world, r, epoch=1, seed=5, multiple=accum) for r in range(world)
     ]
     counts = {len(b) for b in per_rank}
-    assert len(counts) == 1 and counts.pop() % accum == 0  # same number of steps everywhere
+    assert counts == {steps_per_epoch(n, mb, world, accum) * accum}  # same steps everywhere
     seen = [i for batches in per_rank for b in batches for i in b]
     assert len(seen) == len(set(seen))  # no example twice in an epoch
     assert len(seen) > n - mb * world * accum  # only less than one global batch dropped

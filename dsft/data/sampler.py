@@ -31,13 +31,17 @@ def train_batches(
     if shuffle:
         random.Random(seed * 1_000_003 + epoch).shuffle(order)
     per_round = micro_batch * world_size
-    rounds = n // per_round
-    rounds -= rounds % multiple
+    rounds = steps_per_epoch(n, micro_batch, world_size, multiple) * multiple
     batches = []
     for r in range(rounds):
         chunk = order[r * per_round : (r + 1) * per_round]
         batches.append(chunk[rank * micro_batch : (rank + 1) * micro_batch])
     return batches
+
+
+def steps_per_epoch(n: int, micro_batch: int, world_size: int, grad_accum: int) -> int:
+    """Optimizer steps in one epoch of ``n`` examples (the tail short of a step is dropped)."""
+    return n // (micro_batch * world_size * grad_accum)
 
 
 def eval_shard(n: int, world_size: int, rank: int) -> list[int]:
