@@ -41,6 +41,10 @@ def _in_launched_job() -> bool:
 
 
 def cmd_train(ns: argparse.Namespace) -> int:
+    if ns.resume:
+        ns.overrides.append(f"checkpoint.resume_from={ns.resume}")
+    if ns.no_resume:
+        ns.overrides.append("checkpoint.resume=false")
     cfg = load_config(ns.config, ns.overrides)  # validate before spawning anything
     if ns.nproc > 1 and not _in_launched_job():
         return _launch(ns.nproc, ["train", ns.config, *ns.overrides])
@@ -106,6 +110,10 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("config", help="YAML config file")
     t.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.lr=2e-5")
     t.add_argument("--nproc", type=int, default=1, help="spawn N local ranks via torchrun")
+    t.add_argument("--resume", metavar="PATH", help="resume from this checkpoint or run dir")
+    t.add_argument(
+        "--no-resume", action="store_true", help="start afresh even if output_dir has checkpoints"
+    )
     t.set_defaults(func=cmd_train)
 
     e = sub.add_parser("eval", help="metrics of a saved model on the val/test split, no training")

@@ -152,7 +152,13 @@ class CheckpointConfig:
 
     every: int = 0  # optimizer steps between checkpoints; 0 = only at the end
     save_final: bool = True
+    keep_last: int = 2  # newest checkpoints kept; 0 = keep all
+    resume: bool = True  # continue from <output_dir>/checkpoints/latest when it exists
+    resume_from: str = ""  # or from this checkpoint (checkpoints/step_N, or a run directory)
     export: bool = True  # write <output_dir>/final: a from_pretrained directory
+    # On SIGTERM/SIGUSR1 the run saves and exits 75; under Slurm, also requeue the job
+    # (`scontrol requeue $SLURM_JOB_ID`) so that it resumes by itself.
+    requeue: bool = False
 
 
 @dataclass
@@ -422,8 +428,8 @@ def validate(cfg: Config) -> list[str]:
         p.append(
             "eval.generate: needs a test split; set data.test_fraction > 0 or eval.generate=false"
         )
-    if cfg.checkpoint.every < 0:
-        p.append("checkpoint.every: must be >= 0")
+    if cfg.checkpoint.every < 0 or cfg.checkpoint.keep_last < 0:
+        p.append("checkpoint.every and checkpoint.keep_last must be >= 0")
     if cfg.logging.every < 1:
         p.append("logging.every: must be >= 1")
     if not 0.0 < t.layer_decay <= 1.0:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -191,6 +192,26 @@ def setup() -> DistEnv:
 
         hf_logging.disable_progress_bar()
     return d
+
+
+_stop_signal: int | None = None
+
+
+def _on_stop_signal(signum: int, _frame: Any) -> None:
+    global _stop_signal
+    _stop_signal = signum
+
+
+def catch_stop_signals() -> None:
+    """Turn SIGTERM / SIGUSR1 (Slurm's time limit and ``--signal=USR1@N``) into a request
+    to stop at the next step boundary, instead of dying mid-step."""
+    signal.signal(signal.SIGTERM, _on_stop_signal)
+    signal.signal(signal.SIGUSR1, _on_stop_signal)
+
+
+def stop_requested() -> int | None:
+    """The stop signal this rank received, if any (ranks agree through an all-reduce)."""
+    return _stop_signal
 
 
 def device() -> torch.device:

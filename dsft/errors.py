@@ -26,4 +26,10 @@ class TrainingDiverged(RuntimeError):
     exit_code = 3
 
 
-USER_ERRORS = (ConfigError, DataError, TrainingDiverged)
+class Preempted(RuntimeError):
+    """SIGTERM/SIGUSR1 arrived: the run saved a checkpoint and stops, to be resumed."""
+
+    exit_code = 75  # EX_TEMPFAIL: try again later (a requeued Slurm job resumes)
+
+
+USER_ERRORS = (ConfigError, DataError, TrainingDiverged, Preempted)

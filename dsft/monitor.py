@@ -23,7 +23,7 @@ log = logging.getLogger("dsft")
 class Monitor:
     """Writes scalars to TensorBoard and ``metrics.jsonl`` under the run directory."""
 
-    def __init__(self, out_dir: Path, cfg: LoggingConfig, total_steps: int):
+    def __init__(self, out_dir: Path, cfg: LoggingConfig, total_steps: int, resume_step: int = 0):
         self.main = dist.is_main()
         self.writer = None
         self.bar = None
@@ -31,17 +31,35 @@ class Monitor:
         self.peak_flops = peak_flops(cfg.peak_tflops)
         if not self.main:
             return
-        self.jsonl = (out_dir / "metrics.jsonl").open("w", encoding="utf-8")
+        path = out_dir / "metrics.jsonl"
+        kept = []
+        if resume_step and path.is_file():
+            # A resumed run continues the record; rows past the checkpoint (written by
+            # the run that died) are dropped, as they will be written again.
+            kept = [
+                r for r in path.read_text().splitlines() if json.loads(r)["step"] <= resume_step
+            ]
+        path.write_text("".join(r + "\n" for r in kept))
+        self.jsonl = path.open("a", encoding="utf-8")
         if cfg.tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
-            self.writer = SummaryWriter(log_dir=str(out_dir / "tensorboard"))
+            # purge_step hides the dead run's events after the checkpoint in TensorBoard
+            self.writer = SummaryWriter(
+                log_dir=str(out_dir / "tensorboard"),
+                purge_step=resume_step + 1 if resume_step else None,
+            )
         if cfg.progress:
             from tqdm.auto import tqdm
 
             # disable=None: no bar when stdout is not a terminal (batch jobs, CI logs)
             self.bar = tqdm(
-                total=total_steps, desc="train", unit="step", dynamic_ncols=True, disable=None
+                initial=resume_step,
+                total=total_steps,
+                desc="train",
+                unit="step",
+                dynamic_ncols=True,
+                disable=None,
             )
 
     def scalars(self, step: int, prefix: str, values: dict[str, Any]) -> None:

@@ -23,6 +23,7 @@ import logging
 import math
 import os
 import random
+import subprocess
 import time
 from pathlib import Path
 from typing import Any
@@ -30,12 +31,12 @@ from typing import Any
 import numpy as np
 import torch
 
-from dsft import checkpoint, data, distributed, evaluate
+from dsft import checkpoint, data, distributed, evaluate, faults
 from dsft.config import Config, batch_plan, save_config, to_dict
 from dsft.data.collate import collate
 from dsft.data.sampler import steps_per_epoch, train_batches
 from dsft.data.tokenize import IGNORE_INDEX
-from dsft.errors import ConfigError, TrainingDiverged
+from dsft.errors import ConfigError, Preempted, TrainingDiverged
 from dsft.model import (
     build_model,
     count_params,
@@ -153,13 +154,21 @@ def run(cfg: Config) -> dict[str, Any]:
         len(frozen),
         describe_groups(optimizer.param_groups),
     )
-    monitor = Monitor(out, cfg.logging, total_steps)
+    # Resume: the whole run state of the latest complete checkpoint (or the one asked for).
+    start = {"step": 0, "epoch": 0, "window": 0}
+    resume_from = checkpoint.resume_point(out, cfg.checkpoint.resume, cfg.checkpoint.resume_from)
+    if resume_from is not None:
+        start = checkpoint.load(engine, resume_from)
+        log.info("resumed from %s: step %d, epoch %d", resume_from, start["step"], start["epoch"])
+    monitor = Monitor(out, cfg.logging, total_steps, resume_step=start["step"])
     dev = distributed.device()
     pad_id = tokenizer.pad_token_id
     evaluator = evaluate.Evaluator(
         engine, tokenizer, splits, cfg.eval, monitor, out, synced=zero3 and env.world_size > 1
     )
     tracker = evaluate.BestTracker(cfg.eval.metric, cfg.eval.patience, cfg.eval.min_delta)
+    if "best" in start:
+        tracker.best, tracker.best_step, tracker.since_best = start["best"]
     model_cfg = getattr(engine.module, "config", None)
     flops = FlopCounter(total_params, model_cfg, monitor.peak_flops * env.world_size)
     summary: dict[str, Any] = {
@@ -181,12 +190,22 @@ def run(cfg: Config) -> dict[str, Any]:
                 "step %d | new best %s %.4f -> %s", step, tracker.metric, tracker.best, out / "best"
             )
 
-    if cfg.eval.before_training:
+    if cfg.eval.before_training and resume_from is None:
         summary["before"] = {"val": evaluator.validation(0), "test": evaluator.test(0)}
 
+    def run_state() -> dict[str, Any]:
+        # What a checkpoint needs beyond DeepSpeed's states to continue exactly.
+        return {
+            "step": step,
+            "epoch": epoch,
+            "window": next_window,
+            "best": [tracker.best, tracker.best_step, tracker.since_best],
+        }
+
     # ---------------------------------------------------------------- loop
+    distributed.catch_stop_signals()
     engine.train()
-    step, epoch = 0, 0
+    step, epoch, next_window = start["step"], start["epoch"], start["window"]
     t_start = time.time()
     log_loss_sum = log_targets = 0.0  # global summed NLL / target count since the last log line
     eval_loss_sum = eval_targets = 0.0  # ... since the last validation (for the train/val gap)
@@ -194,7 +213,7 @@ def run(cfg: Config) -> dict[str, Any]:
     sq_tokens = 0
     step_seconds = 0.0
     bad_steps = bad_in_a_row = 0
-    fault_steps = _fault_steps()
+    fault_steps = faults.steps("DSFT_FAULT_NAN_STEPS")
     zero0_fp32 = cfg.deepspeed.zero_stage == 0 and cfg.train.precision == "fp32"
     stopped_early = False
     while step < total_steps and not stopped_early:
@@ -208,7 +227,9 @@ def run(cfg: Config) -> dict[str, Any]:
             cfg.data.shuffle,
             plan.grad_accum,
         )
-        for first in range(0, len(batches), plan.grad_accum):
+        # a resumed epoch starts at the window after the checkpoint's step
+        for first in range(next_window * plan.grad_accum, len(batches), plan.grad_accum):
+            next_window = first // plan.grad_accum + 1
             t_step = time.time()
             window = [
                 collate([splits.train[i] for i in b], pad_id)
@@ -242,7 +263,11 @@ def run(cfg: Config) -> dict[str, Any]:
             # A step is bad when its global loss is not finite or DeepSpeed skipped it for
             # non-finite gradients (fp16 overflows are the loss scaler's business). Bad
             # steps update nothing; too many in a row end the run.
-            step_loss = distributed.all_reduce_sum([step_nll])[0].item() / global_targets
+            # One all-reduce gives the global loss and whether any rank was asked to stop.
+            nll_sum, stops = distributed.all_reduce_sum(
+                [step_nll, distributed.stop_requested() is not None]
+            ).tolist()
+            step_loss = nll_sum / global_targets
             skipped = engine.skipped_steps > skipped_before
             if not math.isfinite(step_loss) or (skipped and cfg.train.precision != "fp16"):
                 bad_steps += 1
@@ -313,11 +338,20 @@ def run(cfg: Config) -> dict[str, Any]:
                     stopped_early = True
                     break
             if cfg.checkpoint.every and step % cfg.checkpoint.every == 0 and step < total_steps:
-                checkpoint.save(engine, out, step, {"step": step, "epoch": epoch})
+                checkpoint.save(engine, out, step, run_state(), cfg.checkpoint.keep_last)
+            faults.kill_if("DSFT_FAULT_KILL_AT_STEP", step, env.is_main)  # test: a crash
+            if stops:  # preemption: every rank saves at this same step, then all exit
+                path = checkpoint.save(engine, out, step, run_state(), cfg.checkpoint.keep_last)
+                monitor.close()
+                requeue_if_asked(cfg)
+                raise Preempted(
+                    f"stopped by a signal at step {step}; saved {path}. Run the "
+                    "same command to resume."
+                )
             if step >= total_steps:
                 break
         else:
-            epoch += 1
+            epoch, next_window = epoch + 1, 0
 
     # ---------------------------------------------------------------- finish
     summary["train_seconds"] = round(time.time() - t_start, 2)
@@ -339,7 +373,7 @@ def run(cfg: Config) -> dict[str, Any]:
     monitor.close()
     if cfg.checkpoint.save_final:
         summary["checkpoint"] = str(
-            checkpoint.save(engine, out, step, {"step": step, "epoch": epoch})
+            checkpoint.save(engine, out, step, run_state(), cfg.checkpoint.keep_last)
         )
     if cfg.checkpoint.export:
         checkpoint.export_hf(engine, cfg, tokenizer, out / "final")
@@ -350,10 +384,16 @@ def run(cfg: Config) -> dict[str, Any]:
     return summary
 
 
-def _fault_steps() -> set[int]:
-    """Test hook: ``DSFT_FAULT_NAN_STEPS=3,4`` makes rank 0's loss NaN at those steps."""
-    raw = os.environ.get("DSFT_FAULT_NAN_STEPS", "")
-    return {int(x) for x in raw.split(",") if x.strip()}
+def requeue_if_asked(cfg: Config) -> None:
+    """Under Slurm with checkpoint.requeue, put the job back in the queue (rank 0)."""
+    job = os.environ.get("SLURM_JOB_ID")
+    if not (cfg.checkpoint.requeue and job and distributed.is_main()):
+        return
+    try:  # argv list: the job id comes from the environment, never a shell string
+        subprocess.run(["scontrol", "requeue", job], check=True, timeout=60)
+        log.info("requeued Slurm job %s", job)
+    except (OSError, subprocess.SubprocessError) as e:
+        log.warning("could not requeue Slurm job %s: %s", job, e)
 
 
 def guard_zero0_fp32_step(engine: Any) -> float:
