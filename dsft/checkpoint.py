@@ -21,7 +21,6 @@ import torch
 
 from dsft import distributed as dist
 from dsft import faults
-from dsft.config import Config
 from dsft.errors import ConfigError
 
 log = logging.getLogger("dsft")
@@ -61,7 +60,14 @@ def restore_rng(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def save(engine: Any, out: Path, step: int, state: dict[str, Any], keep_last: int = 0) -> Path:
+def save(
+    engine: Any,
+    out: Path,
+    step: int,
+    state: dict[str, Any],
+    keep_last: int = 0,
+    config: dict[str, Any] | None = None,
+) -> Path:
     """Save the whole run state as ``checkpoints/step_N``; all ranks call this together.
 
     Everything is first written under ``checkpoints/.incomplete/``; only when every
@@ -83,6 +89,7 @@ def save(engine: Any, out: Path, step: int, state: dict[str, Any], keep_last: in
 
         meta = {
             **state,
+            "config": config,
             "dsft_version": __version__,
             "deepspeed_version": deepspeed.__version__,
             "torch_version": torch.__version__,
@@ -124,6 +131,48 @@ def resume_point(out: Path, resume: bool, resume_from: str) -> Path | None:
     return None
 
 
+def _meta(path: Path) -> dict[str, Any]:
+    return json.loads((path / "dsft_state.json").read_text())
+
+
+def needs_reshard(path: Path, world_size: int, zero_stage: int) -> bool:
+    """Whether DeepSpeed cannot load ``path`` as is: it was saved on another number of
+    ranks with ZeRO >= 1 (optimizer states are partitioned per rank), or at another stage."""
+    meta = _meta(path)
+    saved_stage = (meta.get("config") or {}).get("deepspeed", {}).get("zero_stage", zero_stage)
+    return saved_stage != zero_stage or (saved_stage > 0 and meta["world_size"] != world_size)
+
+
+def load_weights(model: torch.nn.Module, path: Path, zero3: bool) -> None:
+    """Load a checkpoint's consolidated fp32 weights into a model not yet in an engine."""
+    from dsft.export import consolidate
+
+    sd = consolidate(path)
+    deepspeed = dist.import_deepspeed()
+    missing = [n for n, p in model.named_parameters() if n not in sd]
+    if missing:
+        raise ConfigError(
+            [
+                f"{path}: the checkpoint lacks {len(missing)} of this model's "
+                f"tensors (e.g. {missing[0]}); was it saved with another model.*?"
+            ]
+        )
+    for name, p in model.named_parameters():
+        # Under ZeRO-3 each parameter is a shard: gather it, set it, re-partition.
+        with deepspeed.zero.GatheredParameters([p], modifier_rank=0, enabled=zero3):
+            if not zero3 or dist.is_main():
+                p.data.copy_(sd[name].to(p.dtype))
+
+
+def read_state(path: Path) -> dict[str, Any]:
+    """The run position saved in a checkpoint, and this rank's RNG streams if saved."""
+    meta = _meta(path)
+    rng = path / f"rng_rank{dist.get_rank()}.pt"
+    if rng.is_file():
+        restore_rng(torch.load(rng, weights_only=False))
+    return {k: meta[k] for k in ("step", "epoch", "window", "global_batch", "best") if k in meta}
+
+
 def load(engine: Any, path: Path) -> dict[str, Any]:
     """Restore model, optimizer, scheduler and this rank's RNG; returns the run state."""
     _, state = engine.load_checkpoint(str(path.parent), tag=path.name)
@@ -131,77 +180,3 @@ def load(engine: Any, path: Path) -> dict[str, Any]:
     if rng.is_file():  # a checkpoint saved on another number of ranks has no stream for us
         restore_rng(torch.load(rng, weights_only=False))
     return state
-
-
-def gather_state_dict(module: torch.nn.Module, zero3: bool) -> dict[str, torch.Tensor]:
-    """The full state dict on rank 0 (other ranks get {}); parameters gathered one at a time.
-
-    Under ZeRO-3 each parameter is only a shard per rank; gathering them one by
-    one keeps the peak extra memory at a single full parameter per rank.
-    """
-    sd: dict[str, torch.Tensor] = {}
-    main = dist.is_main()
-    if zero3:
-        deepspeed = dist.import_deepspeed()
-        for name, p in module.named_parameters():
-            with deepspeed.zero.GatheredParameters([p], modifier_rank=None):
-                if main:
-                    sd[name] = p.detach().to("cpu", copy=True).contiguous()
-    elif main:
-        sd = {n: p.detach().to("cpu", copy=True).contiguous() for n, p in module.named_parameters()}
-    if main:  # persistent buffers (rare in causal LMs, but part of the model)
-        names = {n for n, _ in module.named_parameters()}
-        for n, b in module.state_dict().items():
-            if n not in names and n not in sd and b.numel() > 0:
-                sd[n] = b.detach().to("cpu", copy=True).contiguous()
-    return sd
-
-
-def export_hf(engine: Any, cfg: Config, tokenizer: Any, out: Path) -> Path | None:
-    """Write a directory that ``AutoModelForCausalLM.from_pretrained`` loads.
-
-    Full fine-tuning: the gathered weights as safetensors plus the model config.
-    LoRA: the adapter (``adapter/``) and the base model with the adapter merged.
-    All ranks must call this; rank 0 writes.
-    """
-    module = engine.module
-    sd = gather_state_dict(module, cfg.deepspeed.zero_stage == 3)
-    if dist.is_main():
-        out.mkdir(parents=True, exist_ok=True)
-        if cfg.model.lora.enabled:
-            _save_merged_lora(cfg, sd, out)
-        else:
-            _save_full(module, sd, out)
-        tokenizer.save_pretrained(out)
-        log.info("exported Hugging Face model: %s", out)
-    dist.barrier()
-    return out if dist.is_main() else None
-
-
-def _save_full(module: torch.nn.Module, sd: dict[str, torch.Tensor], out: Path) -> None:
-    from safetensors.torch import save_file
-
-    save_file(sd, str(out / "model.safetensors"), metadata={"format": "pt"})
-    module.config.save_pretrained(out)
-    if getattr(module, "generation_config", None) is not None:
-        module.generation_config.save_pretrained(out)
-
-
-def _save_merged_lora(cfg: Config, sd: dict[str, torch.Tensor], out: Path) -> None:
-    # Rebuild the peft model on CPU from the original base weights, load the trained
-    # adapter (and modules_to_save) into it, then merge. Costs one CPU copy of the model.
-    from transformers import AutoModelForCausalLM
-
-    from dsft.model import apply_lora
-
-    base = AutoModelForCausalLM.from_pretrained(
-        cfg.model.path, dtype=torch.float32, trust_remote_code=cfg.model.trust_remote_code
-    )
-    peft_model = apply_lora(base, cfg.model.lora)
-    trainable = {n for n, p in peft_model.named_parameters() if p.requires_grad}
-    missing = trainable - set(sd)
-    assert not missing, f"adapter weights missing from the gathered state: {sorted(missing)[:3]}"
-    peft_model.load_state_dict({n: sd[n] for n in trainable}, strict=False)
-    peft_model.save_pretrained(out / "adapter")
-    merged = peft_model.merge_and_unload()
-    merged.save_pretrained(out, safe_serialization=True)

@@ -1,4 +1,4 @@
-"""``dsft`` command line: train, eval, demo, ds-config.
+"""``dsft`` command line: train, eval, export, demo, ds-config.
 
 User mistakes (bad config, bad data rows) end with a clear message and exit
 code 2, never a traceback.
@@ -62,6 +62,13 @@ def cmd_eval(ns: argparse.Namespace) -> int:
     from dsft.eval_checkpoint import run_eval
 
     run_eval(cfg, ns.checkpoint, ns.out)
+    return 0
+
+
+def cmd_export(ns: argparse.Namespace) -> int:
+    from dsft.export import export_checkpoint
+
+    export_checkpoint(ns.checkpoint, Path(ns.out), merged=not ns.adapter_only)
     return 0
 
 
@@ -129,6 +136,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
     e.add_argument("--nproc", type=int, default=1, help="spawn N local ranks via torchrun")
     e.set_defaults(func=cmd_eval)
+
+    x = sub.add_parser("export", help="a checkpoint (any ZeRO stage) to a Hugging Face directory")
+    x.add_argument("checkpoint", help="run dir, its checkpoints/ dir, or checkpoints/step_N")
+    x.add_argument("out", help="output directory (safetensors, config, tokenizer)")
+    x.add_argument(
+        "--adapter-only",
+        action="store_true",
+        help="LoRA runs: write only the adapter, not the merged model",
+    )
+    x.set_defaults(func=cmd_export, overrides=[])
 
     d = sub.add_parser("demo", help="fine-tune a tiny model on the bundled tasks, no download")
     d.add_argument("overrides", nargs="*", help="dotted overrides of the demo config")

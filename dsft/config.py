@@ -346,6 +346,16 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     return cfg
 
 
+def config_from_dict(tree: dict[str, Any]) -> Config:
+    """A Config from saved plain data (e.g. a checkpoint's), type-checked but not validated
+    against the file system (the run's data may have moved since)."""
+    problems: list[str] = []
+    cfg = _build(Config, tree, "", problems)
+    if problems:
+        raise ConfigError(problems)
+    return cfg
+
+
 def _resolve_relative_paths(tree: dict[str, Any], base: Path) -> None:
     def fix(p: Any) -> Any:
         if isinstance(p, str) and p and not Path(p).is_absolute():

@@ -32,4 +32,10 @@ class Preempted(RuntimeError):
     exit_code = 75  # EX_TEMPFAIL: try again later (a requeued Slurm job resumes)
 
 
-USER_ERRORS = (ConfigError, DataError, TrainingDiverged, Preempted)
+class ExportError(RuntimeError):
+    """An exported model would not match the trained one (missing tensor, empty adapter)."""
+
+    exit_code = 4
+
+
+USER_ERRORS = (ConfigError, DataError, TrainingDiverged, Preempted, ExportError)

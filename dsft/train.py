@@ -25,13 +25,14 @@ import os
 import random
 import subprocess
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from dsft import checkpoint, data, distributed, evaluate, faults
+from dsft import checkpoint, data, distributed, evaluate, export, faults
 from dsft.config import Config, batch_plan, save_config, to_dict
 from dsft.data.collate import collate
 from dsft.data.sampler import steps_per_epoch, train_batches
@@ -105,6 +106,15 @@ def run(cfg: Config) -> dict[str, Any]:
     log.info("data: %s", splits.stats)
 
     model = build_model(cfg.model, torch_dtype(cfg.train.precision), ds_config)
+    # Resume from the latest complete checkpoint (or the one asked for). One saved on
+    # another number of ranks or ZeRO stage cannot be loaded by DeepSpeed: its weights
+    # are consolidated and loaded here, before the engine exists; moments start afresh.
+    resume_from = checkpoint.resume_point(out, cfg.checkpoint.resume, cfg.checkpoint.resume_from)
+    reshard = resume_from is not None and checkpoint.needs_reshard(
+        resume_from, env.world_size, cfg.deepspeed.zero_stage
+    )
+    if reshard:
+        checkpoint.load_weights(model, resume_from, zero3)
     frozen = freeze(model, cfg.model.freeze)
     total_params, trainable_params = count_params(model)
     groups = param_groups(model, cfg.train)
@@ -127,6 +137,13 @@ def run(cfg: Config) -> dict[str, Any]:
         optimizer, lr_lambda(total_steps, warmup, cfg.train.schedule, cfg.train.min_lr_ratio)
     )
 
+    start = {"step": 0, "epoch": 0, "window": 0}
+    if reshard:
+        start = checkpoint.read_state(resume_from)
+        with warnings.catch_warnings():  # "scheduler.step() before optimizer.step()"
+            warnings.simplefilter("ignore")
+            for _ in range(start["step"]):
+                scheduler.step()
     engine, optimizer, _, scheduler = deepspeed.initialize(
         model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config
     )
@@ -154,12 +171,24 @@ def run(cfg: Config) -> dict[str, Any]:
         len(frozen),
         describe_groups(optimizer.param_groups),
     )
-    # Resume: the whole run state of the latest complete checkpoint (or the one asked for).
-    start = {"step": 0, "epoch": 0, "window": 0}
-    resume_from = checkpoint.resume_point(out, cfg.checkpoint.resume, cfg.checkpoint.resume_from)
     if resume_from is not None:
-        start = checkpoint.load(engine, resume_from)
-        log.info("resumed from %s: step %d, epoch %d", resume_from, start["step"], start["epoch"])
+        if not reshard:
+            start = checkpoint.load(engine, resume_from)
+        saved_batch = start.get("global_batch", plan.global_batch)
+        if saved_batch != plan.global_batch:
+            # Same examples consumed, counted in the new global batches (rounded down:
+            # at most one global batch of the epoch is seen twice).
+            start["window"] = start["window"] * saved_batch // plan.global_batch
+        log.info(
+            "resumed from %s: step %d, epoch %d%s",
+            resume_from,
+            start["step"],
+            start["epoch"],
+            " (saved on another rank count or ZeRO stage: weights, LR schedule and data "
+            "position restored, optimizer moments reset)"
+            if reshard
+            else "",
+        )
     monitor = Monitor(out, cfg.logging, total_steps, resume_step=start["step"])
     dev = distributed.device()
     pad_id = tokenizer.pad_token_id
@@ -185,7 +214,7 @@ def run(cfg: Config) -> dict[str, Any]:
         # The best model so far (by eval.metric) is exported when it appears, so a run
         # that later overfits or dies still leaves it behind.
         if tracker.update(metrics, step) and cfg.eval.save_best and cfg.eval.every:
-            checkpoint.export_hf(engine, cfg, tokenizer, out / "best")
+            export.export_hf(engine, cfg, out / "best")
             log.info(
                 "step %d | new best %s %.4f -> %s", step, tracker.metric, tracker.best, out / "best"
             )
@@ -199,6 +228,7 @@ def run(cfg: Config) -> dict[str, Any]:
             "step": step,
             "epoch": epoch,
             "window": next_window,
+            "global_batch": plan.global_batch,
             "best": [tracker.best, tracker.best_step, tracker.since_best],
         }
 
@@ -338,10 +368,14 @@ def run(cfg: Config) -> dict[str, Any]:
                     stopped_early = True
                     break
             if cfg.checkpoint.every and step % cfg.checkpoint.every == 0 and step < total_steps:
-                checkpoint.save(engine, out, step, run_state(), cfg.checkpoint.keep_last)
+                checkpoint.save(
+                    engine, out, step, run_state(), cfg.checkpoint.keep_last, to_dict(cfg)
+                )
             faults.kill_if("DSFT_FAULT_KILL_AT_STEP", step, env.is_main)  # test: a crash
             if stops:  # preemption: every rank saves at this same step, then all exit
-                path = checkpoint.save(engine, out, step, run_state(), cfg.checkpoint.keep_last)
+                path = checkpoint.save(
+                    engine, out, step, run_state(), cfg.checkpoint.keep_last, to_dict(cfg)
+                )
                 monitor.close()
                 requeue_if_asked(cfg)
                 raise Preempted(
@@ -373,10 +407,10 @@ def run(cfg: Config) -> dict[str, Any]:
     monitor.close()
     if cfg.checkpoint.save_final:
         summary["checkpoint"] = str(
-            checkpoint.save(engine, out, step, run_state(), cfg.checkpoint.keep_last)
+            checkpoint.save(engine, out, step, run_state(), cfg.checkpoint.keep_last, to_dict(cfg))
         )
     if cfg.checkpoint.export:
-        checkpoint.export_hf(engine, cfg, tokenizer, out / "final")
+        export.export_hf(engine, cfg, out / "final")
         summary["export"] = str(out / "final")
     if env.is_main:
         (out / "summary.json").write_text(json.dumps(summary, indent=2, default=str))

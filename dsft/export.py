@@ -1,0 +1,156 @@
+"""Hugging Face export: from the live engine at the end of training, or from a checkpoint.
+
+Both paths end in :func:`write_hf`: the weights (gathered from the engine's ZeRO
+shards, or consolidated offline from a checkpoint by DeepSpeed's ``zero_to_fp32``)
+are loaded strictly into a CPU copy of the model built from the base directory
+(plus LoRA when the run used it), saved with ``save_pretrained`` (safetensors,
+sharded past ``max_shard_size``), then loaded back and compared with the in-memory
+model on a fixed batch. A missing tensor, an adapter that did not save, or logits
+that differ is an error, never a silent bad export.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from dsft import distributed as dist
+from dsft.config import Config, config_from_dict
+from dsft.errors import ConfigError, ExportError
+
+log = logging.getLogger("dsft")
+
+
+def gather_state_dict(module: torch.nn.Module, zero3: bool) -> dict[str, torch.Tensor]:
+    """The full state dict on rank 0 (other ranks get {}); parameters gathered one at a time.
+
+    Under ZeRO-3 each parameter is only a shard per rank; gathering them one by
+    one keeps the peak extra memory at a single full parameter per rank.
+    """
+    sd: dict[str, torch.Tensor] = {}
+    main = dist.is_main()
+    if zero3:
+        deepspeed = dist.import_deepspeed()
+        for name, p in module.named_parameters():
+            with deepspeed.zero.GatheredParameters([p], modifier_rank=None):
+                if main:
+                    sd[name] = p.detach().to("cpu", copy=True).contiguous()
+    elif main:
+        sd = {n: p.detach().to("cpu", copy=True).contiguous() for n, p in module.named_parameters()}
+    return sd
+
+
+def export_hf(engine: Any, cfg: Config, out: Path) -> Path | None:
+    """Export the engine's current weights to ``out`` (all ranks call; rank 0 writes)."""
+    sd = gather_state_dict(engine.module, cfg.deepspeed.zero_stage == 3)
+    if dist.is_main():
+        write_hf(cfg, sd, out)
+    dist.barrier()
+    return out if dist.is_main() else None
+
+
+def consolidate(tag_dir: Path) -> dict[str, torch.Tensor]:
+    """The fp32 weights of a DeepSpeed checkpoint, from any ZeRO stage and rank count."""
+    if any(tag_dir.glob("zero_pp_rank_*optim_states.pt")):
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+        return dict(get_fp32_state_dict_from_zero_checkpoint(str(tag_dir.parent), tag_dir.name))
+    # ZeRO-0 keeps the whole module in the model-states file.
+    states = torch.load(
+        tag_dir / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False
+    )
+    return {k: v.float() if v.is_floating_point() else v for k, v in states["module"].items()}
+
+
+def export_checkpoint(path: str | Path, out: Path, merged: bool = True) -> Path:
+    """``dsft export``: a checkpoint (or run directory) to a Hugging Face directory."""
+    from dsft.checkpoint import resume_point
+
+    dist.configure_accelerator()  # zero_to_fp32 imports deepspeed
+    tag_dir = resume_point(Path(path), resume=False, resume_from=str(path))
+    assert tag_dir is not None
+    state = json.loads((tag_dir / "dsft_state.json").read_text())
+    if not state.get("config"):
+        raise ConfigError([f"{tag_dir}: the checkpoint records no run config"])
+    cfg = config_from_dict(state["config"])
+    write_hf(cfg, consolidate(tag_dir), out, merged=merged)
+    return out
+
+
+def _build(cfg: Config) -> torch.nn.Module:
+    from transformers import AutoModelForCausalLM
+
+    from dsft.model import apply_lora
+
+    model = AutoModelForCausalLM.from_pretrained(
+        cfg.model.path, dtype=torch.float32, trust_remote_code=cfg.model.trust_remote_code
+    )
+    return apply_lora(model, cfg.model.lora) if cfg.model.lora.enabled else model
+
+
+@torch.no_grad()
+def _logits(model: torch.nn.Module) -> torch.Tensor:
+    # A fixed batch of ids from the bottom of every vocabulary.
+    ids = torch.arange(1, 17).remainder(model.config.vocab_size).unsqueeze(0)
+    return model(input_ids=ids).logits.float()
+
+
+def write_hf(
+    cfg: Config, sd: dict[str, torch.Tensor], out: Path, merged: bool = True,
+    max_shard_size: str = "5GB",
+) -> None:  # fmt: skip
+    """Save ``sd`` (the run's trained weights) as a verified Hugging Face directory.
+
+    Full fine-tuning writes the model; LoRA writes the adapter to ``out/adapter``
+    (loadable with peft on the base model) and, when ``merged``, the merged model to
+    ``out``. Costs one CPU copy of the model on the calling rank.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = _build(cfg).eval()
+    lora = cfg.model.lora.enabled
+    # LoRA trains only the adapters (+ modules_to_save); the rest is the base on disk.
+    expected = {n for n, p in model.named_parameters() if p.requires_grad or not lora}
+    missing = sorted(expected - set(sd))
+    if missing:
+        raise ExportError(f"{len(missing)} trained tensors are missing, e.g. {missing[:3]}")
+    model.load_state_dict({n: sd[n] for n in expected}, strict=False)
+    dtype = next((t.dtype for t in sd.values() if t.is_floating_point()), torch.float32)
+    out.mkdir(parents=True, exist_ok=True)
+    reference = _logits(model)
+    if lora:
+        model.save_pretrained(out / "adapter")
+        _verify_adapter(cfg, out / "adapter", reference)
+        if not merged:
+            AutoTokenizer.from_pretrained(cfg.model.path).save_pretrained(out / "adapter")
+            log.info("exported LoRA adapter: %s", out / "adapter")
+            return
+        model = model.merge_and_unload()
+    model = model.to(dtype)
+    reference = _logits(model)
+    model.save_pretrained(out, safe_serialization=True, max_shard_size=max_shard_size)
+    AutoTokenizer.from_pretrained(cfg.model.path).save_pretrained(out)
+    again = AutoModelForCausalLM.from_pretrained(out, dtype=dtype).eval()
+    _compare(reference, _logits(again), f"{out} reloaded")
+    log.info("exported Hugging Face model: %s (verified by reloading)", out)
+
+
+def _verify_adapter(cfg: Config, adapter: Path, reference: torch.Tensor) -> None:
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    if not any(adapter.glob("adapter_model.*")):
+        raise ExportError(f"{adapter}: peft wrote no adapter weights")
+    base = AutoModelForCausalLM.from_pretrained(cfg.model.path, dtype=torch.float32)
+    _compare(reference, _logits(PeftModel.from_pretrained(base, adapter).eval()), str(adapter))
+
+
+def _compare(expected: torch.Tensor, got: torch.Tensor, what: str) -> None:
+    tol = 1e-3 * max(1.0, expected.abs().max().item())
+    diff = (expected - got).abs().max().item()
+    if diff > tol:
+        raise ExportError(f"{what}: logits differ from the trained model by {diff:.3g} > {tol:.3g}")
