@@ -13,6 +13,7 @@ import logging
 import os
 import random
 import shutil
+import time
 from pathlib import Path
 from typing import Any
 
@@ -75,6 +76,7 @@ def save(
     it (an atomic rename each), so a kill at any moment leaves ``latest`` naming a
     complete checkpoint. The ``keep_last`` newest are kept (0 = all).
     """
+    t0 = time.time()
     root = out / CHECKPOINTS
     tmp, tag = root / INCOMPLETE, _tag(step)
     engine.save_checkpoint(str(tmp), tag=tag, client_state=state, save_latest=False)
@@ -104,7 +106,11 @@ def save(
             for old in sorted(root.glob("step_*"))[:-keep_last]:
                 shutil.rmtree(old, ignore_errors=True)
     dist.barrier()
-    log.info("checkpoint saved: %s", root / tag)
+    if dist.is_main():
+        size = sum(f.stat().st_size for f in (root / tag).rglob("*") if f.is_file())
+        log.info(
+            "checkpoint saved: %s (%.1f MB in %.2f s)", root / tag, size / 2**20, time.time() - t0
+        )
     return root / tag
 
 
@@ -175,7 +181,9 @@ def read_state(path: Path) -> dict[str, Any]:
 
 def load(engine: Any, path: Path) -> dict[str, Any]:
     """Restore model, optimizer, scheduler and this rank's RNG; returns the run state."""
+    t0 = time.time()
     _, state = engine.load_checkpoint(str(path.parent), tag=path.name)
+    log.info("checkpoint loaded: %s in %.2f s", path, time.time() - t0)
     rng = path / f"rng_rank{dist.get_rank()}.pt"
     if rng.is_file():  # a checkpoint saved on another number of ranks has no stream for us
         restore_rng(torch.load(rng, weights_only=False))

@@ -2,8 +2,9 @@
 
 The model can be an exported Hugging Face directory (``<run>/final``, ``<run>/best``)
 or a DeepSpeed checkpoint: a run directory, its ``checkpoints/`` folder (the
-``latest`` tag is used) or one ``checkpoints/step_N`` tag. The same sharded,
-exact metrics as during training are computed, on the same split of the data.
+``latest`` tag is used) or one ``checkpoints/step_N`` tag, whose consolidated
+weights load on any number of ranks. The same sharded, exact metrics as during
+training are computed, on the same split of the data.
 """
 
 from __future__ import annotations
@@ -15,9 +16,10 @@ from pathlib import Path
 from typing import Any
 
 from dsft import data, distributed, evaluate
+from dsft.checkpoint import load_weights
 from dsft.config import Config, LoraConfig, batch_plan
 from dsft.errors import ConfigError
-from dsft.model import build_model, load_tokenizer, param_groups, torch_dtype
+from dsft.model import build_model, load_tokenizer, torch_dtype
 from dsft.monitor import Monitor
 from dsft.plan import deepspeed_config
 
@@ -45,20 +47,10 @@ def locate(path: str | Path) -> tuple[str, Path, str | None]:
 
 def run_eval(cfg: Config, checkpoint: str, out_dir: str | None = None) -> dict[str, Any]:
     """Evaluate ``checkpoint`` on the validation and test splits of ``cfg.data``."""
-    from dsft.train import check_runtime, make_optimizer
+    from dsft.train import check_runtime
 
     kind, where, tag = locate(checkpoint)
     env = distributed.setup()
-    if kind == "deepspeed":
-        saved = len(list((where / str(tag)).glob("zero_pp_rank_*optim_states.pt")))
-        if saved and saved != env.world_size:
-            raise ConfigError(
-                [
-                    f"--checkpoint {checkpoint}: a ZeRO checkpoint saved on {saved} ranks loads on "
-                    f"{saved} ranks only; run with --nproc {saved}, or evaluate the exported model "
-                    "(<run>/final or <run>/best) on any number of ranks"
-                ]
-            )
     deepspeed = distributed.import_deepspeed()
     check_runtime(cfg)
     if kind == "hf":
@@ -70,14 +62,10 @@ def run_eval(cfg: Config, checkpoint: str, out_dir: str | None = None) -> dict[s
     tokenizer = load_tokenizer(cfg.model)
     splits = data.prepare(cfg.data, tokenizer)
     model = build_model(cfg.model, torch_dtype(cfg.train.precision), ds_config)
-    optimizer = None
     if kind == "deepspeed":
-        # The engine is built as in training, optimizer included: under ZeRO-3 the
-        # weights live in the optimizer's partitions of the checkpoint.
-        optimizer = make_optimizer(cfg, param_groups(model, cfg.train))
-    engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
-    if kind == "deepspeed":
-        engine.load_checkpoint(str(where), tag=tag, load_lr_scheduler_states=False)
+        # Consolidated weights load on any number of ranks and any ZeRO stage.
+        load_weights(model, where / str(tag), cfg.deepspeed.zero_stage == 3)
+    engine, *_ = deepspeed.initialize(model=model, config=ds_config)
     log.info(
         "evaluating %s (%s%s) on %d ranks",
         where,
