@@ -1,10 +1,11 @@
 """The training recipe: one explicit loop, read top to bottom.
 
-setup (ranks, config, data, model, DeepSpeed engine)
+setup (ranks, config, data, model, resume point, DeepSpeed engine, restored state)
   -> [validate before training]
   -> for each optimizer step: fetch grad_accum micro-batches, count the response
      tokens of the whole global batch, forward / backward each micro-batch,
-     DeepSpeed clips and steps at the boundary, log, validate, checkpoint
+     DeepSpeed clips and steps at the boundary; skip bad steps, log, validate
+     (early stopping, best export), checkpoint, stop on SIGTERM/SIGUSR1
   -> final validation, test generation, checkpoint, export, summary.json
 
 Loss normalisation: the loss of an optimizer step is the sum of the token losses
