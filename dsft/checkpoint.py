@@ -79,6 +79,9 @@ def save(
     t0 = time.time()
     root = out / CHECKPOINTS
     tmp, tag = root / INCOMPLETE, _tag(step)
+    if dist.is_main():  # leftovers of a save that was killed half-way
+        shutil.rmtree(tmp, ignore_errors=True)
+    dist.barrier()
     engine.save_checkpoint(str(tmp), tag=tag, client_state=state, save_latest=False)
     # DeepSpeed's client_state is written by rank 0 only; RNG streams differ per rank.
     torch.save(rng_state(), tmp / tag / f"rng_rank{dist.get_rank()}.pt")

@@ -69,6 +69,7 @@ def test_sigkill_then_resume_is_bit_identical(
     )
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert sorted(p.name for p in ckpts.glob("step_*")) == ["step_00000008"]  # keep_last: 1
+    assert not list((ckpts / ".incomplete").glob("step_*"))  # the torn save is cleaned up
 
 
 def _wait_for_step(out: Path, step: int, proc: subprocess.Popen, timeout: float = 300) -> None:
