@@ -17,25 +17,42 @@ from .conftest import ROOT, base_config, cpu_env, run_dsft, train_rows, write_co
 pytestmark = [pytest.mark.slow, pytest.mark.distributed]
 
 
-def _config(model: Path, data: Path, out: Path) -> dict:
+def _config(model: Path, data: Path, out: Path, precision: str = "fp32") -> dict:
     return base_config(
         model,
         data,
         out,
         deepspeed={"zero_stage": 2},
-        train={"max_steps": 8, "weight_decay": 0.1},
+        train={"max_steps": 8, "weight_decay": 0.1, "precision": precision},
         eval={"generate": False, "before_training": False},
         checkpoint={"every": 3, "keep_last": 1},
         logging={"every": 1},
     )
 
 
-@pytest.fixture(scope="module")
-def uninterrupted(tiny_model: Path, tiny_data: Path, tmp_path_factory) -> Path:
-    tmp = tmp_path_factory.mktemp("straight")
-    cfg = write_config(tmp / "c.yaml", _config(tiny_model, tiny_data, tmp / "run"))
+def _straight(model: Path, data: Path, tmp: Path, precision: str) -> Path:
+    cfg = write_config(tmp / "c.yaml", _config(model, data, tmp / "run", precision))
     assert run_dsft(["train", str(cfg)], nproc=2).returncode == 0
     return tmp / "run"
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tiny_model: Path, tiny_data: Path, tmp_path_factory) -> Path:
+    return _straight(tiny_model, tiny_data, tmp_path_factory.mktemp("straight"), "fp32")
+
+
+def test_bf16_resume_within_tolerance(tiny_model: Path, tiny_data: Path, tmp_path: Path) -> None:
+    (tmp_path / "a").mkdir()
+    straight = _straight(tiny_model, tiny_data, tmp_path / "a", "bf16")
+    out = tmp_path / "run"
+    cfg = write_config(tmp_path / "b.yaml", _config(tiny_model, tiny_data, out, "bf16"))
+    killed = run_dsft(["train", str(cfg)], nproc=2, env={"DSFT_FAULT_KILL_AT_STEP": "5"})
+    assert killed.returncode != 0
+    assert run_dsft(["train", str(cfg)], nproc=2).returncode == 0
+    a = {r["step"]: r["loss"] for r in train_rows(straight)}
+    b = {r["step"]: r["loss"] for r in train_rows(out)}
+    for step in range(4, 9):
+        assert b[step] == pytest.approx(a[step], rel=1e-3), step
 
 
 @pytest.mark.parametrize(
