@@ -117,22 +117,28 @@ def save(
     return root / tag
 
 
+def find(path: str | Path) -> Path:
+    """The checkpoint tag directory that ``path`` names: a ``step_N`` tag, a
+    ``checkpoints/`` folder or a run directory (both via their ``latest``)."""
+    p = Path(path)
+    if (p / CHECKPOINTS / "latest").is_file():  # a run directory
+        p = p / CHECKPOINTS
+    if (p / "latest").is_file():
+        p = p / (p / "latest").read_text().strip()
+    if not (p / "dsft_state.json").is_file():
+        raise ConfigError(
+            [
+                f"{path}: not a complete dsft checkpoint (no dsft_state.json); "
+                "give a run directory, its checkpoints/ folder or checkpoints/step_N"
+            ]
+        )
+    return p
+
+
 def resume_point(out: Path, resume: bool, resume_from: str) -> Path | None:
     """The checkpoint to resume from: ``resume_from``, else the run's ``latest``, else None."""
     if resume_from:
-        p = Path(resume_from)
-        if (p / CHECKPOINTS / "latest").is_file():  # a run directory
-            p = p / CHECKPOINTS
-        if (p / "latest").is_file():
-            p = p / (p / "latest").read_text().strip()
-        if not (p / "dsft_state.json").is_file():
-            raise ConfigError(
-                [
-                    f"checkpoint.resume_from: {resume_from} is not a complete dsft "
-                    "checkpoint (no dsft_state.json); give checkpoints/step_N or a run"
-                ]
-            )
-        return p
+        return find(resume_from)
     latest = out / CHECKPOINTS / "latest"
     if resume and latest.is_file():
         p = latest.parent / latest.read_text().strip()
@@ -176,9 +182,7 @@ def load_weights(model: torch.nn.Module, path: Path, zero3: bool) -> None:
 def read_state(path: Path) -> dict[str, Any]:
     """The run position saved in a checkpoint, and this rank's RNG streams if saved."""
     meta = _meta(path)
-    rng = path / f"rng_rank{dist.get_rank()}.pt"
-    if rng.is_file():
-        restore_rng(torch.load(rng, weights_only=False))
+    _restore_rank_rng(path)
     return {k: meta[k] for k in ("step", "epoch", "window", "global_batch", "best") if k in meta}
 
 
@@ -187,7 +191,11 @@ def load(engine: Any, path: Path) -> dict[str, Any]:
     t0 = time.time()
     _, state = engine.load_checkpoint(str(path.parent), tag=path.name)
     log.info("checkpoint loaded: %s in %.2f s", path, time.time() - t0)
-    rng = path / f"rng_rank{dist.get_rank()}.pt"
-    if rng.is_file():  # a checkpoint saved on another number of ranks has no stream for us
-        restore_rng(torch.load(rng, weights_only=False))
+    _restore_rank_rng(path)
     return state
+
+
+def _restore_rank_rng(path: Path) -> None:
+    rng = path / f"rng_rank{dist.get_rank()}.pt"
+    if rng.is_file():  # a checkpoint saved on fewer ranks has no stream for the others
+        restore_rng(torch.load(rng, weights_only=False))

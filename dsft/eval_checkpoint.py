@@ -16,9 +16,8 @@ from pathlib import Path
 from typing import Any
 
 from dsft import data, distributed, evaluate
-from dsft.checkpoint import load_weights
+from dsft.checkpoint import find, load_weights
 from dsft.config import Config, LoraConfig, batch_plan
-from dsft.errors import ConfigError
 from dsft.model import build_model, load_tokenizer, torch_dtype
 from dsft.monitor import Monitor
 from dsft.plan import deepspeed_config
@@ -31,18 +30,8 @@ def locate(path: str | Path) -> tuple[str, Path, str | None]:
     p = Path(path)
     if (p / "config.json").is_file():
         return "hf", p, None
-    if (p / "checkpoints" / "latest").is_file():
-        p = p / "checkpoints"
-    if (p / "latest").is_file():
-        return "deepspeed", p, (p / "latest").read_text().strip()
-    if p.is_dir() and any(p.glob("*model_states.pt")):
-        return "deepspeed", p.parent, p.name
-    raise ConfigError(
-        [
-            f"--checkpoint {path}: neither a Hugging Face model directory (config.json) nor a "
-            "DeepSpeed checkpoint (a run directory, its checkpoints/ folder, or a step_N tag)"
-        ]
-    )
+    tag_dir = find(path)  # a run, its checkpoints/ folder, or a step_N tag
+    return "deepspeed", tag_dir.parent, tag_dir.name
 
 
 def run_eval(cfg: Config, checkpoint: str, out_dir: str | None = None) -> dict[str, Any]:

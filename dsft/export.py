@@ -68,11 +68,10 @@ def consolidate(tag_dir: Path) -> dict[str, torch.Tensor]:
 
 def export_checkpoint(path: str | Path, out: Path, merged: bool = True) -> Path:
     """``dsft export``: a checkpoint (or run directory) to a Hugging Face directory."""
-    from dsft.checkpoint import resume_point
+    from dsft.checkpoint import find
 
     dist.configure_accelerator()  # zero_to_fp32 imports deepspeed
-    tag_dir = resume_point(Path(path), resume=False, resume_from=str(path))
-    assert tag_dir is not None
+    tag_dir = find(path)
     state = json.loads((tag_dir / "dsft_state.json").read_text())
     if not state.get("config"):
         raise ConfigError([f"{tag_dir}: the checkpoint records no run config"])

@@ -171,3 +171,10 @@ def reference_run(tiny_model: Path, tiny_data: Path, tmp_path_factory) -> dict[s
     assert run_dsft(["train", str(cfg)]).returncode == 0
     rows = train_rows(tmp / "run")
     return {"loss": [r["loss"] for r in rows], "grad_norm": [r["grad_norm"] for r in rows]}
+
+
+def weights(model_dir: Path) -> dict[str, Any]:
+    """The tensors of a saved (single-file) Hugging Face model."""
+    from safetensors.torch import load_file
+
+    return load_file(str(model_dir / "model.safetensors"))

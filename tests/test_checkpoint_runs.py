@@ -10,9 +10,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
-from .conftest import ROOT, base_config, cpu_env, run_dsft, train_rows, write_config
+from .conftest import ROOT, base_config, cpu_env, run_dsft, train_rows, weights, write_config
 
 pytestmark = [pytest.mark.slow, pytest.mark.distributed]
 
@@ -80,10 +79,7 @@ def test_sigkill_then_resume_is_bit_identical(
     assert sorted(again) == list(range(1, 9))  # the dead run's rows past step 3 were replaced
     for step in range(4, 9):
         assert again[step] == straight[step], step  # fp32 on CPU: bit-identical
-    a, b = (
-        load_file(str(uninterrupted / "final" / "model.safetensors")),
-        load_file(str(out / "final" / "model.safetensors")),
-    )
+    a, b = weights(uninterrupted / "final"), weights(out / "final")
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert sorted(p.name for p in ckpts.glob("step_*")) == ["step_00000008"]  # keep_last: 1
     assert not list((ckpts / ".incomplete").glob("step_*"))  # the torn save is cleaned up

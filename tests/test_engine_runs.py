@@ -6,7 +6,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
 from .conftest import (
     base_config,
@@ -14,14 +13,11 @@ from .conftest import (
     run_dsft,
     short_run_config,
     train_rows,
+    weights,
     write_config,
 )
 
 pytestmark = [pytest.mark.slow, pytest.mark.distributed]
-
-
-def _weights(model_dir: Path) -> dict[str, torch.Tensor]:
-    return load_file(str(model_dir / "model.safetensors"))
 
 
 @pytest.mark.parametrize("stage", [2, 3])
@@ -89,7 +85,7 @@ def test_frozen_weights_stay_bit_identical(
         ),
     )
     assert run_dsft(["train", str(cfg)], nproc=2).returncode == 0
-    before, after = _weights(tiny_model), _weights(out / "final")
+    before, after = weights(tiny_model), weights(out / "final")
     s = read_summary(out)
     assert s["after"]["val"]["loss"] < s["before"]["val"]["loss"]
     frozen = [n for n in before if n.startswith(("model.embed_tokens", "model.layers.0."))]
@@ -132,7 +128,7 @@ def test_lora_zero2_with_modules_to_save(tiny_model: Path, tiny_data: Path, tmp_
     # adapters on q and v (r * (32 + 32) each) in 2 layers, plus every norm weight (32 each):
     # 2 per layer and the final one
     assert s["trainable_params"] == 2 * 2 * 4 * 64 + 5 * 32
-    before, after = _weights(tiny_model), _weights(out / "final")
+    before, after = weights(tiny_model), weights(out / "final")
     assert torch.equal(
         before["model.layers.0.mlp.up_proj.weight"], after["model.layers.0.mlp.up_proj.weight"]
     )  # not adapted
@@ -170,7 +166,7 @@ def test_nonfinite_step_is_skipped(
     assert "step 1 skipped" in proc.stdout
     (row,) = train_rows(out)
     assert row["bad_steps"] == 1 and row["skipped_steps"] == 1
-    before, after = _weights(tiny_model), _weights(out / "final")
+    before, after = weights(tiny_model), weights(out / "final")
     for n in before:
         assert torch.equal(before[n].to(after[n].dtype), after[n]), n
 

@@ -7,24 +7,19 @@ from pathlib import Path
 import pytest
 import torch
 from peft import PeftModel
-from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 from dsft.config import Config
 from dsft.errors import ExportError
 from dsft.export import write_hf
 
-from .conftest import base_config, run_dsft, write_config
-
-
-def _weights(d: Path) -> dict[str, torch.Tensor]:
-    return load_file(str(d / "model.safetensors"))
+from .conftest import base_config, run_dsft, weights, write_config
 
 
 def test_missing_tensor_is_an_error(tiny_model: Path, tmp_path: Path) -> None:
     cfg = Config()
     cfg.model.path = str(tiny_model)
-    sd = _weights(tiny_model)
+    sd = weights(tiny_model)
     sd.pop("model.layers.1.mlp.down_proj.weight")
     with pytest.raises(ExportError, match="missing"):
         write_hf(cfg, sd, tmp_path / "out")
@@ -54,7 +49,7 @@ def test_export_of_zero3_checkpoint_matches_training(
     proc = run_dsft(["export", str(out), str(exported)])
     assert proc.returncode == 0
     # the offline consolidation equals what training exported from the live engine
-    live, offline = _weights(out / "final"), _weights(exported)
+    live, offline = weights(out / "final"), weights(exported)
     assert set(live) == set(offline)
     for k in live:
         torch.testing.assert_close(offline[k], live[k], rtol=1e-5, atol=1e-6)
@@ -69,6 +64,6 @@ def test_export_of_zero3_checkpoint_matches_training(
                 peft(input_ids=ids).logits, model.eval()(input_ids=ids).logits, rtol=1e-4, atol=1e-4
             )
         assert not torch.equal(
-            _weights(tiny_model)["model.layers.0.self_attn.q_proj.weight"],
+            weights(tiny_model)["model.layers.0.self_attn.q_proj.weight"],
             offline["model.layers.0.self_attn.q_proj.weight"],
         )
