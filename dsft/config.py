@@ -68,13 +68,47 @@ class ModelConfig:
 class DataConfig:
     """Where the examples come from and how they become token sequences."""
 
-    path: list[str] = field(default_factory=list)  # jsonl files; one split is carved from them
-    format: Literal["auto", "instruction", "chat"] = "auto"
-    max_len: int = 1024  # tokens; longer examples are truncated (prompt kept, response cut)
+    # Files: .jsonl, .json, .parquet, .csv, or a datasets.save_to_disk directory.
+    path: list[str] = field(default_factory=list)
+    # Sampling weight of each path's training examples (one per path; 2.0 = every example
+    # twice per epoch, 0.5 = a seeded half). Empty = 1.0 each. Val/test are never reweighted.
+    weights: list[float] = field(default_factory=list)
+    format: Literal["auto", "instruction", "chat", "sharegpt", "prompt_completion", "text"] = "auto"
+    # Your column name for a canonical one, e.g. {instruction: question, output: answer};
+    # canonical names: instruction input output messages role content conversations
+    # from value prompt completion text.
+    columns: dict[str, str] = field(default_factory=dict)
+    # Chat template: "" = the tokenizer's own; "chatml", "llama3", "alpaca" = built-in;
+    # else a path to a .jinja file or the Jinja text itself.
+    template: str = ""
+    # Which tokens carry loss: every assistant turn, only the last one, or all tokens
+    # (prompts too). Raw `text` examples always train on all tokens.
+    loss_on: Literal["assistant", "last_assistant", "all"] = "assistant"
+    max_len: int = 1024  # tokens per example
+    # Longer examples: "truncate" keeps the first max_len tokens, "drop" leaves them out.
+    truncation: Literal["truncate", "drop"] = "truncate"
+    # Pack several training examples into each max_len row (best-fit decreasing); attention
+    # never crosses examples (position ids restart per example). train.micro_batch then
+    # counts packed rows.
+    packing: bool = False
+    on_bad_row: Literal["error", "skip"] = "error"  # skip = count, report and leave it out
+    # Explicit validation / test files; when given, no validation / test split is carved
+    # from `path`.
+    val_path: list[str] = field(default_factory=list)
+    test_path: list[str] = field(default_factory=list)
     val_fraction: float = 0.05
     test_fraction: float = 0.05
+    val_size: int = 0  # examples; when > 0 it replaces val_fraction
+    test_size: int = 0  # examples; when > 0 it replaces test_fraction
+    # k-fold cross-validation: the examples left after the test split are cut into kfold
+    # folds; fold f is the validation split. fold=-1 makes `dsft train` run every fold.
+    kfold: int = 0
+    fold: int = -1
     split_seed: int = 0  # the split depends on this seed only, not on train.seed
     shuffle: bool = True
+    # Tokenised data is cached, keyed by file contents + tokenizer + template + settings.
+    cache: bool = True
+    cache_dir: str = ""  # default: $DSFT_CACHE or ~/.cache/dsft
 
 
 @dataclass
@@ -368,9 +402,11 @@ def _resolve_relative_paths(tree: dict[str, Any], base: Path) -> None:
     if isinstance(model, dict) and "path" in model:
         model["path"] = fix(model["path"])
     data = tree.get("data")
-    if isinstance(data, dict) and "path" in data:
-        paths = data["path"]
-        data["path"] = [fix(p) for p in paths] if isinstance(paths, list) else fix(paths)
+    if isinstance(data, dict):
+        for key in ("path", "val_path", "test_path", "template"):
+            if key in data:
+                v = data[key]
+                data[key] = [fix(p) for p in v] if isinstance(v, list) else fix(v)
 
 
 def validate(cfg: Config) -> list[str]:
@@ -384,19 +420,7 @@ def validate(cfg: Config) -> list[str]:
             f"model.path: {cfg.model.path!r} has no config.json; point it at a directory "
             "written by save_pretrained"
         )
-    if not d.path:
-        p.append("data.path: required; give one or more .jsonl files")
-    for f in d.path:
-        if not Path(f).is_file():
-            p.append(f"data.path: file {f!r} not found")
-    if d.max_len < 8:
-        p.append(f"data.max_len: {d.max_len} is too small; use at least 8 tokens")
-    for name in ("val_fraction", "test_fraction"):
-        v = getattr(d, name)
-        if not 0.0 <= v < 1.0:
-            p.append(f"data.{name}: {v} must be in [0, 1)")
-    if d.val_fraction + d.test_fraction >= 1.0:
-        p.append("data.val_fraction + data.test_fraction must leave examples for training (< 1)")
+    p.extend(validate_data(d))
     for name in ("micro_batch", "grad_accum", "epochs"):
         if getattr(t, name) < 1:
             p.append(f"train.{name}: must be >= 1")
@@ -428,13 +452,13 @@ def validate(cfg: Config) -> list[str]:
         p.append("eval.patience and eval.min_delta must be >= 0")
     if ev.patience and not ev.every:
         p.append("eval.patience: early stopping needs periodic validation; set eval.every > 0")
-    if ev.metric.startswith(("val/exact", "val/f1")) and d.val_fraction == 0:
+    if ev.metric.startswith(("val/exact", "val/f1")) and not has_val_split(d):
         p.append(f"eval.metric={ev.metric} needs a validation split; set data.val_fraction > 0")
     if not (ev.temperature > 0 and 0 < ev.top_p <= 1):
         p.append("eval.temperature must be > 0 and eval.top_p in (0, 1]")
     if cfg.logging.peak_tflops < 0:
         p.append("logging.peak_tflops: must be >= 0 (0 = look up the GPU)")
-    if ev.generate and d.test_fraction == 0:
+    if ev.generate and not has_test_split(d):
         p.append(
             "eval.generate: needs a test split; set data.test_fraction > 0 or eval.generate=false"
         )
@@ -467,6 +491,69 @@ def validate(cfg: Config) -> list[str]:
 
 
 ATTENTION = ("eager", "sdpa", "flash_attention_2", "flex_attention")
+COLUMNS = [
+    "instruction",
+    "input",
+    "output",
+    "messages",
+    "role",
+    "content",
+    "conversations",
+    "from",
+    "value",
+    "prompt",
+    "completion",
+    "text",
+]
+
+
+def has_val_split(d: DataConfig) -> bool:
+    return bool(d.val_path) or d.val_fraction > 0 or d.val_size > 0 or d.kfold > 1
+
+
+def has_test_split(d: DataConfig) -> bool:
+    return bool(d.test_path) or d.test_fraction > 0 or d.test_size > 0
+
+
+def validate_data(d: DataConfig) -> list[str]:
+    """Problems of the ``data`` section (files exist, fractions add up, options agree)."""
+    p: list[str] = []
+    if not d.path:
+        p.append("data.path: required; give one or more .jsonl/.json/.parquet/.csv files")
+    for key in ("path", "val_path", "test_path"):
+        for f in getattr(d, key):
+            if not Path(f).exists():
+                p.append(f"data.{key}: {f!r} not found")
+    if d.weights and len(d.weights) != len(d.path):
+        p.append(
+            f"data.weights: {len(d.weights)} weights for {len(d.path)} paths; give one per path"
+        )
+    if any(w < 0 for w in d.weights) or (d.weights and not any(w > 0 for w in d.weights)):
+        p.append("data.weights: must be >= 0 and at least one > 0")
+    for canon in d.columns:
+        if canon not in COLUMNS:
+            p.append(f"data.columns: {canon!r} is not a canonical field ({', '.join(COLUMNS)})")
+    if d.max_len < 8:
+        p.append(f"data.max_len: {d.max_len} is too small; use at least 8 tokens")
+    for name in ("val_fraction", "test_fraction"):
+        v = getattr(d, name)
+        if not 0.0 <= v < 1.0:
+            p.append(f"data.{name}: {v} must be in [0, 1)")
+    if d.val_size < 0 or d.test_size < 0:
+        p.append("data.val_size and data.test_size: must be >= 0 (0 = use the fraction)")
+    val = 0.0 if (d.val_path or d.kfold > 1 or d.val_size) else d.val_fraction
+    test = 0.0 if (d.test_path or d.test_size) else d.test_fraction
+    if val + test >= 1.0:
+        p.append("data.val_fraction + data.test_fraction must leave examples for training (< 1)")
+    if d.kfold == 1 or d.kfold < 0:
+        p.append("data.kfold: use 0 (off) or at least 2 folds")
+    if d.kfold > 1 and (d.val_path or d.val_size):
+        p.append("data.kfold: the folds are the validation splits; drop data.val_path/val_size")
+    if not -1 <= d.fold < max(d.kfold, 1):
+        p.append(f"data.fold: {d.fold} must be -1 (every fold) or in [0, data.kfold)")
+    if d.fold >= 0 and d.kfold < 2:
+        p.append("data.fold: needs data.kfold >= 2")
+    return p
 
 
 def _regex_problem(where: str, pattern: str) -> list[str]:

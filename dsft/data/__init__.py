@@ -35,7 +35,7 @@ def _drop_empty(items: list[Tokenized]) -> tuple[list[Tokenized], int]:
 
 def prepare(cfg: DataConfig, tokenizer: Any) -> Splits:
     """Load, split and tokenise the configured files (identically on every rank)."""
-    examples = load_examples(cfg.path, cfg.format)
+    examples = load_examples(cfg.path, cfg.format, cfg.columns, cfg.on_bad_row).examples
     tr_idx, va_idx, te_idx = split_indices(
         len(examples), cfg.val_fraction, cfg.test_fraction, cfg.split_seed
     )

@@ -25,7 +25,11 @@ class Example:
     """One conversation and where it came from (for error messages and reports)."""
 
     messages: list[Message]
-    source: str  # "file.jsonl:12"
+    source: str  # "file.jsonl:12" (jsonl/json: line; csv: line; parquet/arrow: "file:row 7")
+    # chat: rendered with the chat template; completion: raw prompt + completion text (the
+    # messages are [user=prompt, assistant=completion]); text: raw text, all tokens trained
+    # (messages are [assistant=text]).
+    kind: str = "chat"
 
     @property
     def dataset(self) -> str:
@@ -105,9 +109,22 @@ def read_jsonl(path: str | Path, fmt: str = "auto") -> list[Example]:
     return examples
 
 
-def load_examples(paths: list[str], fmt: str = "auto") -> list[Example]:
+@dataclass
+class Loaded:
+    """Examples of all files in file order, and why rows were skipped (on_bad_row=skip)."""
+
+    examples: list[Example]
+    skipped: list[str]  # one "file:line: reason" per skipped row
+
+
+def load_examples(
+    paths: list[str],
+    fmt: str = "auto",
+    columns: dict[str, str] | None = None,
+    on_bad_row: str = "error",
+) -> Loaded:
     """All examples of all files, in file order."""
     out: list[Example] = []
     for p in paths:
         out.extend(read_jsonl(p, fmt))
-    return out
+    return Loaded(out, [])
