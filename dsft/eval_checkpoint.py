@@ -49,7 +49,7 @@ def run_eval(cfg: Config, checkpoint: str, out_dir: str | None = None) -> dict[s
         )
     ds_config = deepspeed_config(cfg, batch_plan(cfg.train, env.world_size))
     tokenizer = load_tokenizer(cfg.model)
-    splits = data.prepare(cfg.data, tokenizer)
+    splits = data.prepare(cfg.data, tokenizer, builder=env.local_rank == 0)
     model = build_model(cfg.model, torch_dtype(cfg.train.precision), ds_config)
     if kind == "deepspeed":
         # Consolidated weights load on any number of ranks and any ZeRO stage.

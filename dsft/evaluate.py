@@ -18,7 +18,7 @@ import re
 import string
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -188,7 +188,7 @@ def generate_predictions(
     for b in range(_lockstep_batches(len(mine), micro_batch)):
         idx = mine[b * micro_batch : (b + 1) * micro_batch]
         prompts, refs = zip(
-            *(tokenize_prompt(tokenizer, examples[i].messages) for i in (idx or [0])), strict=True
+            *(tokenize_prompt(tokenizer, examples[i]) for i in (idx or [0])), strict=True
         )
         batch = collate_prompts(list(prompts), tokenizer.pad_token_id)
         batch = {k: v.to(dev) for k, v in batch.items()}
@@ -325,8 +325,9 @@ class Evaluator:
         finally:
             self.engine.train()
 
-    def _generate(self, step: int, split: str, examples: list[Example]) -> dict[str, Any]:
-        examples = examples[: self.cfg.max_generate or len(examples)]
+    def _generate(self, step: int, split: str, examples: Sequence[Example]) -> dict[str, Any]:
+        n = min(len(examples), self.cfg.max_generate or len(examples))
+        examples = [examples[i] for i in range(n)]
         if not examples:
             return {}
         t0 = time.time()

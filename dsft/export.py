@@ -92,6 +92,17 @@ def _build(cfg: Config) -> torch.nn.Module:
 
 
 @torch.no_grad()
+def _tokenizer(cfg: Config) -> Any:
+    """The run's tokenizer, with the chat template it was trained with (data.template)."""
+    from transformers import AutoTokenizer
+
+    from dsft.data.tokenize import apply_template
+
+    tok = AutoTokenizer.from_pretrained(cfg.model.path)
+    apply_template(tok, cfg.data.template)
+    return tok
+
+
 def _logits(model: torch.nn.Module) -> torch.Tensor:
     # A fixed batch of ids from the bottom of every vocabulary.
     ids = torch.arange(1, 17).remainder(model.config.vocab_size).unsqueeze(0)
@@ -108,7 +119,7 @@ def write_hf(
     (loadable with peft on the base model) and, when ``merged``, the merged model to
     ``out``. Costs one CPU copy of the model on the calling rank.
     """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     model = _build(cfg).eval()
     lora = cfg.model.lora.enabled
@@ -125,14 +136,14 @@ def write_hf(
         model.save_pretrained(out / "adapter")
         _verify_adapter(cfg, out / "adapter", reference)
         if not merged:
-            AutoTokenizer.from_pretrained(cfg.model.path).save_pretrained(out / "adapter")
+            _tokenizer(cfg).save_pretrained(out / "adapter")
             log.info("exported LoRA adapter: %s", out / "adapter")
             return
         model = model.merge_and_unload()
     model = model.to(dtype)
     reference = _logits(model)
     model.save_pretrained(out, safe_serialization=True, max_shard_size=max_shard_size)
-    AutoTokenizer.from_pretrained(cfg.model.path).save_pretrained(out)
+    _tokenizer(cfg).save_pretrained(out)
     again = AutoModelForCausalLM.from_pretrained(out, dtype=dtype).eval()
     _compare(reference, _logits(again), f"{out} reloaded", dtype)
     log.info("exported Hugging Face model: %s (verified by reloading)", out)

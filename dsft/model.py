@@ -10,7 +10,6 @@ from typing import Any
 import torch
 
 from dsft.config import FreezeConfig, LoraConfig, ModelConfig, TrainConfig
-from dsft.errors import ConfigError
 
 log = logging.getLogger("dsft")
 
@@ -25,14 +24,8 @@ def load_tokenizer(cfg: ModelConfig) -> Any:
     tok = AutoTokenizer.from_pretrained(cfg.path, trust_remote_code=cfg.trust_remote_code)
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
-    if not getattr(tok, "chat_template", None):
-        raise ConfigError(
-            [
-                f"model.path: the tokenizer in {cfg.path} has no chat template; add "
-                "one (tokenizer.chat_template) so prompts and responses can be "
-                "rendered"
-            ]
-        )
+    # A missing chat template is reported where one is needed (chat data without
+    # data.template); raw-text and completion data do not need one.
     return tok
 
 

@@ -36,6 +36,7 @@ import torch
 from dsft import checkpoint, data, distributed, evaluate, export, faults
 from dsft.config import Config, batch_plan, save_config, to_dict
 from dsft.data.collate import collate
+from dsft.data.packing import collate_packed
 from dsft.data.sampler import steps_per_epoch, train_batches
 from dsft.data.tokenize import IGNORE_INDEX
 from dsft.errors import ConfigError, Preempted, TrainingDiverged
@@ -103,8 +104,11 @@ def run(cfg: Config) -> dict[str, Any]:
     zero3 = cfg.deepspeed.zero_stage == 3
 
     tokenizer = load_tokenizer(cfg.model)
-    splits = data.prepare(cfg.data, tokenizer)
+    # Each node's local rank 0 tokenises (into the cache); the others wait for it.
+    splits = data.prepare(cfg.data, tokenizer, builder=env.local_rank == 0)
     log.info("data: %s", splits.stats)
+    # The sampler deals out units: examples, or packed rows of examples (data.packing).
+    units = splits.packs or [[i] for i in range(len(splits.train))]
 
     model = build_model(cfg.model, torch_dtype(cfg.train.precision), ds_config)
     # Resume from the latest complete checkpoint (or the one asked for). One saved on
@@ -121,14 +125,12 @@ def run(cfg: Config) -> dict[str, Any]:
     groups = param_groups(model, cfg.train)
     optimizer = make_optimizer(cfg, groups)
 
-    per_epoch = steps_per_epoch(
-        len(splits.train), plan.micro_batch, env.world_size, plan.grad_accum
-    )
+    per_epoch = steps_per_epoch(len(units), plan.micro_batch, env.world_size, plan.grad_accum)
     if per_epoch == 0:
         raise ConfigError(
             [
-                f"train: {len(splits.train)} training examples do not fill one "
-                f"global batch of {plan.global_batch}; lower train.micro_batch or "
+                f"train: {len(units)} training {'rows' if splits.packs else 'examples'} do not "
+                f"fill one global batch of {plan.global_batch}; lower train.micro_batch or "
                 "train.grad_accum"
             ]
         )
@@ -249,7 +251,7 @@ def run(cfg: Config) -> dict[str, Any]:
     stopped_early = False
     while step < total_steps and not stopped_early:
         batches = train_batches(
-            len(splits.train),
+            len(units),
             plan.micro_batch,
             env.world_size,
             env.rank,
@@ -263,7 +265,7 @@ def run(cfg: Config) -> dict[str, Any]:
             next_window = first // plan.grad_accum + 1
             t_step = time.time()
             window = [
-                collate([splits.train[i] for i in b], pad_id)
+                micro_batch(splits, units, b, pad_id)
                 for b in batches[first : first + plan.grad_accum]
             ]
             # Count the response tokens of the whole global batch before any backward,
@@ -274,11 +276,13 @@ def run(cfg: Config) -> dict[str, Any]:
             step_nll = 0.0
             skipped_before = engine.skipped_steps
             for i, micro in enumerate(window):
+                lengths = micro.pop("lengths")  # real tokens per example (for throughput)
                 micro = {k: v.to(dev) for k, v in micro.items()}
-                logits = engine(
-                    input_ids=micro["input_ids"], attention_mask=micro["attention_mask"]
-                ).logits
-                nll, _, _ = evaluate.token_stats(logits, micro["labels"])
+                labels = micro.pop("labels")
+                # No KV cache in training; transformers would also ignore packed-row
+                # boundaries (restarting position_ids) when given one.
+                logits = engine(**micro, use_cache=False).logits
+                nll, _, _ = evaluate.token_stats(logits, labels)
                 if step + 1 in fault_steps and env.is_main:
                     nll = nll * float("nan")  # test hook: a step whose loss blows up
                 engine.backward(nll * env.world_size / global_targets, scale_wrt_gas=False)
@@ -286,7 +290,6 @@ def run(cfg: Config) -> dict[str, Any]:
                     own_norm = guard_zero0_fp32_step(engine)
                 engine.step()  # clips and steps only at the accumulation boundary
                 step_nll += nll.item()
-                lengths = micro["attention_mask"].sum(1)
                 tokens_seen += int(lengths.sum())
                 sq_tokens += int((lengths**2).sum())
             step += 1
@@ -417,6 +420,15 @@ def run(cfg: Config) -> dict[str, Any]:
         (out / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
     distributed.barrier()
     return summary
+
+
+def micro_batch(
+    splits: data.Splits, units: list[list[int]], batch: list[int], pad_id: int
+) -> dict[str, torch.Tensor]:
+    """The tensors of one micro-batch: padded examples, or packed rows (data.packing)."""
+    if splits.packs:
+        return collate_packed([[splits.train[i] for i in units[u]] for u in batch], pad_id)
+    return collate([splits.train[units[u][0]] for u in batch], pad_id)
 
 
 def requeue_if_asked(cfg: Config) -> None:

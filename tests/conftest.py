@@ -17,6 +17,13 @@ from dsft.demo import build_model_dir, generate_tasks, write_tasks
 ROOT = Path(__file__).resolve().parents[1]
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _data_cache(tmp_path_factory: pytest.TempPathFactory) -> None:
+    # The tokenisation cache of the suite lives in a temp dir, not the user's ~/.cache;
+    # child ranks inherit the variable.
+    os.environ["DSFT_CACHE"] = str(tmp_path_factory.mktemp("dsft-cache"))
+
+
 def cpu_env(threads: int = 1) -> dict[str, str]:
     """Environment for child ranks on a machine without GPU or network.
 

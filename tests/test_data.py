@@ -89,7 +89,7 @@ def test_every_assistant_turn_trained_in_multi_turn(tok) -> None:
     )
     t = tokenize_example(tok, ex, max_len=128)
     assert _trained_text(tok, t) == "a1<|end|>a2<|end|>"
-    ids, ref = tokenize_prompt(tok, ex.messages)
+    ids, ref = tokenize_prompt(tok, ex)
     assert ref == "a2"
     assert tok.decode(ids).endswith("q2<|end|><|assistant|>")
 
@@ -103,8 +103,16 @@ def test_truncation_and_all_masked_examples_dropped(tok, tmp_path: Path) -> None
         + '{"instruction": "a", "output": "b"}\n' * 9
     )
     s = prepare(DataConfig(path=[str(f)], max_len=20, val_fraction=0, test_fraction=0), tok)
-    assert s.stats["dropped_no_target"] == 1 and s.stats["truncated"] == 1
+    # the long prompt leaves no response token within 20 tokens: dropped, not fed all-masked
+    assert s.stats["dropped_no_target"] == 1 and s.stats["truncated"] == 0
     assert len(s.train) == 9
+    s = prepare(DataConfig(path=[str(f)], max_len=46, val_fraction=0, test_fraction=0), tok)
+    assert s.stats["truncated"] == 1 and len(s.train) == 10  # cut, but a response token is left
+    s = prepare(
+        DataConfig(path=[str(f)], max_len=46, val_fraction=0, test_fraction=0, truncation="drop"),
+        tok,
+    )
+    assert s.stats["dropped_too_long"] == 1 and len(s.train) == 9
     assert all(t.num_target_tokens > 0 for t in s.train)
 
 

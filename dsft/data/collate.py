@@ -18,7 +18,7 @@ def collate(examples: list[Tokenized], pad_id: int) -> dict[str, torch.Tensor]:
         ids[i, :n] = torch.tensor(e.input_ids)
         labels[i, :n] = torch.tensor(e.labels)
         mask[i, :n] = 1
-    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels, "lengths": mask.sum(1)}
 
 
 def collate_prompts(prompts: list[list[int]], pad_id: int) -> dict[str, torch.Tensor]:
