@@ -1,4 +1,4 @@
-"""``dsft`` command line: train, eval, export, demo, ds-config.
+"""``dsft`` command line: train (incl. k-fold), eval, export, demo, data inspect, ds-config.
 
 User mistakes (bad config, bad data rows) end with a clear message and exit
 code 2, never a traceback.
@@ -13,6 +13,7 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
+from typing import Any
 
 import yaml
 
@@ -46,11 +47,44 @@ def cmd_train(ns: argparse.Namespace) -> int:
     if ns.no_resume:
         ns.overrides.append("checkpoint.resume=false")
     cfg = load_config(ns.config, ns.overrides)  # validate before spawning anything
+    if cfg.data.kfold > 1 and cfg.data.fold < 0:
+        return _cross_validate(ns, cfg)
     if ns.nproc > 1 and not _in_launched_job():
         return _launch(ns.nproc, ["train", ns.config, *ns.overrides])
     from dsft.train import run
 
     run(cfg)
+    return 0
+
+
+def _cross_validate(ns: argparse.Namespace, cfg: Any) -> int:
+    """Every fold of data.kfold as its own run, then the per-fold and mean ± std table."""
+    from dsft import cv
+
+    def run_fold(f: int) -> int:
+        overrides = [*ns.overrides, *cv.fold_overrides(cfg, f)]
+        if ns.nproc > 1 and not _in_launched_job():
+            return _launch(ns.nproc, ["train", ns.config, *overrides])
+        from dsft.train import run  # inside a launched job every rank runs the folds
+
+        run(load_config(ns.config, overrides))
+        return 0
+
+    rc = cv.run_folds(cfg, run_fold)
+    if rc == 0 and int(os.environ.get("RANK", "0")) == 0:
+        _, table = cv.summarize(Path(cfg.output_dir), cfg.data.kfold)
+        print(f"{cfg.data.kfold}-fold cross-validation ({cfg.output_dir}/cv.md):\n{table}")
+    return rc
+
+
+def cmd_data_inspect(ns: argparse.Namespace) -> int:
+    from dsft.data.inspect import report
+    from dsft.model import load_tokenizer
+
+    cfg = load_config(ns.config, ns.overrides)
+    tokenizer = load_tokenizer(cfg.model)
+    color = sys.stdout.isatty() and not ns.no_color
+    print(report(cfg, tokenizer, ns.examples, ns.split, color))
     return 0
 
 
@@ -152,6 +186,19 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--nproc", type=int, default=1, help="number of local ranks")
     d.add_argument("--workdir", help="where the model, config and run go (default: a temp dir)")
     d.set_defaults(func=cmd_demo)
+
+    dp = sub.add_parser("data", help="look at the prepared data").add_subparsers(
+        dest="data_command", required=True
+    )
+    di = dp.add_parser(
+        "inspect", help="rendered examples with trained tokens marked, and data statistics"
+    )
+    di.add_argument("config")
+    di.add_argument("overrides", nargs="*")
+    di.add_argument("--examples", type=int, default=2, help="examples to show (default 2)")
+    di.add_argument("--split", choices=("train", "val", "test"), default="train")
+    di.add_argument("--no-color", action="store_true", help="mark trained tokens with [[ ]]")
+    di.set_defaults(func=cmd_data_inspect)
 
     c = sub.add_parser("ds-config", help="print the DeepSpeed JSON a config generates")
     c.add_argument("config")
