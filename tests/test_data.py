@@ -45,9 +45,9 @@ def test_instruction_and_chat_records(tmp_path: Path) -> None:
         ('{"instruction": "a"}', "bad.jsonl:2: missing field 'output'"),
         ('{"instruction": "a", "output": 3}', "bad.jsonl:2: field 'output' must be a string"),
         ("{not json", "bad.jsonl:2: not valid JSON"),
-        ('{"messages": [{"role": "bot", "content": "x"}]}', "bad.jsonl:2: messages[0]: role 'bot'"),
+        ('{"messages": [{"role": "bot", "content": "x"}]}', "bad.jsonl:2: messages[0].role: 'bot'"),
         ('{"messages": [{"role": "user", "content": "x"}]}', "no assistant message"),
-        ('{"text": "x"}', "cannot tell the format (fields: text)"),
+        ('{"question": "x"}', "cannot tell the format (fields: question)"),
     ],
 )
 def test_bad_rows_are_located(tmp_path: Path, line: str, needle: str) -> None:

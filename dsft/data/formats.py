@@ -1,23 +1,71 @@
 """Reading example files and normalising every record to a list of chat messages.
 
-Supported record shapes (detected per file, or forced with ``data.format``):
-  * instruction: ``{"instruction": str, "input": str (optional), "output": str}``
-  * chat: ``{"messages": [{"role": "system"|"user"|"assistant", "content": str}, ...]}``
-A bad row raises :class:`DataError` naming the file, line and field; nothing is
-dropped silently.
+Files (see :mod:`dsft.data.readers`): .jsonl, .json, .csv (each also .gz), .parquet, or a
+``datasets`` save_to_disk directory. Record shapes, detected per record in this order (the
+first match wins, so extra columns such as alpaca's pre-formatted ``text`` do not matter), or
+forced with ``data.format``:
+
+  * chat: ``{"messages": [{"role": "system"|"user"|"assistant", "content": str}, ...]}``;
+    a system message may only come first.
+  * sharegpt: ``{"conversations": [{"from": ..., "value": str}, ...]}`` with ``from`` one of
+    system, human (-> user), user, gpt (-> assistant), assistant; role/content keys work too.
+  * prompt_completion: ``{"prompt": str, "completion": str}`` -> kind "completion"; or both
+    lists of messages (TRL's conversational form) -> kind "chat", prompt then completion.
+  * instruction (alpaca): ``{"instruction": str, "input": str (optional), "output": str}``.
+  * text: ``{"text": str}`` -> kind "text", trained on every token.
+
+``data.columns`` maps a canonical field to the user's column name (role/content/from/value
+apply inside message lists). In csv files a messages/conversations cell holds JSON text.
+Every example needs a non-blank assistant response (user turns may be empty). A bad row
+raises :class:`DataError` naming file, line or row, and field; with ``on_bad_row="skip"`` it
+is left out and its reason kept in :attr:`Loaded.skipped`, never dropped silently.
 """
 
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from dsft.config import COLUMNS
+from dsft.data.readers import read_rows
 from dsft.errors import DataError
 
 Message = dict[str, str]
 ROLES = ("system", "user", "assistant")
+FORMATS = ("instruction", "chat", "sharegpt", "prompt_completion", "text")
+SHAREGPT_ROLES = {
+    "system": "system",
+    "human": "user",
+    "user": "user",
+    "gpt": "assistant",
+    "assistant": "assistant",
+}
+# (canonical field, format) in detection order.
+_DETECT = (
+    ("messages", "chat"),
+    ("conversations", "sharegpt"),
+    ("prompt", "prompt_completion"),
+    ("completion", "prompt_completion"),
+    ("instruction", "instruction"),
+    ("output", "instruction"),
+    ("text", "text"),
+)
+# Top-level fields per format: data.columns naming those of one format only implies it, so a
+# row missing the remapped column gets "missing field" rather than "cannot tell the format".
+_FIELDS = {
+    "chat": ("messages",),
+    "sharegpt": ("conversations",),
+    "prompt_completion": ("prompt", "completion"),
+    "instruction": ("instruction", "input", "output"),
+    "text": ("text",),
+}
+_SHAPES = (
+    "messages (chat), conversations (sharegpt), prompt + completion, "
+    "instruction + output (+ input), text"
+)
 
 
 @dataclass(frozen=True)
@@ -25,7 +73,9 @@ class Example:
     """One conversation and where it came from (for error messages and reports)."""
 
     messages: list[Message]
-    source: str  # "file.jsonl:12" (jsonl/json: line; csv: line; parquet/arrow: "file:row 7")
+    # "file.jsonl:12" (jsonl, JSON lines, csv: 1-based line, csv header = line 1);
+    # "file.parquet:row 7" (parquet, JSON arrays, save_to_disk directories: 1-based row).
+    source: str
     # chat: rendered with the chat template; completion: raw prompt + completion text (the
     # messages are [user=prompt, assistant=completion]); text: raw text, all tokens trained
     # (messages are [assistant=text]).
@@ -34,79 +84,8 @@ class Example:
     @property
     def dataset(self) -> str:
         """The name of the file the example came from, without directory and suffix."""
-        return Path(self.source.rsplit(":", 1)[0]).stem
-
-
-def detect_format(record: dict[str, Any]) -> str:
-    if "messages" in record:
-        return "chat"
-    if "instruction" in record or "output" in record:
-        return "instruction"
-    return "unknown"
-
-
-def _require_str(record: dict[str, Any], key: str, where: str, optional: bool = False) -> str:
-    if key not in record or record[key] is None:
-        if optional:
-            return ""
-        raise DataError(f"{where}: missing field {key!r}")
-    v = record[key]
-    if not isinstance(v, str):
-        raise DataError(f"{where}: field {key!r} must be a string, got {type(v).__name__}")
-    return v
-
-
-def to_messages(record: Any, fmt: str, where: str) -> list[Message]:
-    """Normalise one record to chat messages; ``where`` locates it for errors."""
-    if not isinstance(record, dict):
-        raise DataError(f"{where}: expected a JSON object, got {type(record).__name__}")
-    if fmt == "auto":
-        fmt = detect_format(record)
-    if fmt == "instruction":
-        instruction = _require_str(record, "instruction", where)
-        extra = _require_str(record, "input", where, optional=True)
-        output = _require_str(record, "output", where)
-        prompt = f"{instruction}\n\n{extra}" if extra else instruction
-        return [{"role": "user", "content": prompt}, {"role": "assistant", "content": output}]
-    if fmt == "chat":
-        msgs = record.get("messages")
-        if not isinstance(msgs, list) or not msgs:
-            raise DataError(f"{where}: field 'messages' must be a non-empty list")
-        out: list[Message] = []
-        for i, m in enumerate(msgs):
-            at = f"{where}: messages[{i}]"
-            if not isinstance(m, dict):
-                raise DataError(f"{at}: expected an object with 'role' and 'content'")
-            role = _require_str(m, "role", at)
-            if role not in ROLES:
-                raise DataError(f"{at}: role {role!r} is not one of {', '.join(ROLES)}")
-            out.append({"role": role, "content": _require_str(m, "content", at)})
-        if not any(m["role"] == "assistant" for m in out):
-            raise DataError(f"{where}: no assistant message, so nothing to train on")
-        return out
-    raise DataError(
-        f"{where}: cannot tell the format (fields: {', '.join(sorted(record)) or 'none'}); "
-        "expected 'instruction'/'output' or 'messages', or set data.format"
-    )
-
-
-def read_jsonl(path: str | Path, fmt: str = "auto") -> list[Example]:
-    """Read a jsonl file of records into examples, failing on the first bad line."""
-    path = Path(path)
-    examples: list[Example] = []
-    with path.open(encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            where = f"{path}:{lineno}"
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{where}: not valid JSON ({e.msg} at column {e.colno})") from None
-            examples.append(Example(to_messages(record, fmt, where), where))
-    if not examples:
-        raise DataError(f"{path}: no examples")
-    return examples
+        name = Path(self.source.rsplit(":", 1)[0]).name
+        return Path(name.removesuffix(".gz")).stem
 
 
 @dataclass
@@ -117,14 +96,239 @@ class Loaded:
     skipped: list[str]  # one "file:line: reason" per skipped row
 
 
+class _BadRow(Exception):
+    """A problem with one record (the message has no location; the caller adds it)."""
+
+
+def _describe(v: Any) -> str:
+    if v is None:
+        return "null"
+    if isinstance(v, bool):
+        return f"a boolean ({v})"
+    if isinstance(v, int | float):
+        return f"a number ({v})"
+    if isinstance(v, str):
+        return "a string"
+    if isinstance(v, list):
+        return "a list"
+    return "an object" if isinstance(v, dict) else type(v).__name__
+
+
+def _missing(v: Any) -> bool:
+    # parquet/pandas write an absent optional value (alpaca's `input`) as null or NaN
+    return v is None or (isinstance(v, float) and math.isnan(v))
+
+
+class _Normaliser:
+    """Turns records into (messages, kind) for one format setting and column map."""
+
+    def __init__(self, fmt: str, columns: dict[str, str]):
+        if fmt != "auto" and fmt not in FORMATS:
+            raise DataError(f"data.format: {fmt!r} is not one of auto, {', '.join(FORMATS)}")
+        unknown = [c for c in columns if c not in COLUMNS]
+        if unknown:
+            raise DataError(
+                f"data.columns: {', '.join(map(repr, unknown))} not canonical "
+                f"({', '.join(COLUMNS)})"
+            )
+        self.fmt = fmt
+        self.columns = columns
+        # Names that make a JSON object a record, not a {"data": [...]} wrapper.
+        self.record_keys = {self.key(f) for f, _ in _DETECT}
+        implied = [fm for fm, fields in _FIELDS.items() if any(f in columns for f in fields)]
+        self.implied = implied[0] if len(implied) == 1 else None
+
+    def key(self, field: str) -> str:
+        """The user's name for a canonical field."""
+        return self.columns.get(field, field)
+
+    def label(self, field: str) -> str:
+        """How errors name a field: the user's column, and the data.columns entry if remapped."""
+        k = self.key(field)
+        return f"{k!r} (data.columns.{field})" if field in self.columns else repr(k)
+
+    def __call__(self, record: Any) -> tuple[list[Message], str]:
+        if not isinstance(record, dict):
+            raise _BadRow(f"expected an object, got {_describe(record)}")
+        fmt = self.fmt if self.fmt != "auto" else self.detect(record)
+        if fmt == "chat":
+            return self.chat(record), "chat"
+        if fmt == "sharegpt":
+            return self.sharegpt(record), "chat"
+        if fmt == "prompt_completion":
+            return self.prompt_completion(record)
+        if fmt == "instruction":
+            return self.instruction(record), "chat"
+        return self.text(record), "text"
+
+    def detect(self, record: dict[str, Any]) -> str:
+        for field, fmt in _DETECT:
+            if self.key(field) in record:
+                return fmt
+        if self.implied:
+            return self.implied
+        fields = ", ".join(map(str, record)) or "none"
+        raise _BadRow(
+            f"cannot tell the format (fields: {fields}); accepted: {_SHAPES}; "
+            "set data.format, or data.columns to map your field names"
+        )
+
+    def string(
+        self, record: dict[str, Any], field: str, at: str = "", optional: bool = False
+    ) -> str:
+        """A string field; ``at`` prefixes errors inside a message list ("messages[2]: ")."""
+        k = self.key(field)
+        v = record.get(k)
+        if isinstance(v, str):
+            return v
+        if optional and _missing(v):
+            return ""
+        if k not in record:
+            # the row's own fields show a typo or a needed data.columns entry at a glance
+            has = "" if at else f"; the row has {', '.join(map(str, record)) or 'no fields'}"
+            raise _BadRow(f"{at}missing field {self.label(field)}{has}")
+        raise _BadRow(f"{at}field {self.label(field)} must be a string, got {_describe(v)}")
+
+    def response(self, record: dict[str, Any], field: str) -> str:
+        v = self.string(record, field)
+        if not v.strip():
+            raise _BadRow(f"field {self.label(field)}: empty response, nothing to train on")
+        return v
+
+    def message_list(
+        self, record: dict[str, Any], field: str, role_f: str, content_f: str, roles: dict[str, str]
+    ) -> list[Message]:
+        k = self.key(field)
+        if k not in record:
+            raise _BadRow(f"missing field {self.label(field)}")
+        msgs = record[k]
+        if isinstance(msgs, str) and field in ("messages", "conversations"):
+            try:  # csv cells (and some parquet exports) hold the list as JSON text
+                msgs = json.loads(msgs)
+            except json.JSONDecodeError as e:
+                raise _BadRow(
+                    f"field {self.label(field)}: a string that is not valid JSON "
+                    f"({e.msg} at column {e.colno}); expected a list of messages"
+                ) from None
+        if not isinstance(msgs, list):
+            raise _BadRow(
+                f"field {self.label(field)} must be a list of messages, got {_describe(msgs)}"
+            )
+        if not msgs:
+            raise _BadRow(f"field {self.label(field)} is an empty list")
+        out: list[Message] = []
+        for i, m in enumerate(msgs):
+            at = f"{k}[{i}]"
+            r_f, c_f = role_f, content_f
+            if isinstance(m, dict) and self.key(r_f) not in m and self.key("role") in m:
+                r_f, c_f = "role", "content"  # sharegpt lists written with role/content
+            if not isinstance(m, dict):
+                raise _BadRow(
+                    f"{at}: expected an object with {self.key(r_f)!r} and {self.key(c_f)!r}, "
+                    f"got {_describe(m)}"
+                )
+            role = self.string(m, r_f, f"{at}: ")
+            if role not in roles:
+                raise _BadRow(f"{at}.{self.key(r_f)}: {role!r} is not one of {', '.join(roles)}")
+            role = roles[role]
+            if role == "system" and i > 0:
+                raise _BadRow(f"{at}.{self.key(r_f)}: a system message may only come first")
+            content = self.string(m, c_f, f"{at}: ")
+            if role == "assistant" and not content.strip():
+                raise _BadRow(f"{at}.{self.key(c_f)}: empty assistant response")
+            out.append({"role": role, "content": content})
+        return out
+
+    def conversation(
+        self, record: dict[str, Any], field: str, role_f: str, content_f: str, roles: dict[str, str]
+    ) -> list[Message]:
+        """A message list with at least one assistant turn."""
+        out = self.message_list(record, field, role_f, content_f, roles)
+        if not any(m["role"] == "assistant" for m in out):
+            raise _BadRow(f"field {self.label(field)}: no assistant message, nothing to train on")
+        return out
+
+    def chat(self, record: dict[str, Any]) -> list[Message]:
+        return self.conversation(record, "messages", "role", "content", {r: r for r in ROLES})
+
+    def sharegpt(self, record: dict[str, Any]) -> list[Message]:
+        return self.conversation(record, "conversations", "from", "value", SHAREGPT_ROLES)
+
+    def prompt_completion(self, record: dict[str, Any]) -> tuple[list[Message], str]:
+        p, c = record.get(self.key("prompt")), record.get(self.key("completion"))
+        if isinstance(p, list) and isinstance(c, list):  # TRL conversational
+            roles = {r: r for r in ROLES}
+            prompt = self.message_list(record, "prompt", "role", "content", roles)
+            if any(m["role"] == "system" for m in prompt[1:]):
+                raise _BadRow(f"field {self.label('prompt')}: a system message may only come first")
+            completion = self.conversation(record, "completion", "role", "content", roles)
+            if any(m["role"] == "system" for m in completion):
+                raise _BadRow(f"field {self.label('completion')}: holds a system message")
+            return prompt + completion, "chat"
+        if isinstance(p, list) or isinstance(c, list):
+            raise _BadRow(
+                f"fields {self.label('prompt')} and {self.label('completion')} must both be "
+                "strings or both be lists of messages"
+            )
+        prompt = self.string(record, "prompt")
+        completion = self.response(record, "completion")
+        return [
+            {"role": "user", "content": prompt},
+            {"role": "assistant", "content": completion},
+        ], "completion"
+
+    def instruction(self, record: dict[str, Any]) -> list[Message]:
+        instruction = self.string(record, "instruction")
+        extra = self.string(record, "input", optional=True)
+        output = self.response(record, "output")
+        prompt = f"{instruction}\n\n{extra}" if extra.strip() else instruction
+        return [{"role": "user", "content": prompt}, {"role": "assistant", "content": output}]
+
+    def text(self, record: dict[str, Any]) -> list[Message]:
+        return [{"role": "assistant", "content": self.response(record, "text")}]
+
+
 def load_examples(
     paths: list[str],
     fmt: str = "auto",
     columns: dict[str, str] | None = None,
     on_bad_row: str = "error",
 ) -> Loaded:
-    """All examples of all files, in file order."""
-    out: list[Example] = []
-    for p in paths:
-        out.extend(read_jsonl(p, fmt))
-    return Loaded(out, [])
+    """All examples of all files, in file order.
+
+    ``on_bad_row="error"`` raises on the first bad row; ``"skip"`` leaves bad rows out and
+    lists them in :attr:`Loaded.skipped`. A missing, empty or unreadable file raises either
+    way, and so does a file whose rows are all bad.
+    """
+    if on_bad_row not in ("error", "skip"):
+        raise DataError(f"data.on_bad_row: {on_bad_row!r} is not one of error, skip")
+    norm = _Normaliser(fmt, dict(columns or {}))
+    examples: list[Example] = []
+    skipped: list[str] = []
+    for path in map(str, paths):
+        n = len(examples)
+        bad: list[str] = []
+        for row in read_rows(path, norm.record_keys):
+            try:
+                if row.error is not None:
+                    raise _BadRow(row.error)
+                messages, kind = norm(row.record)
+            except _BadRow as e:
+                if on_bad_row == "error":
+                    raise DataError(f"{row.where}: {e}") from None
+                bad.append(f"{row.where}: {e}")
+                continue
+            examples.append(Example(messages, row.where, kind))
+        if len(examples) == n:
+            if not bad:
+                raise DataError(f"{path}: no rows (the file is empty)")
+            raise DataError(
+                f"{path}: all {len(bad)} rows are bad; the first ones:\n  " + "\n  ".join(bad[:5])
+            )
+        skipped.extend(bad)
+    return Loaded(examples, skipped)
+
+
+def read_jsonl(path: str | Path, fmt: str = "auto") -> list[Example]:
+    """The examples of one file (any supported type), failing on the first bad row."""
+    return load_examples([str(path)], fmt).examples

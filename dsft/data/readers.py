@@ -1,0 +1,235 @@
+"""Reading rows out of example files: jsonl, json, csv, parquet, datasets.save_to_disk.
+
+Every reader yields :class:`Row` objects located as ``"path:LINE"`` (jsonl, JSON-lines in a
+.json file, csv; 1-based physical line, the csv header is line 1) or ``"path:row N"`` (JSON
+arrays, parquet, save_to_disk directories; N is 1-based). A row that cannot be read (bad JSON,
+bad UTF-8, a csv row with the wrong number of cells) comes back with ``error`` set, so the
+caller can skip it; a problem with the whole file raises :class:`DataError`.
+"""
+
+from __future__ import annotations
+
+import csv
+import gzip
+import io
+import json
+from collections.abc import Collection, Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, BinaryIO
+
+from dsft.errors import DataError
+
+SUPPORTED = (
+    ".jsonl, .json, .csv (each also .gz), .parquet, "
+    "or a directory written by datasets' save_to_disk"
+)
+_BOM = b"\xef\xbb\xbf"
+# Long documents in one csv cell are normal for SFT data; the csv module's default limit
+# (128 KiB) would reject them.
+csv.field_size_limit(2**31 - 1)
+
+
+@dataclass(frozen=True)
+class Row:
+    """One record of a file, or why it could not be read."""
+
+    where: str
+    record: Any = None
+    error: str | None = None  # the reason, without the location
+
+
+def read_rows(path: str, record_keys: Collection[str] = ()) -> Iterator[Row]:
+    """Rows of one file or save_to_disk directory, in order.
+
+    ``record_keys`` are field names that mark a JSON object as a record rather than a
+    wrapper such as ``{"data": [...]}``.
+    """
+    p = Path(path)
+    if p.is_dir():
+        yield from _saved_dataset(path)
+        return
+    if not p.exists():
+        raise DataError(f"{path}: file not found")
+    name = p.name.lower()
+    gz = name.endswith(".gz")
+    suffix = Path(name.removesuffix(".gz")).suffix
+    if suffix == ".parquet" and not gz:
+        yield from _parquet(path)
+        return
+    if suffix not in (".jsonl", ".ndjson", ".json", ".csv"):
+        raise DataError(
+            f"{path}: unsupported file type {suffix or '(no extension)'!r}; supported: {SUPPORTED}"
+        )
+    try:
+        with gzip.open(p, "rb") if gz else p.open("rb") as f:
+            if suffix == ".json":
+                yield from _json(path, f.read(), record_keys)
+            elif suffix == ".csv":
+                yield from _csv(path, f)
+            else:
+                yield from _jsonl(path, f)
+    except (OSError, EOFError) as e:  # a truncated or corrupt .gz
+        raise DataError(f"{path}: cannot read ({e})") from None
+
+
+def _no_bom(lines: Iterable[bytes]) -> Iterator[bytes]:
+    # Editors on Windows start UTF-8 files with a byte-order mark; it is not data.
+    for i, raw in enumerate(lines):
+        yield raw.removeprefix(_BOM) if i == 0 else raw
+
+
+def _utf8_error(e: UnicodeDecodeError, col: int) -> str:
+    return f"not valid UTF-8 (byte 0x{e.object[e.start]:02x} at column {col})"
+
+
+def _jsonl(path: str, lines: Iterable[bytes]) -> Iterator[Row]:
+    # Bytes, decoded line by line: a bad byte is one bad row, and only "\n" ends a line
+    # (str.splitlines would also split on U+2028 inside a JSON string).
+    for lineno, raw in enumerate(_no_bom(lines), start=1):
+        where = f"{path}:{lineno}"
+        try:
+            line = raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            yield Row(where, error=_utf8_error(e, e.start + 1))
+            continue
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line.rstrip("\r\n"))  # an error at the end points into the line
+        except json.JSONDecodeError as e:
+            yield Row(where, error=f"not valid JSON ({e.msg} at column {e.colno})")
+            continue
+        yield Row(where, record)
+
+
+def _is_json_lines(data: bytes) -> bool:
+    """True when the first non-blank line is a whole JSON object and more lines follow."""
+    lines = [ln for ln in data.split(b"\n") if ln.strip()]
+    if len(lines) < 2 or not lines[0].lstrip().startswith(b"{"):
+        return False
+    try:
+        return isinstance(json.loads(lines[0]), dict)
+    except ValueError:  # JSONDecodeError and UnicodeDecodeError
+        return False
+
+
+def _json(path: str, data: bytes, record_keys: Collection[str]) -> Iterator[Row]:
+    data = data.removeprefix(_BOM)
+    if _is_json_lines(data):
+        yield from _jsonl(path, io.BytesIO(data))
+        return
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = data.count(b"\n", 0, e.start) + 1
+        col = e.start - data.rfind(b"\n", 0, e.start)
+        raise DataError(f"{path}:{line}: {_utf8_error(e, col)}") from None
+    if not text.strip():
+        return
+    try:
+        doc = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise DataError(
+            f"{path}:{e.lineno}: not valid JSON ({e.msg} at column {e.colno})"
+        ) from None
+    for i, record in enumerate(_json_records(path, doc, record_keys), start=1):
+        yield Row(f"{path}:row {i}", record)
+
+
+def _json_records(path: str, doc: Any, record_keys: Collection[str]) -> list[Any]:
+    if isinstance(doc, list):
+        return doc
+    if not isinstance(doc, dict):
+        raise DataError(f"{path}: expected a JSON array of objects, got {type(doc).__name__}")
+    lists = [k for k, v in doc.items() if isinstance(v, list)]
+    if any(k in doc for k in record_keys) or not lists:
+        return [doc]  # a file holding a single record
+    if len(lists) == 1:
+        return doc[lists[0]]  # a wrapper such as {"data": [...], "version": 2}
+    raise DataError(
+        f"{path}: a JSON object with several lists ({', '.join(lists)}); expected a JSON "
+        "array of records, or an object with one list of records"
+    )
+
+
+def _has_bad_bytes(cell: str) -> bool:
+    try:
+        cell.encode("utf-8")
+    except UnicodeEncodeError:  # lone surrogates left by surrogateescape
+        return True
+    return False
+
+
+def _csv(path: str, f: BinaryIO) -> Iterator[Row]:
+    # surrogateescape keeps bad bytes as lone surrogates, so a bad byte spoils one row only
+    # and a quoted cell may still span lines.
+    lines = (raw.decode("utf-8", "surrogateescape") for raw in _no_bom(f))
+    reader = csv.reader(lines)
+    try:
+        header = next(reader, None)
+        if header is None:
+            return
+        if any(_has_bad_bytes(h) for h in header):
+            raise DataError(f"{path}:1: the header is not valid UTF-8")
+        dupes = sorted({h for h in header if header.count(h) > 1})
+        if dupes:
+            raise DataError(f"{path}:1: duplicate column(s) {', '.join(map(repr, dupes))}")
+        start = reader.line_num + 1
+        for cells in reader:
+            where, start = f"{path}:{start}", reader.line_num + 1
+            if not cells:  # a blank line
+                continue
+            if len(cells) != len(header):
+                yield Row(where, error=f"{len(cells)} cells, but the header has {len(header)}")
+                continue
+            bad = [h for h, c in zip(header, cells, strict=True) if _has_bad_bytes(c)]
+            if bad:
+                yield Row(where, error=f"column {bad[0]!r}: not valid UTF-8")
+                continue
+            yield Row(where, dict(zip(header, cells, strict=True)))
+    except csv.Error as e:
+        raise DataError(f"{path}:{reader.line_num}: not valid CSV ({e})") from None
+
+
+def _parquet(path: str) -> Iterator[Row]:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    try:
+        pf = pq.ParquetFile(path)
+    except (pa.ArrowException, OSError, ValueError) as e:
+        raise DataError(f"{path}: not a readable parquet file ({e})") from None
+    i = 0
+    # Batches keep memory bounded on large files; rows come back as plain Python values.
+    for batch in pf.iter_batches(batch_size=1024):
+        for record in batch.to_pylist():
+            i += 1
+            yield Row(f"{path}:row {i}", record)
+
+
+def _saved_dataset(path: str) -> Iterator[Row]:
+    p = Path(path)
+    if not ((p / "state.json").exists() or (p / "dataset_dict.json").exists()):
+        raise DataError(
+            f"{path}: a directory, but not one written by datasets' save_to_disk (no state.json "
+            f"or dataset_dict.json); supported: {SUPPORTED}"
+        )
+    import datasets  # slow to import; only needed here
+
+    try:
+        ds = datasets.load_from_disk(path)
+    except Exception as e:  # datasets raises several types for a damaged directory
+        raise DataError(f"{path}: datasets.load_from_disk failed ({e})") from None
+    if isinstance(ds, datasets.DatasetDict):
+        if "train" not in ds:
+            raise DataError(
+                f"{path}: a DatasetDict without a 'train' split (splits: {', '.join(ds)}); "
+                f"point data.path at one split's directory, e.g. {p / next(iter(ds), 'SPLIT')}"
+            )
+        ds = ds["train"]
+    i = 0
+    for batch in ds.with_format("arrow").iter(batch_size=1024):
+        for record in batch.to_pylist():
+            i += 1
+            yield Row(f"{path}:row {i}", record)
