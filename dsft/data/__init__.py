@@ -6,6 +6,7 @@ stores (one per file), so a rank holds only the examples it touches.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -19,6 +20,8 @@ from dsft.data.packing import efficiency, pack
 from dsft.data.split import carve, reweight, split_count
 from dsft.data.tokenize import Tokenized, apply_template
 from dsft.errors import DataError
+
+log = logging.getLogger("dsft")
 
 __all__ = ["DataError", "Example", "Splits", "Tokenized", "load_examples", "prepare"]
 
@@ -138,6 +141,11 @@ def prepare(cfg: DataConfig, tokenizer: Any, builder: bool = True) -> Splits:
     stats["skipped_rows"] = len(skipped)
     if skipped:
         stats["skipped_first"] = skipped[:5]
+        log.warning(
+            "data: skipped %d bad rows (data.on_bad_row=skip), e.g.\n  %s",
+            len(skipped),
+            "\n  ".join(skipped[:5]),
+        )
 
     splits: dict[str, Split] = {}
     for name, corpus, idx in (
