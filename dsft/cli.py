@@ -77,6 +77,27 @@ def _cross_validate(ns: argparse.Namespace, cfg: Any) -> int:
     return rc
 
 
+def cmd_sweep(ns: argparse.Namespace) -> int:
+    from dsft import sweep
+
+    if ns.slurm:
+        return sweep.submit_slurm(ns.config, ns.sweep, ns.slurm_script, ns.sbatch_args)
+    return sweep.run_sweep(ns.config, ns.sweep, ns.trial)
+
+
+def cmd_report(ns: argparse.Namespace) -> int:
+    from dsft.report import write_report
+
+    runs = [Path(r) for r in ns.runs]
+    missing = [str(r) for r in runs if not (r / "metrics.jsonl").is_file()]
+    if missing:
+        print(f"dsft: error: no metrics.jsonl in {', '.join(missing)}", file=sys.stderr)
+        return 2
+    out = Path(ns.out) if ns.out else runs[0] / "report"
+    print(f"report: {write_report(runs, out)}")
+    return 0
+
+
 def cmd_data_inspect(ns: argparse.Namespace) -> int:
     from dsft.data.inspect import report
     from dsft.model import load_tokenizer
@@ -199,6 +220,28 @@ def build_parser() -> argparse.ArgumentParser:
     di.add_argument("--split", choices=("train", "val", "test"), default="train")
     di.add_argument("--no-color", action="store_true", help="mark trained tokens with [[ ]]")
     di.set_defaults(func=cmd_data_inspect)
+
+    w = sub.add_parser("sweep", help="grid/random search over config keys, ranked by a metric")
+    w.add_argument("config", help="the base YAML config")
+    w.add_argument("sweep", help="the sweep YAML (parameters, method, metric, budget, prune)")
+    w.add_argument("--trial", type=int, help="run only this trial (one Slurm array task)")
+    w.add_argument(
+        "--slurm", action="store_true", help="submit the trials as a Slurm job array instead"
+    )
+    w.add_argument(
+        "--slurm-script",
+        default=str(Path(__file__).resolve().parents[1] / "slurm" / "sweep_array.sbatch"),
+        help="the array script (default: slurm/sweep_array.sbatch)",
+    )
+    w.add_argument(
+        "--sbatch-args", default="", help="extra sbatch options, e.g. '--partition=gpu --wait'"
+    )
+    w.set_defaults(func=cmd_sweep, overrides=[])
+
+    r = sub.add_parser("report", help="an HTML page of curves, metrics and samples of runs")
+    r.add_argument("runs", nargs="+", help="run directories (several are overlaid)")
+    r.add_argument("--out", help="an .html path or a directory (default: <first run>/report)")
+    r.set_defaults(func=cmd_report, overrides=[])
 
     c = sub.add_parser("ds-config", help="print the DeepSpeed JSON a config generates")
     c.add_argument("config")
