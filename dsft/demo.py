@@ -162,9 +162,11 @@ def format_report(summary: dict[str, Any]) -> str:
         ("test exact match", "test", "exact_match"),
         ("test token F1", "test", "f1"),
     ):
+        if key not in a.get(split, {}):  # e.g. eval.generate=false: no exact match
+            continue
         before = b.get(split, {}).get(key, float("nan"))
         lines.append(f"  {label:22}{before:>10.3f}{a[split][key]:>10.3f}")
-    for s in a["test"].get("samples", [])[:4]:
+    for s in a.get("test", {}).get("samples", [])[:4]:
         lines.append(f"  e.g. {s['reference']!r:>12} <- model said {s['prediction']!r}")
     lines.append(f"  exported model: {summary.get('export')}")
     return "\n".join(lines)

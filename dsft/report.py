@@ -187,4 +187,10 @@ def _names(run_dirs: list[Path]) -> list[str]:
     names = [d.name for d in run_dirs]
     if len(set(names)) < len(names):
         names = [f"{d.parent.name}/{d.name}" for d in run_dirs]
+    for i, d in enumerate(run_dirs):  # a sweep trial is best named by its settings
+        trial = _read_json(d / "trial.json")
+        if trial:
+            names[i] = f"trial {trial['index']}: " + ", ".join(
+                f"{k}={v}" for k, v in trial["settings"].items()
+            )
     return names
