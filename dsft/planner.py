@@ -934,7 +934,8 @@ def render_family(
         if tokens and c is not None:
             hours = epochs * epoch_seconds(p.facts, hw, w, tokens, peak_tflops, mfu) / 3600
             over = budget_hours is not None and hours > budget_hours
-            row += f"{_duration(hours * 3600):>12}" + (" over budget" if over else "")
+            slow = "+" if c.option.offload_optimizer or c.option.offload_params else ""
+            row += f"{_duration(hours * 3600) + slow:>12}" + (" over budget" if over else "")
         lines.append(row)
     if tokens:
         lines.append("")
@@ -942,5 +943,6 @@ def render_family(
             f"train time: {epochs} epoch(s) of {_count(tokens)} tokens at {mfu:.0%} MFU of "
             f"{peak_tflops:g} TFLOP/s per GPU"
             + (f"; budget {budget_hours:g} h" if budget_hours is not None else "")
+            + " (+: offload, host-bound, usually several times slower)"
         )
     return "\n".join(lines)

@@ -89,6 +89,30 @@ def test_built_in_shapes_have_the_published_sizes() -> None:
         planner.model_facts("llama-9000b")
 
 
+# --------------------------------------------------------------------------- hardware facts
+
+
+def test_hardware_from_flags_and_launcher_env() -> None:
+    assert planner.parse_size("80GB") == planner.parse_size("80G") == 80 * GB
+    assert planner.parse_size("512MiB") == 512 * 2**20 and planner.parse_size("1.5TB") == 1536 * GB
+    assert planner.parse_count("250M") == 250_000_000 and planner.parse_count("1.2B") == 12 * 10**8
+    with pytest.raises(ConfigError, match="not a size"):
+        planner.parse_size("lots")
+    torchrun = {"WORLD_SIZE": "32", "LOCAL_WORLD_SIZE": "8"}
+    hw = planner.hardware_facts(gpu_mem="80GB", env=torchrun)
+    assert (hw.gpus_per_node, hw.nodes, hw.world_size, hw.gpu_mem) == (8, 4, 32, 80 * GB)
+    slurm = {"SLURM_NTASKS": "16", "SLURM_TASKS_PER_NODE": "8(x2)", "SLURM_JOB_NUM_NODES": "2"}
+    hw = planner.hardware_facts(gpu_mem="40GB", env={**slurm, "SLURM_NTASKS_PER_NODE": "8"})
+    assert (hw.gpus_per_node, hw.nodes) == (8, 2)
+    hw = planner.hardware_facts(gpus=4, nodes=2, gpu_mem="24GB", host_mem="256GB", env={})
+    assert (hw.world_size, hw.host_mem, hw.source) == (8, 256 * GB, "flags")
+    if not torch.cuda.is_available():
+        with pytest.raises(ConfigError, match="--gpus 8 --gpu-mem 80GB"):
+            planner.hardware_facts(env={})
+    cpu = planner.job_hardware(4, 2, None)  # a CPU job: ranks share their node's RAM
+    assert (cpu.device, cpu.gpus_per_node, cpu.nodes) == ("cpu", 2, 2)
+
+
 # --------------------------------------------------------------------------- memory model
 
 
@@ -312,6 +336,17 @@ def test_resolve_on_gpus_plans_warns_and_refuses(tiny_model: Path, tiny_data: Pa
     explicit = dataclasses.replace(cfg, deepspeed=dataclasses.replace(cfg.deepspeed, zero_stage=1))
     resolved, rec = planner.resolve(explicit, tiny_gpus)  # the user's choice wins, with a warning
     assert resolved.deepspeed.zero_stage == 1 and "may not fit" in rec["warnings"][0]
+
+
+def test_ds_config_resolves_auto(tiny_model: Path, tiny_data: Path, tmp_path, capsys) -> None:
+    tree = base_config(tiny_model, tiny_data, tmp_path / "run")
+    tree["deepspeed"].pop("zero_stage")
+    cfg = write_config(tmp_path / "c.yaml", tree)
+    assert main(["ds-config", str(cfg), "--world-size", "2"]) == 0
+    zero = json.loads(capsys.readouterr().out)["zero_optimization"]
+    if not torch.cuda.is_available():
+        assert zero["stage"] == 2  # the CPU rule for several ranks
+    assert zero.get("reduce_bucket_size", 32 * 32) == 32 * 32  # from the model's hidden size
 
 
 def test_batch_plan_refuses_unresolved_auto(tiny_model: Path, tiny_data: Path, tmp_path) -> None:
