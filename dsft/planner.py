@@ -2,12 +2,12 @@
 
     model facts (meta device, no weights read) ─┐
     hardware facts (CUDA, launcher env, flags) ─┼─> bytes per GPU and per host for each option
-    workload (sequence length, global batch)   ─┘      -> the first option that fits, its micro-batch
+    workload (sequence length, global batch)   ─┘      -> the choice and its micro-batch
 
 Memory model, per GPU. P parameters, T of them trainable, N GPUs, w bytes per weight and per
 gradient (2 for bf16/fp16, 4 for fp32):
 
-  model states  weights w·P, 16-bit gradients w·T, optimizer 12·T (fp32 master copy 4 + Adam
+  model states  weights w·P, gradients w·T, optimizer 12·T (fp32 master copy 4 + Adam
                 moments 8) and the fp32 gradients DeepSpeed builds for the step 4·T — the same
                 bytes DeepSpeed's estimators count ("18 = 2 grads16 + 4 grads32 + 4 params32 + 8
                 states"). ZeRO-1 divides the optimizer by N, ZeRO-2 the gradients too, ZeRO-3 the
@@ -50,9 +50,8 @@ log = logging.getLogger("dsft")
 
 GiB = 2**30
 CONTEXT_BYTES = 1 * GiB  # CUDA context, cuBLAS workspace, NCCL: not in PyTorch's allocator
-HOST_BUFFER_FACTOR = (
-    1.5  # pinned staging buffers for offload (DeepSpeed's additional_buffer_factor)
-)
+# Pinned staging buffers for offload: DeepSpeed's additional_buffer_factor.
+HOST_BUFFER_FACTOR = 1.5
 DEFAULT_HEADROOM = 0.9
 DEFAULT_MFU = 0.4
 DEFAULT_PEAK_TFLOPS = 989.0  # H100 dense bf16
