@@ -360,12 +360,12 @@ def hardware_facts(
     )
     world = _env_int(env, "WORLD_SIZE", "SLURM_NTASKS", "OMPI_COMM_WORLD_SIZE")
     detected = gpu_mem is None
-    if gpus is None:
+    if gpus is None:  # this job's ranks per node (and so its nodes), else this machine's GPUs
         gpus = local or (torch.cuda.device_count() if cuda else None)
+        if nodes is None and world and local:
+            nodes = world // local
     if nodes is None:
-        nodes = (world // local if world and local else None) or _env_int(
-            env, "SLURM_JOB_NUM_NODES", "SLURM_NNODES"
-        )
+        nodes = _env_int(env, "SLURM_JOB_NUM_NODES", "SLURM_NNODES")
     if gpu_mem is None:
         if not cuda:
             raise ConfigError(

@@ -28,6 +28,17 @@ from .conftest import ROOT, base_config, write_config
 GB = GiB
 
 
+@pytest.fixture(autouse=True)
+def _no_launcher_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Plans here describe their hardware by flags: no job's env (leaked by other in-process
+    tests, or set by the launcher running pytest) may add ranks or nodes."""
+    for key in list(os.environ):
+        if key in ("RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "LOCAL_RANK") or key.startswith(
+            ("SLURM_", "OMPI_COMM_WORLD_", "PMI_")
+        ):
+            monkeypatch.delenv(key)
+
+
 def facts(params: float = 1e9, **kw) -> ModelFacts:
     """A synthetic Llama-ish model, for choices with round numbers."""
     values = dict(
@@ -106,6 +117,8 @@ def test_hardware_from_flags_and_launcher_env() -> None:
     assert (hw.gpus_per_node, hw.nodes) == (8, 2)
     hw = planner.hardware_facts(gpus=4, nodes=2, gpu_mem="24GB", host_mem="256GB", env={})
     assert (hw.world_size, hw.host_mem, hw.source) == (8, 256 * GB, "flags")
+    hw = planner.hardware_facts(gpus=8, gpu_mem="80GB", env=torchrun)  # flags describe it all
+    assert (hw.world_size, hw.nodes) == (8, 1)
     if not torch.cuda.is_available():
         with pytest.raises(ConfigError, match="--gpus 8 --gpu-mem 80GB"):
             planner.hardware_facts(env={})
@@ -451,8 +464,6 @@ def test_dsft_launch_picks_torchrun(tiny_model: Path, tiny_data: Path, tmp_path,
     cfg = write_config(tmp_path / "c.yaml", base_config(tiny_model, tiny_data, tmp_path / "o"))
     calls = []
     monkeypatch.setattr(cli, "_launch", lambda n, args: calls.append((n, args)) or 0)
-    for k in ("RANK", "WORLD_SIZE"):
-        monkeypatch.delenv(k, raising=False)
     assert main(["launch", str(cfg), "--nproc", "3", "train.lr=1e-3"]) == 0
     assert calls == [(3, ["train", str(cfg), "train.lr=1e-3"])]
     assert main(["launch", str(cfg), "train.lr=oops"]) == 2  # validated before launching
