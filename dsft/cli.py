@@ -1,4 +1,5 @@
-"""``dsft`` command line: train (incl. k-fold), eval, export, demo, data inspect, ds-config.
+"""``dsft`` command line: train (incl. k-fold), launch, plan, eval, export, demo, data
+inspect, sweep, report, ds-config.
 
 User mistakes (bad config, bad data rows) end with a clear message and exit
 code 2, never a traceback.
@@ -7,6 +8,7 @@ code 2, never a traceback.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import subprocess
@@ -18,7 +20,7 @@ from typing import Any
 import yaml
 
 from dsft.config import load_config
-from dsft.errors import USER_ERRORS
+from dsft.errors import USER_ERRORS, ConfigError
 
 
 def _launch(nproc: int, args: list[str]) -> int:
@@ -150,13 +152,94 @@ def cmd_demo(ns: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_launch(ns: argparse.Namespace) -> int:
+    """``dsft train`` on N local ranks under torchrun (default: one per visible GPU)."""
+    load_config(ns.config, ns.overrides)  # validate before spawning anything
+    if _in_launched_job():  # already a rank of a job: just train
+        args = {**vars(ns), "nproc": 1, "resume": None, "no_resume": False}
+        return cmd_train(argparse.Namespace(**args))
+    import torch
+
+    nproc = ns.nproc or torch.cuda.device_count() or 1
+    return _launch(nproc, ["train", ns.config, *ns.overrides])
+
+
 def cmd_ds_config(ns: argparse.Namespace) -> int:
+    from dsft import planner
     from dsft.config import batch_plan
     from dsft.plan import deepspeed_config
 
     cfg = load_config(ns.config, ns.overrides)
-    print(json.dumps(deepspeed_config(cfg, batch_plan(cfg.train, ns.world_size)), indent=2))
+    hw = planner.job_hardware(ns.world_size, ns.world_size, planner.free_gpu_memory())
+    cfg, decision = planner.resolve(cfg, hw)  # "auto" as `dsft train` would resolve it here
+    hidden = decision.get("model", {}).get("hidden") or planner.hidden_size(
+        cfg.model.path, cfg.model.trust_remote_code
+    )
+    print(json.dumps(deepspeed_config(cfg, batch_plan(cfg.train, ns.world_size), hidden), indent=2))
     return 0
+
+
+def cmd_plan(ns: argparse.Namespace) -> int:
+    """Print every DeepSpeed option's memory for a model on some hardware, and the choice."""
+    from dsft import planner
+    from dsft.config import Config
+    from dsft.monitor import peak_flops
+
+    if sum(bool(x) for x in (ns.source, ns.shape, ns.family)) != 1:
+        raise ConfigError(["dsft plan: give one of MODEL_DIR_OR_CONFIG, --shape NAME, --family"])
+    cfg, source = Config(), ns.shape or ns.source
+    from_yaml = bool(ns.source) and Path(ns.source).suffix in (".yaml", ".yml")
+    if from_yaml:
+        cfg = load_config(ns.source, ns.overrides)
+        source = cfg.model.path
+    elif ns.overrides:
+        raise ConfigError(["dsft plan: dotted overrides need a YAML config"])
+    lora = dataclasses.replace(cfg.model.lora, enabled=cfg.model.lora.enabled or ns.lora)
+    hw = planner.hardware_facts(ns.gpus, ns.gpu_mem, ns.nodes, ns.host_mem)
+    t = cfg.train
+    micro = ns.micro_batch or (t.micro_batch if from_yaml else "auto")
+    micro = None if micro == "auto" else int(micro)
+    if ns.global_batch:
+        global_batch = ns.global_batch
+    elif from_yaml and (t.global_batch or micro):
+        global_batch = t.global_batch or micro * t.grad_accum * hw.world_size
+    else:
+        global_batch = 8 * hw.world_size  # 8 sequences per GPU
+    work = planner.Workload(
+        seq=ns.seq or cfg.data.max_len,
+        global_batch=global_batch,
+        micro_batch=micro,
+        precision=ns.precision or t.precision,
+        checkpointing=ns.grad_ckpt or cfg.model.gradient_checkpointing,
+        attention=cfg.model.attn_implementation,
+        headroom=ns.headroom,
+    )
+    tokens = planner.parse_count(ns.tokens) if ns.tokens else None
+    if tokens is None and from_yaml:  # the config's training split, tokenised as training does
+        from dsft.data import prepare
+        from dsft.model import load_tokenizer
+
+        tokens = prepare(cfg.data, load_tokenizer(cfg.model)).stats["train_tokens"]
+    peak = ns.peak_tflops or peak_flops(cfg.logging.peak_tflops) / 1e12
+    peak = peak or planner.DEFAULT_PEAK_TFLOPS
+    epochs = ns.epochs or t.epochs
+    if ns.family:
+        plans = [
+            planner.choose(planner.model_facts(name, lora, cfg.model.freeze), hw, work)
+            for name in planner.SHAPES
+        ]
+        print(planner.render_family(plans, tokens, peak, ns.mfu, epochs, ns.budget_hours))
+        return 0
+    facts = planner.model_facts(source, lora, cfg.model.freeze, cfg.model.trust_remote_code)
+    plan = planner.choose(facts, hw, work)
+    print(planner.render_plan(plan, tokens, peak, ns.mfu))
+    ds = cfg.deepspeed
+    if from_yaml and ds.zero_stage != "auto":
+        own = planner.Option(int(ds.zero_stage), ds.offload_optimizer, ds.offload_params)
+        e = planner.estimate(facts, hw, work, own)
+        verdict = "fits" if e.fits else "does NOT fit"
+        print(f"the config asks for {own}: {verdict} ({e.peak / 2**30:.1f} GB per GPU)")
+    return 0 if plan.choice else 2
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -243,12 +326,49 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--out", help="an .html path or a directory (default: <first run>/report)")
     r.set_defaults(func=cmd_report, overrides=[])
 
+    la = sub.add_parser("launch", help="dsft train on N local ranks, launched by torchrun")
+    la.add_argument("config", help="YAML config file")
+    la.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.lr=2e-5")
+    la.add_argument("--nproc", type=int, help="ranks (default: one per visible GPU, else 1)")
+    la.set_defaults(func=cmd_launch)
+
+    pl = sub.add_parser(
+        "plan", help="memory of every ZeRO stage / offload option, and the one dsft picks"
+    )
+    pl.add_argument("source", nargs="?", help="model directory (config.json) or a YAML config")
+    pl.add_argument("overrides", nargs="*", help="dotted overrides of a YAML config")
+    pl.add_argument("--shape", help="a built-in Llama shape: " + ", ".join(_shape_names()))
+    pl.add_argument("--family", action="store_true", help="which built-in Llama sizes fit")
+    pl.add_argument("--gpus", type=int, help="GPUs per node (default: this machine's)")
+    pl.add_argument("--gpu-mem", help="free memory per GPU, e.g. 80GB (default: measured)")
+    pl.add_argument("--nodes", type=int, help="nodes (default: from the launcher env, else 1)")
+    pl.add_argument("--host-mem", help="host RAM per node, e.g. 1TB (default: this machine's)")
+    pl.add_argument("--seq", type=int, help="sequence length (default: data.max_len)")
+    pl.add_argument("--global-batch", type=int, help="sequences per step (default: 8 per GPU)")
+    pl.add_argument("--micro-batch", help="N, or auto (default: auto; a config's own value)")
+    pl.add_argument("--lora", action="store_true", help="plan for LoRA (model.lora defaults)")
+    pl.add_argument("--grad-ckpt", action="store_true", help="activation checkpointing on")
+    pl.add_argument("--precision", choices=["fp32", "bf16", "fp16"])
+    pl.add_argument("--headroom", type=float, default=0.9, help="usable share of GPU memory")
+    pl.add_argument("--tokens", help="training tokens per epoch, e.g. 500M (default: the data)")
+    pl.add_argument("--epochs", type=int, help="epochs, for --family's train time")
+    pl.add_argument("--mfu", type=float, default=0.4, help="assumed model FLOPs utilisation")
+    pl.add_argument("--peak-tflops", type=float, help="per GPU (default: by name, else 989)")
+    pl.add_argument("--budget-hours", type=float, help="--family: mark sizes over this time")
+    pl.set_defaults(func=cmd_plan)
+
     c = sub.add_parser("ds-config", help="print the DeepSpeed JSON a config generates")
     c.add_argument("config")
     c.add_argument("overrides", nargs="*")
     c.add_argument("--world-size", type=int, default=1)
     c.set_defaults(func=cmd_ds_config)
     return p
+
+
+def _shape_names() -> list[str]:
+    from dsft.planner import SHAPES
+
+    return list(SHAPES)
 
 
 def main(argv: list[str] | None = None) -> int:

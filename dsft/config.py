@@ -117,7 +117,9 @@ class TrainConfig:
 
     epochs: int = 1
     max_steps: int = 0  # optimizer steps; 0 = run `epochs` full epochs
-    micro_batch: int = 4  # sequences per rank per forward pass
+    # Sequences per rank per forward pass; "auto": the largest the memory planner fits
+    # (needs global_batch, which accumulation then reaches).
+    micro_batch: int | Literal["auto"] = 4
     grad_accum: int = 1  # micro-batches per optimizer step; ignored when global_batch is set
     global_batch: int = 0  # sequences per optimizer step over all ranks; 0 = derived
     lr: float = 2e-5
@@ -146,9 +148,11 @@ class TrainConfig:
 class DeepSpeedConfig:
     """How DeepSpeed shards the model states. The JSON is generated from this."""
 
-    zero_stage: int = 0
-    offload_optimizer: bool = False  # ZeRO 1-3: optimizer states in host RAM
-    offload_params: bool = False  # ZeRO 3: parameters in host RAM
+    # 0-3, or "auto": the memory planner (dsft/planner.py) picks stage and offload from the
+    # model's size and the GPUs' free memory; without CUDA, ZeRO-0 on one rank, ZeRO-2 on more.
+    zero_stage: int | Literal["auto"] = "auto"
+    offload_optimizer: bool = False  # ZeRO 1-3: optimizer states in host RAM (auto: required)
+    offload_params: bool = False  # ZeRO 3: parameters in host RAM (auto: required)
     loss_scale_window: int = 1000  # fp16 dynamic loss scaling
     initial_scale_power: int = 16
     min_loss_scale: float = 1.0
@@ -225,8 +229,8 @@ class Config:
 
 
 def _type_name(tp: Any) -> str:
-    if get_origin(tp) is Literal:
-        return " | ".join(repr(a) for a in get_args(tp))
+    if get_origin(tp) in (Literal, typing.Union, types.UnionType):
+        return " | ".join(repr(a) if isinstance(a, str) else _type_name(a) for a in get_args(tp))
     return getattr(tp, "__name__", None) or str(tp)
 
 
@@ -243,7 +247,7 @@ def _coerce(value: Any, tp: Any, where: str, problems: list[str]) -> Any:
             out = _coerce(value, arg, where, sub)
             if not sub:
                 return out
-        problems.append(f"{where}: expected {tp}, got {type(value).__name__} {value!r}")
+        problems.append(f"{where}: expected {_type_name(tp)}, got {type(value).__name__} {value!r}")
         return value
     if origin is dict:
         key_tp, val_tp = get_args(tp)
@@ -422,8 +426,10 @@ def validate(cfg: Config) -> list[str]:
         )
     p.extend(validate_data(d))
     for name in ("micro_batch", "grad_accum", "epochs"):
-        if getattr(t, name) < 1:
+        if getattr(t, name) != "auto" and getattr(t, name) < 1:
             p.append(f"train.{name}: must be >= 1")
+    if t.micro_batch == "auto" and t.global_batch <= 0:
+        p.append("train.micro_batch=auto: needs train.global_batch (the batch to reach)")
     if t.max_steps < 0:
         p.append("train.max_steps: must be >= 0 (0 means: run train.epochs)")
     if t.global_batch < 0:
@@ -440,12 +446,12 @@ def validate(cfg: Config) -> list[str]:
         p.append(f"train.betas: {t.betas} must be two numbers in [0, 1), e.g. [0.9, 0.999]")
     if t.max_grad_norm < 0:
         p.append("train.max_grad_norm: must be >= 0 (0 disables clipping)")
-    if ds.zero_stage not in (0, 1, 2, 3):
-        p.append(f"deepspeed.zero_stage: {ds.zero_stage} must be 0, 1, 2 or 3")
+    if ds.zero_stage not in (0, 1, 2, 3, "auto"):
+        p.append(f"deepspeed.zero_stage: {ds.zero_stage} must be 0, 1, 2, 3 or auto")
     if ds.offload_optimizer and ds.zero_stage == 0:
-        p.append("deepspeed.offload_optimizer: needs deepspeed.zero_stage >= 1")
-    if ds.offload_params and ds.zero_stage != 3:
-        p.append("deepspeed.offload_params: needs deepspeed.zero_stage=3")
+        p.append("deepspeed.offload_optimizer: needs deepspeed.zero_stage >= 1 (or auto)")
+    if ds.offload_params and ds.zero_stage not in (3, "auto"):
+        p.append("deepspeed.offload_params: needs deepspeed.zero_stage=3 (or auto)")
     if ev.every < 0 or ev.micro_batch < 1 or ev.max_generate < 0 or ev.max_new_tokens < 1:
         p.append("eval: every >= 0, micro_batch >= 1, max_generate >= 0, max_new_tokens >= 1")
     if ev.patience < 0 or ev.min_delta < 0:
@@ -591,8 +597,11 @@ def batch_plan(train: TrainConfig, world_size: int) -> BatchPlan:
     """Derive gradient accumulation from ``train.global_batch`` (if set) and the world size.
 
     global batch = micro-batch x grad-accum x data-parallel size; this is the only
-    place that equation is solved.
+    place that equation is solved. A micro-batch of "auto" must be resolved by the planner
+    (:func:`dsft.planner.resolve`) first.
     """
+    if train.micro_batch == "auto":
+        raise ConfigError(["train.micro_batch=auto: resolve it with dsft.planner.resolve first"])
     if train.global_batch <= 0:
         return BatchPlan(train.micro_batch, train.grad_accum, world_size)
     per_step = train.micro_batch * world_size

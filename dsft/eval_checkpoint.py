@@ -36,7 +36,7 @@ def locate(path: str | Path) -> tuple[str, Path, str | None]:
 
 def run_eval(cfg: Config, checkpoint: str, out_dir: str | None = None) -> dict[str, Any]:
     """Evaluate ``checkpoint`` on the validation and test splits of ``cfg.data``."""
-    from dsft.train import check_runtime
+    from dsft.train import check_runtime, resolve_plan
 
     kind, where, tag = locate(checkpoint)
     env = distributed.setup()
@@ -47,7 +47,8 @@ def run_eval(cfg: Config, checkpoint: str, out_dir: str | None = None) -> dict[s
         cfg = dataclasses.replace(
             cfg, model=dataclasses.replace(cfg.model, path=str(where), lora=LoraConfig())
         )
-    ds_config = deepspeed_config(cfg, batch_plan(cfg.train, env.world_size))
+    cfg, decision = resolve_plan(cfg, env)  # "auto" ZeRO stage / micro-batch
+    ds_config = deepspeed_config(cfg, batch_plan(cfg.train, env.world_size), decision["hidden"])
     tokenizer = load_tokenizer(cfg.model)
     splits = data.prepare(cfg.data, tokenizer, builder=env.local_rank == 0)
     model = build_model(cfg.model, torch_dtype(cfg.train.precision), ds_config)

@@ -33,7 +33,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from dsft import checkpoint, data, distributed, evaluate, export, faults
+from dsft import checkpoint, data, distributed, evaluate, export, faults, planner
 from dsft.config import Config, batch_plan, save_config, to_dict
 from dsft.data.collate import collate
 from dsft.data.packing import collate_packed
@@ -84,23 +84,64 @@ def check_runtime(cfg: Config) -> None:
         log.warning("train.precision=bf16 on CPU is correct but much slower than fp32 here")
 
 
+def resolve_plan(cfg: Config, env: distributed.DistEnv) -> tuple[Config, dict[str, Any]]:
+    """Resolve "auto" (ZeRO stage, offload, micro-batch) for this job's hardware.
+
+    Rank 0 plans and the others receive its decision, so every rank builds the same engine;
+    the free GPU memory that bounds the plan is the smallest of all ranks'.
+    """
+    free = planner.free_gpu_memory()
+    if free is not None:
+        free = -distributed.all_reduce_max(-free)
+    result: Any = None
+    if env.is_main:
+        try:
+            hw = planner.job_hardware(env.world_size, env.local_world_size, free)
+            resolved, decision = planner.resolve(cfg, hw)
+            decision["hidden"] = decision.get("model", {}).get("hidden") or planner.hidden_size(
+                cfg.model.path, cfg.model.trust_remote_code
+            )
+            result = (resolved, decision)
+        except ConfigError as e:  # refused: every rank raises it (problems pickle, errors not)
+            result = e.problems
+    result = distributed.broadcast_object(result)
+    if isinstance(result, list):
+        raise ConfigError(result)
+    resolved, decision = result
+    if "table" in decision:
+        log.info("memory plan (%s):\n%s", decision["decided_by"], decision["table"])
+    ds = resolved.deepspeed
+    log.info(
+        "plan: ZeRO-%d%s%s, micro-batch %d x accum %d (decided by %s)",
+        ds.zero_stage,
+        " + optimizer offload" if ds.offload_optimizer else "",
+        " + param offload" if ds.offload_params else "",
+        decision["micro_batch"],
+        decision["grad_accum"],
+        decision["decided_by"],
+    )
+    return resolved, decision
+
+
 def run(cfg: Config) -> dict[str, Any]:
     """Fine-tune ``cfg.model.path`` on ``cfg.data``; returns the run summary (on every rank)."""
     # ---------------------------------------------------------------- setup
     env = distributed.setup()
     deepspeed = distributed.import_deepspeed()
     check_runtime(cfg)
+    # "auto" ZeRO stage / micro-batch -> the memory planner's choice; from here on cfg is
+    # the resolved config (saved, checkpointed, and what every later decision reads).
+    cfg, decision = resolve_plan(cfg, env)
     out = Path(cfg.output_dir)
+    plan = batch_plan(cfg.train, env.world_size)
+    ds_config = deepspeed_config(cfg, plan, decision["hidden"])
     if env.is_main:
         out.mkdir(parents=True, exist_ok=True)
         save_config(cfg, out / "config.yaml")
+        (out / "plan.json").write_text(json.dumps(decision, indent=2, default=str))
+        (out / "ds_config.json").write_text(json.dumps(ds_config, indent=2))
     distributed.barrier()
     seed_everything(cfg.train.seed)
-
-    plan = batch_plan(cfg.train, env.world_size)
-    ds_config = deepspeed_config(cfg, plan)
-    if env.is_main:
-        (out / "ds_config.json").write_text(json.dumps(ds_config, indent=2))
     zero3 = cfg.deepspeed.zero_stage == 3
 
     tokenizer = load_tokenizer(cfg.model)
@@ -483,3 +524,11 @@ def make_optimizer(cfg: Config, groups: list[dict[str, Any]]) -> torch.optim.Opt
 
         return DeepSpeedCPUAdam(groups, adamw_mode=True, **kwargs)
     return AdamW(groups, fused=torch.cuda.is_available(), **kwargs)
+
+
+if __name__ == "__main__":  # `torchrun ... -m dsft.train cfg.yaml [overrides]` = `dsft train ...`
+    import sys
+
+    from dsft.cli import main
+
+    sys.exit(main(["train", *sys.argv[1:]]))

@@ -135,3 +135,23 @@ def test_batch_plan_derives_accumulation_once() -> None:
 def test_defaults_live_in_dataclasses() -> None:
     assert Config().train.max_grad_norm == 1.0
     assert Config().model.trust_remote_code is False
+
+
+def test_zero_stage_and_micro_batch_auto(valid: Path) -> None:
+    cfg = load_config(valid)
+    assert cfg.deepspeed.zero_stage == "auto" and cfg.train.micro_batch == 4  # the defaults
+    cfg = load_config(valid, ["deepspeed.zero_stage=2", "deepspeed.offload_optimizer=true"])
+    assert cfg.deepspeed.zero_stage == 2
+    # with auto, offloads are requirements the planner honours
+    cfg = load_config(valid, ["deepspeed.offload_params=true", "deepspeed.offload_optimizer=true"])
+    assert cfg.deepspeed.zero_stage == "auto"
+    cfg = load_config(valid, ["train.micro_batch=auto", "train.global_batch=64"])
+    assert cfg.train.micro_batch == "auto"
+    with pytest.raises(ConfigError) as e:
+        load_config(valid, ["deepspeed.zero_stage=automatic", "train.micro_batch=-1"])
+    assert "deepspeed.zero_stage: expected int | 'auto', got str 'automatic'" in str(e.value)
+    with pytest.raises(ConfigError) as e:
+        load_config(valid, ["train.micro_batch=auto", "deepspeed.zero_stage=1"])
+    assert "train.micro_batch=auto: needs train.global_batch" in str(e.value)
+    with pytest.raises(ConfigError, match=r"offload_params: needs deepspeed\.zero_stage=3"):
+        load_config(valid, ["deepspeed.zero_stage=2", "deepspeed.offload_params=true"])

@@ -45,7 +45,10 @@ def _check_run(out: Path, data: Path, lora: bool = False, min_drop: float = 0.3)
     ckpt = Path(s["checkpoint"])
     assert ckpt.is_dir() and any(ckpt.iterdir())
     assert (out / "checkpoints" / "latest").read_text().strip() == ckpt.name
-    assert (out / "config.yaml").is_file() and (out / "ds_config.json").is_file()
+    assert (out / "config.yaml").is_file() and (out / "plan.json").is_file()
+    zero = json.loads((out / "ds_config.json").read_text())["zero_optimization"]
+    if zero["stage"]:  # bucket sizes follow the model's hidden size (32)
+        assert zero["reduce_bucket_size"] == 32 * 32
     rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     train_losses = [r["loss"] for r in rows if r["split"] == "train"]
     assert len(train_losses) >= 5 and all(map(torch.isfinite, torch.tensor(train_losses)))

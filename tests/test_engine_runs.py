@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
 from .conftest import (
     base_config,
@@ -183,13 +185,21 @@ def test_consecutive_bad_steps_stop_the_run(
             tiny_model,
             tiny_data,
             out,
-            deepspeed={"zero_stage": 2 if nproc > 1 else 0},
+            deepspeed={"zero_stage": "auto"},  # the default: the CPU rule picks 0 or 2
             train={"max_steps": 8, "max_bad_steps": 3},
             eval={"generate": False},
         ),
     )
     proc = run_dsft(["train", str(cfg)], nproc=nproc, env={"DSFT_FAULT_NAN_STEPS": "2,4,5,6"})
     assert "stopped at step 6: 3 steps in a row" in proc.stderr
+    plan = json.loads((out / "plan.json").read_text())
+    assert (plan["zero_stage"], plan["decided_by"]) == (2 if nproc > 1 else 0, "cpu")
+    assert (
+        yaml.safe_load((out / "config.yaml").read_text())["deepspeed"]["zero_stage"]
+        == (
+            plan["zero_stage"]  # the saved config is the resolved one
+        )
+    )
     if nproc == 1:
         assert proc.returncode == 3
         assert "Traceback" not in proc.stderr
