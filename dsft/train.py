@@ -88,6 +88,9 @@ def run(cfg: Config) -> dict[str, Any]:
     """Fine-tune ``cfg.model.path`` on ``cfg.data``; returns the run summary (on every rank)."""
     # ---------------------------------------------------------------- setup
     env = distributed.setup()
+    # From here a SIGTERM/SIGUSR1 (preemption) is a request to save and stop after
+    # the next step: the loop checks it at every step boundary.
+    distributed.catch_stop_signals()
     deepspeed = distributed.import_deepspeed()
     check_runtime(cfg)
     out = Path(cfg.output_dir)
@@ -236,7 +239,6 @@ def run(cfg: Config) -> dict[str, Any]:
         }
 
     # ---------------------------------------------------------------- loop
-    distributed.catch_stop_signals()
     engine.train()
     step, epoch, next_window = start["step"], start["epoch"], start["window"]
     t_start = time.time()
@@ -375,13 +377,17 @@ def run(cfg: Config) -> dict[str, Any]:
                 checkpoint.save(
                     engine, out, step, run_state(), cfg.checkpoint.keep_last, to_dict(cfg)
                 )
-            faults.kill_if("DSFT_FAULT_KILL_AT_STEP", step, env.is_main)  # test: a crash
+            faults.kill_if("DSFT_FAULT_KILL_AT_STEP", step, env.rank)  # test: a crash
+            faults.hang_if("DSFT_FAULT_HANG_AT_STEP", step, env.rank)  # test: a stuck rank
             if stops:  # preemption: every rank saves at this same step, then all exit
                 path = checkpoint.save(
                     engine, out, step, run_state(), cfg.checkpoint.keep_last, to_dict(cfg)
                 )
                 monitor.close()
                 requeue_if_asked(cfg)
+                # No rank exits before rank 0 has requeued: under `srun --kill-on-bad-exit`
+                # the first rank to exit (75) takes the others down with it.
+                distributed.barrier()
                 raise Preempted(
                     f"stopped by a signal at step {step}; saved {path}. Run the "
                     "same command to resume."
