@@ -254,25 +254,31 @@ def setup() -> DistEnv:
     return d
 
 
-_stop_signal: int | None = None
+_stop_signals: list[int] = []  # stop signals this rank received, in order
 _long_group: Any = None  # gloo group with a long timeout, for waiting on rank 0
 
 
 def _on_stop_signal(signum: int, _frame: Any) -> None:
-    global _stop_signal
-    _stop_signal = signum
+    _stop_signals.append(signum)
 
 
 def catch_stop_signals() -> None:
-    """Turn SIGTERM / SIGUSR1 (Slurm's time limit and ``--signal=USR1@N``) into a request
-    to stop at the next step boundary, instead of dying mid-step."""
+    """Turn SIGUSR1 (Slurm's ``--signal=USR1@N`` warning before the time limit) and
+    SIGTERM (scancel, the time limit itself, Slurm's preemption, torchrun passing a stop
+    on) into a request to stop at the next step boundary, instead of dying mid-step."""
     signal.signal(signal.SIGTERM, _on_stop_signal)
     signal.signal(signal.SIGUSR1, _on_stop_signal)
 
 
 def stop_requested() -> int | None:
-    """The stop signal this rank received, if any (ranks agree through an all-reduce)."""
-    return _stop_signal
+    """The first stop signal this rank received, if any (ranks agree through an all-reduce)."""
+    return _stop_signals[0] if _stop_signals else None
+
+
+def come_back_requested() -> bool:
+    """True when the stop was the warning before the time limit (SIGUSR1) and nobody
+    asked the job to end (SIGTERM: scancel, the limit itself), so it should requeue."""
+    return signal.SIGUSR1 in _stop_signals and signal.SIGTERM not in _stop_signals
 
 
 def device() -> torch.device:

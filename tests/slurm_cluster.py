@@ -307,6 +307,9 @@ class SlurmCluster:
         ).stdout
         return int(out.split(";")[0])
 
+    def scontrol(self, *args: str) -> str:
+        return self._run("scontrol", *args)
+
     def job(self, job_id: int) -> dict[str, str]:
         """``scontrol show job`` as a dict ({} once the job has left the controller)."""
         out = self._run("scontrol", "-o", "show", "job", str(job_id), check=False)
