@@ -237,6 +237,12 @@ def setup() -> DistEnv:
             world_size=d.world_size,
             timeout=timeout,
         )
+    # Groups made later without a timeout get torch's default (30 minutes), and DeepSpeed
+    # makes ZeRO's that way (a clone of the world group): make the default ours too.
+    c10d = torch.distributed.distributed_c10d
+    c10d.default_pg_timeout = timeout
+    if getattr(c10d, "default_pg_nccl_timeout", None) is not None:
+        c10d.default_pg_nccl_timeout = timeout
     global _long_group
     if d.world_size > 1 and _long_group is None:
         long = timedelta(seconds=max(timeout.total_seconds(), LONG_TIMEOUT))

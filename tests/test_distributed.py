@@ -5,6 +5,8 @@ from __future__ import annotations
 import math
 import os
 import socket
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -103,6 +105,27 @@ def test_dist_timeout() -> None:
     for bad in ("0", "-5", "ten"):
         with pytest.raises(ConfigError, match="DSFT_DIST_TIMEOUT"):
             dist.dist_timeout({"DSFT_DIST_TIMEOUT": bad})
+
+
+@pytest.mark.distributed
+def test_timeout_reaches_every_group(tmp_path) -> None:
+    """The world group and groups made later without a timeout (DeepSpeed's ZeRO groups)
+    all give up after DSFT_DIST_TIMEOUT."""
+    code = (
+        "import torch, torch.distributed as t\n"
+        "from dsft import distributed as d\n"
+        "d.setup()\n"
+        "cpu = torch.device('cpu')\n"
+        "for g in (t.group.WORLD, t.new_group([0])):\n"
+        "    print(g._get_backend(cpu).options._timeout.total_seconds())\n"
+    )
+    env = {**os.environ, "RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1",
+           "MASTER_PORT": str(_free_port()), "DSFT_DIST_TIMEOUT": "17",
+           "CUDA_VISIBLE_DEVICES": "", "DS_ACCELERATOR": "cpu"}  # fmt: skip
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
+                          text=True, timeout=300, cwd=tmp_path)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.split()[-2:] == ["17.0", "17.0"]  # after DeepSpeed's own lines
 
 
 class _ToyLM(torch.nn.Module):
