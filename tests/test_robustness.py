@@ -61,7 +61,7 @@ def test_hung_rank_times_out(tiny_model: Path, tiny_data: Path, tmp_path: Path) 
     DSFT_DIST_TIMEOUT, and the job ends non-zero (not after torch's 30 minutes)."""
     out = tmp_path / "run"
     cfg = write_config(tmp_path / "c.yaml", fault_config(tiny_model, tiny_data, out))
-    timeout = 15
+    timeout = 10
     rc, log, seconds = _torchrun(
         cfg,
         {"DSFT_FAULT_HANG_AT_STEP": "3", "DSFT_FAULT_RANK": "1", "DSFT_DIST_TIMEOUT": str(timeout)},
