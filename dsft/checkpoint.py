@@ -85,7 +85,7 @@ def save(
     engine.save_checkpoint(str(tmp), tag=tag, client_state=state, save_latest=False)
     # DeepSpeed's client_state is written by rank 0 only; RNG streams differ per rank.
     torch.save(rng_state(), tmp / tag / f"rng_rank{dist.get_rank()}.pt")
-    faults.kill_if("DSFT_FAULT_KILL_IN_SAVE", step, dist.is_main())  # test: a torn save
+    faults.kill_if("DSFT_FAULT_KILL_IN_SAVE", step, dist.get_rank())  # test: a torn save
     dist.barrier()
     if dist.is_main():
         import deepspeed

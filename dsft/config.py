@@ -194,8 +194,9 @@ class CheckpointConfig:
     resume: bool = True  # continue from <output_dir>/checkpoints/latest when it exists
     resume_from: str = ""  # or from this checkpoint (checkpoints/step_N, or a run directory)
     export: bool = True  # write <output_dir>/final: a from_pretrained directory
-    # On SIGTERM/SIGUSR1 the run saves and exits 75; under Slurm, also requeue the job
-    # (`scontrol requeue $SLURM_JOB_ID`) so that it resumes by itself.
+    # On SIGTERM/SIGUSR1 the run saves and exits 75; under Slurm, on SIGUSR1 (the
+    # warning before the time limit), also requeue the job (`scontrol requeue
+    # $SLURM_JOB_ID`) so that it resumes by itself. SIGTERM (scancel) never requeues.
     requeue: bool = False
 
 

@@ -2,11 +2,18 @@
 
 Discovery order (first match wins):
   1. torchrun / the ``deepspeed`` launcher: ``RANK``, ``LOCAL_RANK``, ``WORLD_SIZE``
-  2. Slurm ``srun`` tasks: ``SLURM_PROCID``, ``SLURM_LOCALID``, ``SLURM_NTASKS``
-  3. OpenMPI ``mpirun``: ``OMPI_COMM_WORLD_*`` (or any MPI through mpi4py, ``PMI_*``)
-  4. nothing: a single process
+  2. ``DSFT_DISCOVERY=mpi``: MPI itself, through mpi4py (``srun --mpi=pmix``, any mpirun)
+  3. Slurm ``srun`` tasks: ``SLURM_PROCID``, ``SLURM_LOCALID``, ``SLURM_NTASKS``
+  4. OpenMPI ``mpirun``: ``OMPI_COMM_WORLD_*`` (or MPICH / Intel MPI: ``PMI_*``)
+  5. nothing: a single process
 The result is written back into the torch env-var convention, so that
 ``deepspeed.init_distributed`` (and anything else) sees one consistent world.
+
+Timeouts: every collective of the job gives up after ``DSFT_DIST_TIMEOUT`` seconds
+(default 600; torch/DeepSpeed would wait 30 minutes), so a rank that hangs or vanishes
+ends the job instead of freezing it. Waiting for work that rank 0 does alone (writing
+and verifying a Hugging Face export) uses a separate gloo group that allows
+``LONG_TIMEOUT``.
 """
 
 from __future__ import annotations
@@ -19,9 +26,12 @@ import subprocess
 import sys
 import warnings
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import Any
 
 import torch
+
+from dsft.errors import ConfigError
 
 log = logging.getLogger("dsft")
 
@@ -48,6 +58,11 @@ def _int(env: dict[str, str], key: str) -> int:
 def discover(env: dict[str, str] | None = None) -> DistEnv:
     """Find rank / local rank / world size from the launcher's environment."""
     env = dict(os.environ if env is None else env)
+    how = env.get("DSFT_DISCOVERY", "auto")
+    if how not in ("auto", "mpi"):
+        raise ConfigError([f"DSFT_DISCOVERY={how!r}: use 'auto' (the default) or 'mpi'"])
+    if how == "mpi" and not ("RANK" in env and "WORLD_SIZE" in env):
+        return _discover_mpi()
     if "RANK" in env and "WORLD_SIZE" in env:
         source = "deepspeed" if "CROSS_RANK" in env else "torchrun"
         local = env.get("LOCAL_WORLD_SIZE") or env.get("LOCAL_SIZE") or "1"
@@ -86,6 +101,17 @@ def discover(env: dict[str, str] | None = None) -> DistEnv:
             int(env.get("MPI_LOCALNRANKS", 1)),
         )
     return DistEnv(0, 0, 1, "single")
+
+
+def _discover_mpi() -> DistEnv:
+    """Rank, size and node-local rank from MPI's COMM_WORLD (MPI_Init through mpi4py)."""
+    from mpi4py import MPI
+
+    world = MPI.COMM_WORLD
+    node = world.Split_type(MPI.COMM_TYPE_SHARED)  # the ranks sharing this node's memory
+    d = DistEnv(world.Get_rank(), node.Get_rank(), world.Get_size(), "mpi4py", node.Get_size())
+    node.Free()
+    return d
 
 
 def _free_port() -> int:
@@ -129,17 +155,43 @@ def export_torch_env(d: DistEnv) -> None:
         head = None
         if d.source == "slurm":
             head = _slurm_head_node(dict(os.environ))
-        elif d.source in ("openmpi", "mpi"):
+        elif d.source in ("openmpi", "mpi", "mpi4py"):
             head = _mpi_broadcast_head()
         os.environ["MASTER_ADDR"] = head or "127.0.0.1"
     if "MASTER_PORT" not in os.environ:
-        if d.source == "slurm" and "SLURM_JOB_ID" in os.environ:
+        if d.world_size > 1 and "SLURM_JOB_ID" in os.environ:
             # Every task of a job derives the same port without talking to the others.
-            os.environ["MASTER_PORT"] = str(20000 + int(os.environ["SLURM_JOB_ID"]) % 20000)
+            os.environ["MASTER_PORT"] = str(slurm_port(os.environ["SLURM_JOB_ID"]))
         elif d.world_size == 1:
             os.environ["MASTER_PORT"] = str(_free_port())
         else:
             os.environ["MASTER_PORT"] = "29500"
+
+
+def slurm_port(job_id: str | int) -> int:
+    """The rendezvous port of a Slurm job (also what the slurm/ scripts compute)."""
+    return 20000 + int(job_id) % 20000
+
+
+DEFAULT_TIMEOUT = 600  # seconds; DSFT_DIST_TIMEOUT overrides
+LONG_TIMEOUT = 3 * 3600  # seconds other ranks wait for rank 0's export (at least)
+
+
+def dist_timeout(env: dict[str, str] | None = None) -> timedelta:
+    """How long any collective may wait for the other ranks (``DSFT_DIST_TIMEOUT`` seconds).
+
+    A rank that died or hangs then ends the job after at most this long. Raise it when
+    one rank legitimately works alone for longer (e.g. a checkpoint of a very large
+    model written to a slow filesystem: its save time is logged).
+    """
+    raw = (os.environ if env is None else env).get("DSFT_DIST_TIMEOUT", "")
+    try:
+        seconds = float(raw) if raw.strip() else DEFAULT_TIMEOUT
+    except ValueError:
+        seconds = -1
+    if seconds <= 0:
+        raise ConfigError([f"DSFT_DIST_TIMEOUT={raw!r}: give a positive number of seconds"])
+    return timedelta(seconds=seconds)
 
 
 def configure_accelerator() -> str:
@@ -171,8 +223,11 @@ def setup() -> DistEnv:
     export_torch_env(d)
     backend = configure_accelerator()
     if backend == "nccl":
-        torch.cuda.set_device(d.local_rank)
+        # One GPU per task (srun --gpus-per-task / --gpu-bind) shows each rank a single
+        # device 0; otherwise the node's GPUs are shared out by local rank.
+        torch.cuda.set_device(d.local_rank % torch.cuda.device_count())
     deepspeed = import_deepspeed()
+    timeout = dist_timeout()
     if not torch.distributed.is_initialized():
         deepspeed.init_distributed(
             dist_backend=backend,
@@ -180,7 +235,18 @@ def setup() -> DistEnv:
             init_method="env://",
             rank=d.rank,
             world_size=d.world_size,
+            timeout=timeout,
         )
+    # Groups made later without a timeout get torch's default (30 minutes), and DeepSpeed
+    # makes ZeRO's that way (a clone of the world group): make the default ours too.
+    c10d = torch.distributed.distributed_c10d
+    c10d.default_pg_timeout = timeout
+    if getattr(c10d, "default_pg_nccl_timeout", None) is not None:
+        c10d.default_pg_nccl_timeout = timeout
+    global _long_group
+    if d.world_size > 1 and _long_group is None:
+        long = timedelta(seconds=max(timeout.total_seconds(), LONG_TIMEOUT))
+        _long_group = torch.distributed.new_group(backend="gloo", timeout=long)
     _configure_logging(d)
     # DeepSpeed still calls a collective that torch deprecated; one warning per rank
     # per step would bury the log.
@@ -194,24 +260,31 @@ def setup() -> DistEnv:
     return d
 
 
-_stop_signal: int | None = None
+_stop_signals: list[int] = []  # stop signals this rank received, in order
+_long_group: Any = None  # gloo group with a long timeout, for waiting on rank 0
 
 
 def _on_stop_signal(signum: int, _frame: Any) -> None:
-    global _stop_signal
-    _stop_signal = signum
+    _stop_signals.append(signum)
 
 
 def catch_stop_signals() -> None:
-    """Turn SIGTERM / SIGUSR1 (Slurm's time limit and ``--signal=USR1@N``) into a request
-    to stop at the next step boundary, instead of dying mid-step."""
+    """Turn SIGUSR1 (Slurm's ``--signal=USR1@N`` warning before the time limit) and
+    SIGTERM (scancel, the time limit itself, Slurm's preemption, torchrun passing a stop
+    on) into a request to stop at the next step boundary, instead of dying mid-step."""
     signal.signal(signal.SIGTERM, _on_stop_signal)
     signal.signal(signal.SIGUSR1, _on_stop_signal)
 
 
 def stop_requested() -> int | None:
-    """The stop signal this rank received, if any (ranks agree through an all-reduce)."""
-    return _stop_signal
+    """The first stop signal this rank received, if any (ranks agree through an all-reduce)."""
+    return _stop_signals[0] if _stop_signals else None
+
+
+def come_back_requested() -> bool:
+    """True when the stop was the warning before the time limit (SIGUSR1) and nobody
+    asked the job to end (SIGTERM: scancel, the limit itself), so it should requeue."""
+    return signal.SIGUSR1 in _stop_signals and signal.SIGTERM not in _stop_signals
 
 
 def device() -> torch.device:
@@ -237,6 +310,13 @@ def is_main() -> bool:
 def barrier() -> None:
     if torch.distributed.is_initialized():
         torch.distributed.barrier()
+
+
+def wait_for_main() -> None:
+    """A barrier after work that rank 0 does alone and that may take long (an export):
+    the other ranks wait up to ``LONG_TIMEOUT``, not ``DSFT_DIST_TIMEOUT``."""
+    if torch.distributed.is_initialized() and get_world_size() > 1:
+        torch.distributed.barrier(group=_long_group)
 
 
 def all_reduce_sum(values: list[float] | torch.Tensor) -> torch.Tensor:
@@ -316,5 +396,7 @@ def print0(*args: Any) -> None:
 
 
 def cleanup() -> None:
+    global _long_group
     if torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
+    _long_group = None

@@ -49,7 +49,7 @@ def export_hf(engine: Any, cfg: Config, out: Path) -> Path | None:
     sd = gather_state_dict(engine.module, cfg.deepspeed.zero_stage == 3)
     if dist.is_main():
         write_hf(cfg, sd, out)
-    dist.barrier()
+    dist.wait_for_main()  # rank 0 writes and reloads alone: may take long for big models
     return out if dist.is_main() else None
 
 

@@ -127,6 +127,9 @@ def run(cfg: Config) -> dict[str, Any]:
     """Fine-tune ``cfg.model.path`` on ``cfg.data``; returns the run summary (on every rank)."""
     # ---------------------------------------------------------------- setup
     env = distributed.setup()
+    # From here a SIGTERM/SIGUSR1 (preemption) is a request to save and stop after
+    # the next step: the loop checks it at every step boundary.
+    distributed.catch_stop_signals()
     deepspeed = distributed.import_deepspeed()
     check_runtime(cfg)
     # "auto" ZeRO stage / micro-batch -> the memory planner's choice; from here on cfg is
@@ -277,7 +280,6 @@ def run(cfg: Config) -> dict[str, Any]:
         }
 
     # ---------------------------------------------------------------- loop
-    distributed.catch_stop_signals()
     engine.train()
     step, epoch, next_window = start["step"], start["epoch"], start["window"]
     t_start = time.time()
@@ -290,6 +292,7 @@ def run(cfg: Config) -> dict[str, Any]:
     fault_steps = faults.steps("DSFT_FAULT_NAN_STEPS")
     zero0_fp32 = cfg.deepspeed.zero_stage == 0 and cfg.train.precision == "fp32"
     stopped_early = False
+    saved_step = -1  # the step of the last periodic checkpoint
     while step < total_steps and not stopped_early:
         batches = train_batches(
             len(units),
@@ -413,16 +416,22 @@ def run(cfg: Config) -> dict[str, Any]:
                     stopped_early = True
                     break
             if cfg.checkpoint.every and step % cfg.checkpoint.every == 0 and step < total_steps:
-                checkpoint.save(
-                    engine, out, step, run_state(), cfg.checkpoint.keep_last, to_dict(cfg)
-                )
-            faults.kill_if("DSFT_FAULT_KILL_AT_STEP", step, env.is_main)  # test: a crash
-            if stops:  # preemption: every rank saves at this same step, then all exit
                 path = checkpoint.save(
                     engine, out, step, run_state(), cfg.checkpoint.keep_last, to_dict(cfg)
                 )
+                saved_step = step
+            faults.kill_if("DSFT_FAULT_KILL_AT_STEP", step, env.rank)  # test: a crash
+            faults.hang_if("DSFT_FAULT_HANG_AT_STEP", step, env.rank)  # test: a stuck rank
+            if stops:  # preemption: every rank saves at this same step, then all exit
+                if saved_step != step:
+                    path = checkpoint.save(
+                        engine, out, step, run_state(), cfg.checkpoint.keep_last, to_dict(cfg)
+                    )
                 monitor.close()
                 requeue_if_asked(cfg)
+                # No rank exits before rank 0 has requeued: under `srun --kill-on-bad-exit`
+                # the first rank to exit (75) takes the others down with it.
+                distributed.barrier()
                 raise Preempted(
                     f"stopped by a signal at step {step}; saved {path}. Run the "
                     "same command to resume."
@@ -473,9 +482,18 @@ def micro_batch(
 
 
 def requeue_if_asked(cfg: Config) -> None:
-    """Under Slurm with checkpoint.requeue, put the job back in the queue (rank 0)."""
+    """Under Slurm with checkpoint.requeue, put the job back in the queue (rank 0).
+
+    Only for SIGUSR1, the warning the slurm/ scripts ask for before the time limit.
+    A SIGTERM means the job should end: ``scancel`` (requeueing would bring a
+    cancelled job back), the time limit itself, or Slurm's own preemption (which
+    requeues by itself when the partition says so).
+    """
     job = os.environ.get("SLURM_JOB_ID")
     if not (cfg.checkpoint.requeue and job and distributed.is_main()):
+        return
+    if not distributed.come_back_requested():
+        log.info("not requeueing Slurm job %s: stopped by SIGTERM (scancel or the limit)", job)
         return
     try:  # argv list: the job id comes from the environment, never a shell string
         subprocess.run(["scontrol", "requeue", job], check=True, timeout=60)

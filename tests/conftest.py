@@ -185,3 +185,13 @@ def weights(model_dir: Path) -> dict[str, Any]:
     from safetensors.torch import load_file
 
     return load_file(str(model_dir / "model.safetensors"))
+
+
+def pytest_terminal_summary(terminalreporter) -> None:
+    """The time each Slurm stage took (install, start, every job), when any ran."""
+    from .slurm_cluster import TIMINGS
+
+    if TIMINGS:
+        terminalreporter.write_sep("-", "Slurm stage timings")
+        for stage, seconds in TIMINGS:
+            terminalreporter.write_line(f"{seconds:7.1f}s  {stage}")

@@ -5,6 +5,8 @@ from __future__ import annotations
 import math
 import os
 import socket
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -13,6 +15,7 @@ import torch.multiprocessing as mp
 
 from dsft import distributed as dist
 from dsft.data.collate import collate
+from dsft.errors import ConfigError
 from dsft.evaluate import validate
 
 
@@ -73,6 +76,56 @@ def test_slurm_port_is_derived_from_job_id(monkeypatch: pytest.MonkeyPatch) -> N
     dist.export_torch_env(dist.DistEnv(1, 0, 4, "slurm"))
     assert os.environ["MASTER_PORT"] == str(20000 + 123456 % 20000)
     assert (os.environ["RANK"], os.environ["WORLD_SIZE"]) == ("1", "4")
+
+
+def test_mpi_discovery_is_asked_for_and_port_comes_from_the_job(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """DSFT_DISCOVERY=mpi asks MPI (mpi4py) instead of Slurm's variables; under Slurm every
+    multi-rank source uses the job-id port."""
+    seen = []
+    monkeypatch.setattr(dist, "_discover_mpi", lambda: seen.append(1) or dist.DistEnv(
+        1, 0, 2, "mpi4py", 1))  # fmt: skip
+    slurm = {"SLURM_PROCID": "0", "SLURM_NTASKS": "2", "DSFT_DISCOVERY": "mpi"}
+    assert dist.discover(slurm).source == "mpi4py" and seen
+    assert dist.discover({**slurm, "DSFT_DISCOVERY": "auto"}).source == "slurm"
+    with pytest.raises(ConfigError, match="DSFT_DISCOVERY"):
+        dist.discover({"DSFT_DISCOVERY": "pmix"})
+    for k in ("MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(k, raising=False)
+    monkeypatch.setenv("SLURM_JOB_ID", "4242")
+    monkeypatch.setenv("MASTER_ADDR", "n1")
+    dist.export_torch_env(dist.DistEnv(1, 0, 2, "mpi4py"))
+    assert os.environ["MASTER_PORT"] == str(dist.slurm_port(4242)) == "24242"
+
+
+def test_dist_timeout() -> None:
+    assert dist.dist_timeout({}).total_seconds() == dist.DEFAULT_TIMEOUT == 600
+    assert dist.dist_timeout({"DSFT_DIST_TIMEOUT": "90"}).total_seconds() == 90
+    for bad in ("0", "-5", "ten"):
+        with pytest.raises(ConfigError, match="DSFT_DIST_TIMEOUT"):
+            dist.dist_timeout({"DSFT_DIST_TIMEOUT": bad})
+
+
+@pytest.mark.distributed
+def test_timeout_reaches_every_group(tmp_path) -> None:
+    """The world group and groups made later without a timeout (DeepSpeed's ZeRO groups)
+    all give up after DSFT_DIST_TIMEOUT."""
+    code = (
+        "import torch, torch.distributed as t\n"
+        "from dsft import distributed as d\n"
+        "d.setup()\n"
+        "cpu = torch.device('cpu')\n"
+        "for g in (t.group.WORLD, t.new_group([0])):\n"
+        "    print(g._get_backend(cpu).options._timeout.total_seconds())\n"
+    )
+    env = {**os.environ, "RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1",
+           "MASTER_PORT": str(_free_port()), "DSFT_DIST_TIMEOUT": "17",
+           "CUDA_VISIBLE_DEVICES": "", "DS_ACCELERATOR": "cpu"}  # fmt: skip
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
+                          text=True, timeout=300, cwd=tmp_path)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.split()[-2:] == ["17.0", "17.0"]  # after DeepSpeed's own lines
 
 
 class _ToyLM(torch.nn.Module):
