@@ -1,4 +1,4 @@
-"""``dsft`` command line: train (incl. k-fold), eval, export, demo, data inspect, ds-config.
+"""``dsft`` command line: train (incl. k-fold), eval, export, demo, data inspect, bench, ds-config.
 
 User mistakes (bad config, bad data rows) end with a clear message and exit
 code 2, never a traceback.
@@ -242,6 +242,10 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("runs", nargs="+", help="run directories (several are overlaid)")
     r.add_argument("--out", help="an .html path or a directory (default: <first run>/report)")
     r.set_defaults(func=cmd_report, overrides=[])
+
+    from dsft.bench import add_parser as add_bench_parser
+
+    add_bench_parser(sub)
 
     c = sub.add_parser("ds-config", help="print the DeepSpeed JSON a config generates")
     c.add_argument("config")
