@@ -205,6 +205,7 @@ class Bench:
             "packed_micro_batch",
             "grad_accum",
             "max_len",
+            "train_examples",
         ):
             if getattr(ns, key, None) is not None:
                 self.cfg[key] = getattr(ns, key)
@@ -399,7 +400,9 @@ class Bench:
             self.ds_config = Path(res["ds_config"])
         else:
             res = self.run_trl(out, name == "trl-best", self._ds_config())
+        t = time.time()
         res["val_loss"] = self.val_loss(Path(res["final"]))
+        log(f"{name} {tag}: ran {res['wall_s']:.1f}s, validation {time.time() - t:.1f}s")
         return res
 
     def _ds_config(self) -> Path:
@@ -603,6 +606,15 @@ def table(result: dict[str, Any]) -> str:
 
 
 def run(ns: argparse.Namespace) -> int:
+    import torch
+
+    if ns.mode == "gpu" and not ns.dry_run and not torch.cuda.is_available():
+        print(
+            "dsft bench: --mode gpu needs a CUDA GPU; on a CPU use --mode gpu --dry-run "
+            "(the GPU path with tiny shapes) or --mode cpu",
+            file=sys.stderr,
+        )
+        return 2
     bench = Bench(ns)
     c = bench.cfg
     systems = [s for s in SYSTEMS if s in ns.systems.split(",")]
@@ -697,6 +709,7 @@ def add_parser(sub: Any) -> None:
     b.add_argument("--packed-micro-batch", type=int, help="packed rows per micro-batch")
     b.add_argument("--grad-accum", type=int)
     b.add_argument("--max-len", type=int)
+    b.add_argument("--train-examples", type=int, help="generated training examples")
     b.add_argument("--zero-stage", type=int, default=2)
     b.add_argument("--lr", type=float, default=1e-3)
     b.add_argument("--attn", help="attention implementation (default: flash-attn if any, sdpa)")
