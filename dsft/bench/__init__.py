@@ -289,7 +289,7 @@ class Bench:
         )
 
     # ------------------------------------------------------------------ systems
-    def _dsft_config(self, out: Path, packed: bool) -> Path:
+    def _dsft_config(self, out: Path, packed: bool, seed: int = 0) -> Path:
         c = self.cfg
         tree = {
             "output_dir": str(out),
@@ -311,7 +311,7 @@ class Bench:
                 "schedule": "cosine",
                 "precision": c["precision"],
                 "max_grad_norm": 1.0,
-                "seed": 0,
+                "seed": seed,
             },
             "deepspeed": {"zero_stage": c["zero_stage"]},
             "eval": {"generate": False, "before_training": False, "micro_batch": 8},
@@ -328,8 +328,8 @@ class Bench:
         path.write_text(yaml.safe_dump(tree, sort_keys=False))
         return path
 
-    def run_dsft(self, out: Path, packed: bool) -> dict[str, Any]:
-        cfg = self._dsft_config(out, packed)
+    def run_dsft(self, out: Path, packed: bool, seed: int) -> dict[str, Any]:
+        cfg = self._dsft_config(out, packed, seed)
         cmd = launcher(self.cfg["nproc"], ["dsft", "train", str(cfg), "--no-resume"])
         env = child_env(not self.cuda, self.cfg["nproc"])
         w = watch(cmd, env, out / "metrics.jsonl", out.parent / f"{out.name}.log")
@@ -353,7 +353,7 @@ class Bench:
             "ds_config": str(out / "ds_config.json"),
         }
 
-    def run_trl(self, out: Path, best: bool, ds_config: Path) -> dict[str, Any]:
+    def run_trl(self, out: Path, best: bool, ds_config: Path, seed: int) -> dict[str, Any]:
         c = self.cfg
         spec = {
             "out": str(out),
@@ -369,7 +369,7 @@ class Bench:
             "lr": self.ns.lr,
             "warmup_steps": 2,
             "max_grad_norm": 1.0,
-            "seed": 0,
+            "seed": seed,
             "deepspeed": None if self.ns.trl_no_deepspeed else str(ds_config),
         }
         out.mkdir(parents=True, exist_ok=True)
@@ -392,14 +392,15 @@ class Bench:
         mem = summary.get("gpu_mem_gb") if self.cuda else w["peak_rss_gb"]
         return {**w, "steps": steps, "peak_mem_gb": mem, "final": str(out / "final"), **summary}
 
-    def run_system(self, name: str, tag: str) -> dict[str, Any]:
+    def run_system(self, name: str, tag: str, seed: int = 0) -> dict[str, Any]:
+        """One run of ``name``; ``seed`` sets the data order (the same for every system)."""
         out = self.work / "runs" / f"{name}-{tag}"
         shutil.rmtree(out, ignore_errors=True)  # a stale metrics.jsonl would fake the start-up
         if name.startswith("dsft"):
-            res = self.run_dsft(out, packed=name == "dsft-packed")
+            res = self.run_dsft(out, name == "dsft-packed", seed)
             self.ds_config = Path(res["ds_config"])
         else:
-            res = self.run_trl(out, name == "trl-best", self._ds_config())
+            res = self.run_trl(out, name == "trl-best", self._ds_config(), seed)
         t = time.time()
         res["val_loss"] = self.val_loss(Path(res["final"]))
         log(f"{name} {tag}: ran {res['wall_s']:.1f}s, validation {time.time() - t:.1f}s")
@@ -586,6 +587,14 @@ def table(result: dict[str, Any]) -> str:
         f"per run, first {c['skip_steps']} skipped; medians of {c['repeats']} alternating runs; "
         f"device: {result['environment']['device']}.",
         MFU_FORMULA + f"; peak {c['peak_tflops'] or 'n/a'} TFLOP/s per device.",
+        "Val loss over the rounds (data-order seed r in round r, the same for every system), "
+        "min–max: "
+        + ", ".join(
+            f"{n} {med[n]['val_loss_range'][0]:.4f}–{med[n]['val_loss_range'][1]:.4f}"
+            for n in SYSTEMS
+            if n in med and med[n].get("val_loss_range")
+        )
+        + ".",
         "Ratios: tokens/s, TFLOP/s, MFU > 1 favour dsft; step time, memory, start-up < 1 "
         "favour dsft (step times compare different tokens per step across modes); val loss: "
         "the difference.",
@@ -654,7 +663,9 @@ def run(ns: argparse.Namespace) -> int:
             bench.run_system(s, "warmup")
     for r in range(c["repeats"]):
         for s in systems:
-            res = bench.run_system(s, f"r{r}")
+            # round r: data order seed r for every system, so the spread of the final
+            # validation losses over rounds shows the noise the systems are compared within
+            res = bench.run_system(s, f"r{r}", seed=r)
             fig = bench.figures(res)
             runs[s].append({**fig, "startup_wall_s": res["wall_s"], "steps": res["steps"]})
             log(
@@ -669,6 +680,8 @@ def run(ns: argparse.Namespace) -> int:
         for k in (*FIGURES, "tokens_per_step"):
             vals = [x[k] for x in rs if x[k] is not None]
             med[s][k] = float(np.median(vals)) if vals else None
+        losses = [x["val_loss"] for x in rs]
+        med[s]["val_loss_range"] = [min(losses), max(losses)] if losses else None
     result["medians"] = med
     result["ratios"] = {}
     for a, b in RATIOS:
