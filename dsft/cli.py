@@ -1,5 +1,5 @@
 """``dsft`` command line: train (incl. k-fold), launch, plan, eval, export, demo, data
-inspect, sweep, report, ds-config.
+inspect, sweep, report, bench, ds-config.
 
 User mistakes (bad config, bad data rows) end with a clear message and exit
 code 2, never a traceback.
@@ -356,6 +356,10 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--peak-tflops", type=float, help="per GPU (default: by name, else 989)")
     pl.add_argument("--budget-hours", type=float, help="--family: mark sizes over this time")
     pl.set_defaults(func=cmd_plan)
+
+    from dsft.bench import add_parser as add_bench_parser
+
+    add_bench_parser(sub)
 
     c = sub.add_parser("ds-config", help="print the DeepSpeed JSON a config generates")
     c.add_argument("config")
