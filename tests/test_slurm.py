@@ -289,3 +289,40 @@ def test_scancel_saves_and_stays_cancelled(
     assert [r for r in slurm.completions(job) if r["JobState"] == "PENDING"] == []
     stopped = int(log.split("stopped by a signal at step ")[1].split(";")[0])
     assert (out / "checkpoints" / "latest").read_text() == f"step_{stopped:08d}"
+
+
+def test_sweep_as_job_array(
+    slurm: SlurmCluster, tiny_model: Path, tiny_data: Path, tmp_path: Path
+) -> None:
+    """`dsft sweep --slurm`: one array task per trial, then the ranked table."""
+    import csv
+
+    import yaml
+
+    root = tmp_path / "sweep"
+    tree = _config(tiny_model, tiny_data, root, train={"max_steps": 1000})
+    tree["eval"].update(before_training=False)
+    cfg = write_config(tmp_path / "base.yaml", tree)
+    sw = tmp_path / "sweep.yaml"
+    sw.write_text(
+        yaml.safe_dump(
+            {
+                "budget": {"train.max_steps": 4, "eval.every": 2, "deepspeed.zero_stage": 0},
+                "parameters": {"train.lr": [1.0e-6, 3.0e-3]},
+            }
+        )
+    )
+    t0 = time.time()
+    proc = subprocess.run(
+        [sys.executable, "-m", "dsft", "sweep", str(cfg), str(sw), "--slurm",
+         "--slurm-script", str(SLURM / "sweep_array.sbatch"),
+         "--sbatch-args", f"--wait -p one {' '.join(COMMON)} --cpus-per-task=1"],
+        env=slurm.env(_env()), cwd=tmp_path, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    record("job sweep_array (2 tasks)", time.time() - t0)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:] + slurm.logs()
+    rows = list(csv.DictReader((root / "sweep.csv").open()))
+    assert [r["status"] for r in rows] == ["done", "done"]
+    assert [float(r["train.lr"]) for r in rows] == [3e-3, 1e-6]  # ranked by val loss
+    logs = sorted(tmp_path.glob("dsft-sweep-*_*.out"))
+    assert len(logs) == 2, list(tmp_path.iterdir())  # one log per array task
