@@ -307,7 +307,9 @@ class Bench:
                 "micro_batch": c["packed_micro_batch"] if packed else c["micro_batch"],
                 "grad_accum": c["grad_accum"],
                 "lr": self.ns.lr,
-                "warmup_steps": 2,
+                # No warmup: dsft's warmup gives step i the LR (i+1)/w, transformers' i/w (its
+                # first step has LR 0), so only w=0 gives both the same schedule.
+                "warmup_steps": 0,
                 "schedule": "cosine",
                 "precision": c["precision"],
                 "max_grad_norm": 1.0,
@@ -367,7 +369,7 @@ class Bench:
             "grad_accum": c["grad_accum"],
             "steps": c["steps"],
             "lr": self.ns.lr,
-            "warmup_steps": 2,
+            "warmup_steps": 0,  # as dsft's config (see there)
             "max_grad_norm": 1.0,
             "seed": seed,
             "deepspeed": None if self.ns.trl_no_deepspeed else str(ds_config),
