@@ -572,11 +572,11 @@ def table(result: dict[str, Any]) -> str:
         r = result["ratios"].get(f"{a} / {b}")
         if r is None:
             continue
+        x = {k: _fmt(r[k], ".2f") + ("×" if r[k] is not None else "") for k in FIGURES}
         lines.append(
-            f"| **{a} / {b}** | {_fmt(r['tokens_per_s'], '.2f')}× "
-            f"| {_fmt(r['step_time'], '.2f')}× | {_fmt(r['tflops'], '.2f')}× "
-            f"| {_fmt(r['mfu'], '.2f')}× | {_fmt(r['peak_mem_gb'], '.2f')}× "
-            f"| {_fmt(r['startup_s'], '.2f')}× | {_fmt(r['val_loss'], '+.4f')} (diff) |"
+            f"| **{a} / {b}** | {x['tokens_per_s']} | {x['step_time']} | {x['tflops']} "
+            f"| {x['mfu']} | {x['peak_mem_gb']} | {x['startup_s']} "
+            f"| {_fmt(r['val_loss'], '+.4f')} (diff) |"
         )
     prep = result.get("prep")
     notes = [
