@@ -7,7 +7,8 @@ directory (config, state, spool, logs, munge key and socket) and stopped by PID:
 - partition ``two``: two emulated nodes ``n1`` and ``n2`` (``slurmd -N n1`` /
   ``slurmd -N n2`` on their own ports, each with its own spool and TmpFS), so a
   job can span "two nodes" on one machine; ``n1`` / ``n2`` resolve to 127.0.0.1
-  through ``/etc/hosts`` (added if missing, removed again at stop).
+  through ``/etc/hosts`` (a tagged line, added if missing and left in place: another
+  test cluster on this machine may be using it).
 
 Clients find the cluster through ``SLURM_CONF`` (``env()``); jobs inherit it.
 Debian's packages are installed by :func:`install` when missing (root + apt-get).
@@ -111,7 +112,6 @@ class SlurmCluster:
         self.conf = self.root / "slurm.conf"
         self.host = socket.gethostname().split(".")[0]
         self.nodes = [self.host, *EMULATED]
-        self.added_hosts = False
 
     # ------------------------------------------------------------------ setup
     def env(self, base: dict[str, str] | None = None) -> dict[str, str]:
@@ -186,7 +186,6 @@ class SlurmCluster:
             return
         with open("/etc/hosts", "a") as f:
             f.write(f"127.0.0.1 {' '.join(EMULATED)} {HOSTS_TAG}\n")
-        self.added_hosts = True
 
     def _run(self, *cmd: str, check: bool = True, timeout: float = 60) -> str:
         proc = subprocess.run(cmd, env=self.env(), capture_output=True, text=True, timeout=timeout)
@@ -264,9 +263,6 @@ class SlurmCluster:
         strays = self._job_processes()  # a job that outlived scancel
         for pid in strays:
             _kill(pid, signal.SIGKILL)
-        if self.added_hosts:
-            _remove_hosts_line()
-            self.added_hosts = False
 
     # ------------------------------------------------------------------ jobs
     def sbatch(
@@ -348,14 +344,6 @@ def _wait_gone(pids: list[int], timeout: float) -> None:
         time.sleep(0.2)
 
 
-def _remove_hosts_line() -> None:
-    try:
-        lines = Path("/etc/hosts").read_text().splitlines(keepends=True)
-        Path("/etc/hosts").write_text("".join(x for x in lines if HOSTS_TAG not in x))
-    except OSError:
-        pass
-
-
 def main(argv: list[str]) -> int:
     if len(argv) != 2 or argv[0] not in ("start", "stop"):
         print("usage: python tests/slurm_cluster.py start|stop DIR", file=sys.stderr)
@@ -372,10 +360,7 @@ def main(argv: list[str]) -> int:
             cluster.stop()
             raise
         print(f"export SLURM_CONF={cluster.conf}")
-        if cluster.added_hosts:  # keep n1/n2 resolvable until `stop` removes them
-            (cluster.root / "added_hosts").touch()
     else:
-        cluster.added_hosts = (cluster.root / "added_hosts").exists()
         cluster.stop()
     for stage, seconds in TIMINGS:
         print(f"{stage}: {seconds:.1f}s", file=sys.stderr)
