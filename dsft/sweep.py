@@ -273,12 +273,28 @@ def run_sweep(config: str, sweep_path: str, only: int | None = None) -> int:
             del running[slot]
             free.append(slot)
     if stop:
+        requeue_own_task(stop[0])
         return 75  # like a preempted run: the same command continues the sweep
     if only is not None:
         return 0
     table = write_results(config, s, root, trials)
     print(table, flush=True)
     return 0
+
+
+def requeue_own_task(signum: int) -> None:
+    """A Slurm array task stopped by its time-limit signal (USR1) puts itself back in the queue.
+
+    SIGTERM (scancel) does not requeue: a cancelled sweep stays cancelled.
+    """
+    job = os.environ.get("SLURM_JOB_ID")
+    if signum != signal.SIGUSR1 or not job:
+        return
+    try:  # argv list: the job id comes from the environment
+        subprocess.run(["scontrol", "requeue", job], check=True, timeout=60)
+        print(f"sweep: requeued Slurm job {job}", flush=True)
+    except (OSError, subprocess.SubprocessError) as e:
+        print(f"sweep: could not requeue Slurm job {job}: {e}", flush=True)
 
 
 def _final(summary: dict[str, Any], metric: str) -> float | None:
