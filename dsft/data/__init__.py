@@ -32,6 +32,10 @@ class Corpus:
     def __init__(self, stores: list[TokenStore]) -> None:
         self.stores = stores
         self.starts = np.cumsum([0] + [len(s) for s in stores])
+        # Per-example facts over all stores, computed once: every split indexes into them.
+        self.lengths = self._concat(lambda s: s.lengths)
+        self.kinds = self._concat(lambda s: s.kinds)
+        self._targets: dict[int, np.ndarray] = {}
 
     def __len__(self) -> int:
         return int(self.starts[-1])
@@ -40,7 +44,13 @@ class Corpus:
         s = int(np.searchsorted(self.starts, i, side="right")) - 1
         return self.stores[s], i - int(self.starts[s])
 
-    def concat(self, fn: Any) -> np.ndarray:
+    def targets(self, max_len: int) -> np.ndarray:
+        """Per example: tokens carrying loss within ``max_len`` (a pass over every token, once)."""
+        if max_len not in self._targets:
+            self._targets[max_len] = self._concat(lambda s: s.targets(max_len))
+        return self._targets[max_len]
+
+    def _concat(self, fn: Any) -> np.ndarray:
         parts = [fn(s) for s in self.stores]
         return np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
 
@@ -63,7 +73,7 @@ class Split(Sequence[Tokenized]):
         return store.examples[i]
 
     def lengths(self) -> np.ndarray:
-        full = self.corpus.concat(lambda s: s.lengths)
+        full = self.corpus.lengths
         return np.minimum(full[self.indices], self.max_len) if self.indices else full[:0]
 
 
@@ -71,7 +81,7 @@ class Examples(Sequence[Example]):
     """The raw examples of a split that have a reference answer (for generation)."""
 
     def __init__(self, split: Split) -> None:
-        kinds = split.corpus.concat(lambda s: s.kinds)
+        kinds = split.corpus.kinds
         self.split = split
         self.keep = [k for k, i in enumerate(split.indices) if KINDS[kinds[i]] != "text"]
 
@@ -153,11 +163,9 @@ def prepare(cfg: DataConfig, tokenizer: Any, builder: bool = True) -> Splits:
         ("val", val_corpus, va),
         ("test", test_corpus, te),
     ):
-        lengths = corpus.concat(lambda s: s.lengths)
-        targets = corpus.concat(lambda s: s.targets(cfg.max_len))
         idx = np.asarray(idx, dtype=np.int64)
-        too_long = lengths[idx] > cfg.max_len
-        no_target = targets[idx] == 0
+        too_long = corpus.lengths[idx] > cfg.max_len
+        no_target = corpus.targets(cfg.max_len)[idx] == 0
         # An example whose response was cut away has nothing to learn from: it is
         # dropped and counted, never fed as an all-masked row.
         drop = no_target | (too_long if cfg.truncation == "drop" else False)
@@ -174,7 +182,7 @@ def prepare(cfg: DataConfig, tokenizer: Any, builder: bool = True) -> Splits:
             f"({n} examples, data.max_len={cfg.max_len})"
         )
     train_len = splits["train"].lengths()
-    train_targets = pool.concat(lambda s: s.targets(cfg.max_len))[splits["train"].indices]
+    train_targets = pool.targets(cfg.max_len)[splits["train"].indices]
     stats["truncated"] = sum(stats[f"{s}_truncated"] for s in ("train", "val", "test"))
     stats["dropped_too_long"] = sum(
         stats[f"{s}_dropped_too_long"] for s in ("train", "val", "test")

@@ -214,8 +214,10 @@ def cached_store(
             return _read_entry(entry)
         if error.is_file():
             raise DataError(error.read_text())
-        if builder or (waited > 10 and _lock_is_stale(lock)):
-            if _lock_is_stale(lock):
+        # a waiter takes over a lock whose builder died (checked after a grace period)
+        stale = (builder or waited > 10) and _lock_is_stale(lock)
+        if builder or stale:
+            if stale:
                 lock.unlink(missing_ok=True)
             try:
                 root.mkdir(parents=True, exist_ok=True)
