@@ -166,6 +166,22 @@ def should_prune(s: Sweep, curve: dict[int, float], others: list[dict[int, float
     return curve[step] > median if s.lower_is_better else curve[step] < median
 
 
+def prune_if_worse(s: Sweep, t: Trial, trials: list[Trial]) -> None:
+    """Stop running trial ``t`` (SIGTERM: it saves and exits) when the median rule says so."""
+    assert t.proc is not None
+    curve = _val_curve(t.out, s.metric)
+    others = [_val_curve(o.out, s.metric) for o in trials if o is not t and o.out.is_dir()]
+    if should_prune(s, curve, others):
+        (t.out / "pruned").write_text(json.dumps({"step": max(curve), **curve}))
+        print(f"sweep: pruning trial {t.index} at step {max(curve)}", flush=True)
+        os.killpg(t.proc.pid, signal.SIGTERM)
+
+
+def make_trials(s: Sweep, root: Path) -> list[Trial]:
+    """Every trial of the sweep, each in ``<root>/trials/NNN`` (the same on every invocation)."""
+    return [Trial(i, st, root / "trials" / f"{i:03d}") for i, st in enumerate(trial_settings(s))]
+
+
 @dataclass
 class Trial:
     index: int
@@ -223,7 +239,7 @@ def run_sweep(config: str, sweep_path: str, only: int | None = None) -> int:
     cfg = load_config(config)  # validate the base before any trial starts
     s = load_sweep(sweep_path)
     root = Path(cfg.output_dir)
-    trials = [Trial(i, st, root / "trials" / f"{i:03d}") for i, st in enumerate(trial_settings(s))]
+    trials = make_trials(s, root)
     if only is not None:
         trials = [trials[only]]
     todo = [t for t in trials if trial_status(t.out) == "todo"]
@@ -255,12 +271,8 @@ def run_sweep(config: str, sweep_path: str, only: int | None = None) -> int:
         time.sleep(1.0)
         for slot, t in list(running.items()):
             assert t.proc is not None
-            others = [_val_curve(o.out, s.metric) for o in trials if o is not t and o.out.is_dir()]
-            if t.proc.poll() is None and should_prune(s, _val_curve(t.out, s.metric), others):
-                curve = _val_curve(t.out, s.metric)
-                (t.out / "pruned").write_text(json.dumps({"step": max(curve), **curve}))
-                print(f"sweep: pruning trial {t.index} at step {max(curve)}", flush=True)
-                os.killpg(t.proc.pid, signal.SIGTERM)
+            if s.prune and t.proc.poll() is None:
+                prune_if_worse(s, t, trials)
             rc = t.proc.poll()
             if rc is None:
                 continue
@@ -403,8 +415,6 @@ def submit_slurm(config: str, sweep_path: str, script: str, sbatch_args: str = "
     print(f"sweep: submitted array job {proc.stdout.strip()} ({n} trials)", flush=True)
     if "--wait" in extra or "-W" in extra:
         root = Path(load_config(config).output_dir)
-        trials = [
-            Trial(i, st, root / "trials" / f"{i:03d}") for i, st in enumerate(trial_settings(s))
-        ]
+        trials = make_trials(s, root)
         print(write_results(config, s, root, trials), flush=True)
     return 0
