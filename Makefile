@@ -18,7 +18,7 @@ test: setup
 	$(PY) -m pytest $(ARGS)
 
 test-fast: setup
-	$(PY) -m pytest -m "not slow" $(ARGS)
+	$(PY) -m pytest -m "unit and not slow" $(ARGS)
 
 lint: setup
 	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .

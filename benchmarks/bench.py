@@ -16,8 +16,8 @@ alternate ``--repeats`` times; each run's per-step figures skip its first
 ``--skip-steps`` steps, and the table shows medians over runs of per-run medians.
 
 Per optimizer step and device: real (non-pad) tokens / wall time between consecutive
-step ends; model FLOP/s = (6·N·T + 12·L·d·Σtᵢ²) / step time (dsft's FlopCounter: N
-parameters, T real tokens, L layers, d hidden size, tᵢ each sequence's real length —
+step ends; model FLOP/s = ((4·N + 2·N_t)·T + 12·L·d·Σtᵢ²) / step time (dsft.flops, the formula dsft logs: N
+parameters, N_t trainable (= N here), T real tokens, L layers, d hidden size, tᵢ each sequence's real length —
 per packed segment, not per row); MFU = that / peak (``--peak-tflops``, default 989 for
 H100/H200 bf16, none on CPU). Peak memory: ``torch.cuda.max_memory_allocated`` on GPU,
 the largest rank's peak RSS on CPU (sampled every 50 ms). Start-up: from launching the
@@ -43,6 +43,9 @@ from typing import Any
 import numpy as np
 import yaml
 
+from dsft.distributed import local_launch_argv
+from dsft.flops import PEAK_TFLOPS
+
 SYSTEMS = ("dsft", "trl-default", "dsft-packed", "trl-best")
 RATIOS = (("dsft", "trl-default"), ("dsft", "trl-best"), ("dsft-packed", "trl-best"))
 FIGURES = (
@@ -54,7 +57,6 @@ FIGURES = (
     "startup_s",
     "val_loss",
 )
-H100_BF16_TFLOPS = 989.0
 
 
 def defaults(mode: str, dry_run: bool) -> dict[str, Any]:
@@ -89,7 +91,7 @@ def defaults(mode: str, dry_run: bool) -> dict[str, Any]:
         steps=40,
         repeats=3,
         prep_examples=100000,
-        peak_tflops=H100_BF16_TFLOPS,
+        peak_tflops=PEAK_TFLOPS["H100"],
         train_examples=20000,
     )
     if dry_run:
@@ -121,6 +123,10 @@ def child_env(cpu: bool, nproc: int) -> dict[str, str]:
         HF_DATASETS_OFFLINE="1",
         TOKENIZERS_PARALLELISM="false",
         PYTHONUNBUFFERED="1",
+        # the TRL runner is `python -m benchmarks.trl_run`: the checkout must be importable
+        PYTHONPATH=os.pathsep.join(
+            [str(Path(__file__).resolve().parents[1]), *filter(None, [env.get("PYTHONPATH")])]
+        ),
         # Same JIT-op cache for both systems (dsft sets this default itself).
         TORCH_EXTENSIONS_DIR=env.get(
             "TORCH_EXTENSIONS_DIR", os.path.join(sys.prefix, "torch_extensions")
@@ -135,21 +141,6 @@ def child_env(cpu: bool, nproc: int) -> dict[str, str]:
     for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(k, None)
     return env
-
-
-def launcher(nproc: int, module_args: list[str]) -> list[str]:
-    """The same launcher for both systems: torchrun for several ranks, else one process."""
-    if nproc > 1:
-        return [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--standalone",
-            f"--nproc_per_node={nproc}",
-            "-m",
-            *module_args,
-        ]
-    return [sys.executable, "-m", *module_args]
 
 
 def watch(cmd: list[str], env: dict[str, str], metrics: Path, log_path: Path) -> dict[str, float]:
@@ -232,8 +223,9 @@ class Bench:
     # ------------------------------------------------------------------ inputs
     def build_inputs(self) -> None:
         """Data files, tokenizer, model, the pre-tokenised dataset for TRL."""
-        from dsft.bench.data import build_tokenizer, generate_rows, length_stats, write_jsonl
-        from dsft.bench.model import build_model_dir
+        from benchmarks.data import build_tokenizer, generate_rows, length_stats, write_jsonl
+        from benchmarks.model import PRESETS
+        from dsft.synthetic import build_model_dir
 
         c, w = self.cfg, self.work
         n_train, n_val = c["train_examples"], 200 if not self.ns.dry_run else 40
@@ -241,7 +233,13 @@ class Bench:
         self.train_path = write_jsonl(w / "train.jsonl", rows[:n_train])
         self.val_path = write_jsonl(w / "val.jsonl", rows[n_train:])
         tok = build_tokenizer(w / "tokenizer", rows[:2000], c["vocab"])
-        self.model_dir = build_model_dir(w / "model", c["preset"], tok, c["max_len"])
+        self.model_dir = build_model_dir(
+            w / "model",
+            tokenizer=tok,
+            shape=PRESETS[c["preset"]],
+            max_position_embeddings=max(c["max_len"], 4096),
+            rope_theta=500000.0,
+        )
         self.tokenizer = tok
 
         from datasets import Dataset
@@ -275,12 +273,12 @@ class Bench:
         ]
         from transformers import AutoConfig
 
-        from dsft.monitor import FlopCounter
+        from dsft.flops import FlopCounter
 
         mc = AutoConfig.from_pretrained(self.model_dir)
         self.n_params = _param_count(mc)
         self.model_config = mc
-        self.flops = FlopCounter(self.n_params, mc, 0.0)
+        self.flops = FlopCounter(self.n_params, self.n_params, mc, 0.0)  # full fine-tuning
         log(
             f"inputs: {n_train} train / {n_val} val examples, model {c['preset']} "
             f"({self.n_params / 1e6:.2f}M params), tokens p50 "
@@ -332,7 +330,7 @@ class Bench:
 
     def run_dsft(self, out: Path, packed: bool, seed: int) -> dict[str, Any]:
         cfg = self._dsft_config(out, packed, seed)
-        cmd = launcher(self.cfg["nproc"], ["dsft", "train", str(cfg), "--no-resume"])
+        cmd = local_launch_argv(self.cfg["nproc"], ["dsft", "train", str(cfg), "--no-resume"])
         env = child_env(not self.cuda, self.cfg["nproc"])
         w = watch(cmd, env, out / "metrics.jsonl", out.parent / f"{out.name}.log")
         rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
@@ -377,7 +375,7 @@ class Bench:
         out.mkdir(parents=True, exist_ok=True)
         spec_path = out.parent / f"{out.name}.json"
         spec_path.write_text(json.dumps(spec, indent=2))
-        cmd = launcher(c["nproc"], ["dsft.bench.trl_run", str(spec_path)])
+        cmd = local_launch_argv(c["nproc"], ["benchmarks.trl_run", str(spec_path)])
         env = child_env(not self.cuda, c["nproc"])
         w = watch(cmd, env, out / "metrics.jsonl", out.parent / f"{out.name}.log")
         rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
@@ -412,7 +410,7 @@ class Bench:
         if getattr(self, "ds_config", None) is None:  # TRL first: have dsft write its JSON
             self.ds_config = self.work / "ds_config.json"
             from dsft.config import batch_plan, load_config
-            from dsft.plan import deepspeed_config
+            from dsft.ds_config import deepspeed_config
 
             cfg = load_config(self._dsft_config(self.work / "runs" / "plan", False))
             plan = batch_plan(cfg.train, self.cfg["nproc"])
@@ -425,7 +423,7 @@ class Bench:
         from transformers import AutoModelForCausalLM
 
         from dsft.data.collate import collate
-        from dsft.evaluate import token_stats
+        from dsft.eval.evaluator import token_stats
 
         dev = "cuda" if self.cuda else "cpu"
         dtype = torch.bfloat16 if self.cfg["precision"] == "bf16" and self.cuda else torch.float32
@@ -649,8 +647,8 @@ def run(ns: argparse.Namespace) -> int:
     result["params"] = bench.n_params
     result["data"] = bench.data_stats
     if c["prep_examples"] and "trl-default" in systems:
-        from dsft.bench.data import generate_rows, write_jsonl
-        from dsft.bench.prep import run_prep
+        from benchmarks.data import generate_rows, write_jsonl
+        from benchmarks.prep import run_prep
 
         path = write_jsonl(
             bench.work / "prep.jsonl", generate_rows(c["prep_examples"], 7, c["scale"])
@@ -705,8 +703,16 @@ def run(ns: argparse.Namespace) -> int:
     return 0
 
 
-def add_parser(sub: Any) -> None:
-    b = sub.add_parser("bench", help="dsft vs TRL SFTTrainer on identical work (tokens/s, MFU...)")
+def main(argv: list[str] | None = None) -> int:
+    """``dsft bench ...`` / ``python -m benchmarks ...``."""
+    p = argparse.ArgumentParser(
+        prog="dsft bench", description="dsft vs TRL SFTTrainer on identical work (tokens/s, MFU...)"
+    )
+    add_arguments(p)
+    return run(p.parse_args(argv))
+
+
+def add_arguments(b: Any) -> None:
     b.add_argument("--mode", choices=("cpu", "gpu"), default="cpu")
     b.add_argument(
         "--dry-run", action="store_true", help="gpu mode with tiny shapes (runs on a CPU)"
@@ -732,4 +738,3 @@ def add_parser(sub: Any) -> None:
     b.add_argument(
         "--trl-no-deepspeed", action="store_true", help="run TRL without the DeepSpeed JSON"
     )
-    b.set_defaults(func=run, overrides=[])

@@ -1,4 +1,4 @@
-"""The TRL peer of a benchmark run: ``python -m dsft.bench.trl_run SPEC.json``.
+"""The TRL peer of a benchmark run: ``python -m benchmarks.trl_run SPEC.json``.
 
 Runs as its own process (or torchrun ranks), like ``dsft train`` does, so start-up is
 measured the same way. Trains ``trl.SFTTrainer`` on the pre-tokenised dataset the

@@ -22,6 +22,7 @@ import torch
 
 from dsft import distributed as dist
 from dsft import faults
+from dsft.config import Config, config_from_dict
 from dsft.errors import ConfigError
 
 log = logging.getLogger("dsft")
@@ -147,7 +148,29 @@ def resume_point(out: Path, resume: bool, resume_from: str) -> Path | None:
 
 
 def _meta(path: Path) -> dict[str, Any]:
+    """The checkpoint's ``dsft_state.json``: run position, world size, resolved config."""
     return json.loads((path / "dsft_state.json").read_text())
+
+
+def saved_config(tag_dir: Path) -> Config:
+    """The resolved run config a checkpoint was saved with."""
+    state = _meta(tag_dir)
+    if not state.get("config"):
+        raise ConfigError([f"{tag_dir}: the checkpoint records no run config"])
+    return config_from_dict(state["config"])
+
+
+def consolidate(tag_dir: Path) -> dict[str, torch.Tensor]:
+    """The fp32 weights of a DeepSpeed checkpoint, from any ZeRO stage and rank count."""
+    if any(tag_dir.glob("zero_pp_rank_*optim_states.pt")):
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+        return dict(get_fp32_state_dict_from_zero_checkpoint(str(tag_dir.parent), tag_dir.name))
+    # ZeRO-0 keeps the whole module in the model-states file.
+    states = torch.load(
+        tag_dir / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False
+    )
+    return {k: v.float() if v.is_floating_point() else v for k, v in states["module"].items()}
 
 
 def needs_reshard(path: Path, world_size: int, zero_stage: int) -> bool:
@@ -160,8 +183,6 @@ def needs_reshard(path: Path, world_size: int, zero_stage: int) -> bool:
 
 def load_weights(model: torch.nn.Module, path: Path, zero3: bool) -> None:
     """Load a checkpoint's consolidated fp32 weights into a model not yet in an engine."""
-    from dsft.export import consolidate
-
     sd = consolidate(path)
     deepspeed = dist.import_deepspeed()
     missing = [n for n, p in model.named_parameters() if n not in sd]

@@ -400,3 +400,35 @@ def cleanup() -> None:
     if torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
     _long_group = None
+
+
+def in_launched_job() -> bool:
+    """True inside a rank of a launched job (torchrun, deepspeed, Slurm/MPI after setup)."""
+    return "RANK" in os.environ and "WORLD_SIZE" in os.environ
+
+
+def local_launch_argv(nproc: int, module_args: list[str], python: str | None = None) -> list[str]:
+    """The argv that runs ``python -m <module_args>`` as ``nproc`` local ranks: torchrun
+    (standalone rendezvous) for several, a plain process for one. The one home of this list
+    for the CLI, the benchmark and the tests."""
+    python = python or sys.executable
+    if nproc > 1:
+        return [
+            python,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            f"--nproc_per_node={nproc}",
+            "-m",
+            *module_args,
+        ]
+    return [python, "-m", *module_args]
+
+
+def launch_local(nproc: int, dsft_args: list[str]) -> int:
+    """Run ``dsft <dsft_args>`` as ``nproc`` local ranks (argv list, no shell); exit code."""
+    import subprocess
+
+    cmd = local_launch_argv(nproc, ["dsft", *dsft_args])
+    print("launching:", " ".join(cmd), flush=True)
+    return subprocess.call(cmd)

@@ -105,7 +105,7 @@ def presets(hidden: int = PRESET_HIDDEN) -> dict[str, dict[str, Any]]:
 
 
 def write_presets(directory: str | Path) -> None:
-    """Regenerate ``ds_configs/<preset>.json`` (``python -m dsft.plan [DIR]``)."""
+    """Regenerate ``ds_configs/<preset>.json`` (``python -m dsft.ds_config [DIR]``)."""
     for name, preset in presets().items():
         (Path(directory) / f"{name}.json").write_text(json.dumps(preset, indent=2) + "\n")
 

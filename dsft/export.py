@@ -11,7 +11,6 @@ that differ is an error, never a silent bad export.
 
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 from typing import Any
@@ -19,8 +18,11 @@ from typing import Any
 import torch
 
 from dsft import distributed as dist
-from dsft.config import Config, config_from_dict
-from dsft.errors import ConfigError, ExportError
+from dsft.checkpoint import consolidate, find, saved_config
+from dsft.config import Config
+from dsft.data.tokenize import apply_template
+from dsft.errors import ExportError
+from dsft.model import apply_lora, load_model, load_tokenizer
 
 log = logging.getLogger("dsft")
 
@@ -53,52 +55,24 @@ def export_hf(engine: Any, cfg: Config, out: Path) -> Path | None:
     return out if dist.is_main() else None
 
 
-def consolidate(tag_dir: Path) -> dict[str, torch.Tensor]:
-    """The fp32 weights of a DeepSpeed checkpoint, from any ZeRO stage and rank count."""
-    if any(tag_dir.glob("zero_pp_rank_*optim_states.pt")):
-        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-
-        return dict(get_fp32_state_dict_from_zero_checkpoint(str(tag_dir.parent), tag_dir.name))
-    # ZeRO-0 keeps the whole module in the model-states file.
-    states = torch.load(
-        tag_dir / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False
-    )
-    return {k: v.float() if v.is_floating_point() else v for k, v in states["module"].items()}
-
-
 def export_checkpoint(path: str | Path, out: Path, merged: bool = True) -> Path:
     """``dsft export``: a checkpoint (or run directory) to a Hugging Face directory."""
-    from dsft.checkpoint import find
-
     dist.configure_accelerator()  # zero_to_fp32 imports deepspeed
     tag_dir = find(path)
-    state = json.loads((tag_dir / "dsft_state.json").read_text())
-    if not state.get("config"):
-        raise ConfigError([f"{tag_dir}: the checkpoint records no run config"])
-    cfg = config_from_dict(state["config"])
-    write_hf(cfg, consolidate(tag_dir), out, merged=merged)
+    write_hf(saved_config(tag_dir), consolidate(tag_dir), out, merged=merged)
     return out
 
 
 def _build(cfg: Config) -> torch.nn.Module:
-    from transformers import AutoModelForCausalLM
-
-    from dsft.model import apply_lora
-
-    model = AutoModelForCausalLM.from_pretrained(
-        cfg.model.path, dtype=torch.float32, trust_remote_code=cfg.model.trust_remote_code
-    )
+    model = load_model(cfg.model, torch.float32, training=False)
     return apply_lora(model, cfg.model.lora) if cfg.model.lora.enabled else model
 
 
 @torch.no_grad()
 def _tokenizer(cfg: Config) -> Any:
-    """The run's tokenizer, with the chat template it was trained with (data.template)."""
-    from transformers import AutoTokenizer
-
-    from dsft.data.tokenize import apply_template
-
-    tok = AutoTokenizer.from_pretrained(cfg.model.path)
+    """The run's tokenizer (as training loaded it), with the chat template it was trained
+    with (data.template)."""
+    tok = load_tokenizer(cfg.model)
     apply_template(tok, cfg.data.template)
     return tok
 
@@ -119,8 +93,6 @@ def write_hf(
     (loadable with peft on the base model) and, when ``merged``, the merged model to
     ``out``. Costs one CPU copy of the model on the calling rank.
     """
-    from transformers import AutoModelForCausalLM
-
     model = _build(cfg).eval()
     lora = cfg.model.lora.enabled
     # LoRA trains only the adapters (+ modules_to_save); the rest is the base on disk.
@@ -144,18 +116,17 @@ def write_hf(
     reference = _logits(model)
     model.save_pretrained(out, safe_serialization=True, max_shard_size=max_shard_size)
     _tokenizer(cfg).save_pretrained(out)
-    again = AutoModelForCausalLM.from_pretrained(out, dtype=dtype).eval()
+    again = load_model(cfg.model, dtype, path=out, training=False).eval()
     _compare(reference, _logits(again), f"{out} reloaded", dtype)
     log.info("exported Hugging Face model: %s (verified by reloading)", out)
 
 
 def _verify_adapter(cfg: Config, adapter: Path, reference: torch.Tensor) -> None:
     from peft import PeftModel
-    from transformers import AutoModelForCausalLM
 
     if not any(adapter.glob("adapter_model.*")):
         raise ExportError(f"{adapter}: peft wrote no adapter weights")
-    base = AutoModelForCausalLM.from_pretrained(cfg.model.path, dtype=torch.float32)
+    base = load_model(cfg.model, torch.float32, training=False)
     peft_model = PeftModel.from_pretrained(base, adapter).eval()
     _compare(reference, _logits(peft_model), str(adapter), torch.float32)
 

@@ -1,20 +1,17 @@
-"""Loading the model and tokenizer, LoRA, and optimizer parameter groups."""
+"""Loading the model and tokenizer, LoRA, freezing."""
 
 from __future__ import annotations
 
 import logging
-import math
 import re
+from pathlib import Path
 from typing import Any
 
 import torch
 
-from dsft.config import FreezeConfig, LoraConfig, ModelConfig, TrainConfig
+from dsft.config import FreezeConfig, LoraConfig, ModelConfig
 
 log = logging.getLogger("dsft")
-
-# Parameters whose names contain these get no weight decay (norms, biases).
-NO_DECAY = ("bias", "norm", "ln_")
 
 
 def load_tokenizer(cfg: ModelConfig) -> Any:
@@ -29,21 +26,24 @@ def load_tokenizer(cfg: ModelConfig) -> Any:
     return tok
 
 
-def load_model(cfg: ModelConfig, dtype: torch.dtype) -> torch.nn.Module:
-    """Load the pretrained causal LM from its local directory.
+def load_model(
+    cfg: ModelConfig, dtype: torch.dtype, path: str | Path | None = None, training: bool = True
+) -> torch.nn.Module:
+    """Load the pretrained causal LM (``cfg.path``, or ``path``: an export of it).
 
     Under ZeRO-3 call this while a ``HfDeepSpeedConfig`` is alive, so that
-    transformers partitions the weights as it loads them (zero.Init).
+    transformers partitions the weights as it loads them (zero.Init). ``training=False``
+    (exports, their checks, chat): the CPU-safe sdpa attention and no checkpointing.
     """
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(
-        cfg.path,
+        path or cfg.path,
         dtype=dtype,
         trust_remote_code=cfg.trust_remote_code,
-        attn_implementation=cfg.attn_implementation,
+        attn_implementation=cfg.attn_implementation if training else "sdpa",
     )
-    if cfg.gradient_checkpointing:
+    if training and cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.config.use_cache = False
     return model
@@ -129,71 +129,6 @@ def freeze(model: torch.nn.Module, cfg: FreezeConfig) -> list[str]:
     return frozen
 
 
-def _depth(name: str, layers: int) -> int:
-    """Depth from the top: head and final norm 0, block i -> layers - i, embeddings layers + 1."""
-    m = LAYER_RE.search(name)
-    if m:
-        return layers - int(m.group(1))
-    return layers + 1 if EMBED_RE.search(name) else 0
-
-
-def param_groups(model: torch.nn.Module, train: TrainConfig) -> list[dict[str, Any]]:
-    """Trainable parameters as optimizer groups with their own LR and weight decay.
-
-    A group is one (depth, lr_scale pattern, decay / no-decay) combination. Its LR is
-    ``train.lr * layer_decay ** depth * lr_scale[pattern]``; the LR schedule multiplies
-    each group's own LR. Biases, norms and other 1-D parameters get no weight decay.
-    Frozen parameters are left out, so they get no optimizer state.
-    """
-    layers = num_layers(model)
-    llrd = train.layer_decay != 1.0
-    hits = dict.fromkeys(train.lr_scale, 0)
-    groups: dict[str, dict[str, Any]] = {}
-    for name, p in model.named_parameters():
-        if not p.requires_grad:
-            continue
-        # ZeRO-3 flattens partitioned parameters; ds_shape keeps the real shape.
-        shape = getattr(p, "ds_shape", p.shape)
-        no_decay = len(shape) < 2 or any(k in name.lower() for k in NO_DECAY)
-        scale, where = 1.0, "all"
-        if llrd:
-            depth = _depth(name, layers)
-            scale = train.layer_decay**depth
-            where = {0: "head", layers + 1: "embed"}.get(depth, f"layer{layers - depth:02d}")
-        pattern = next((pat for pat in train.lr_scale if re.search(pat, name)), None)
-        if pattern is not None:
-            hits[pattern] += 1
-            scale *= train.lr_scale[pattern]
-            where += f"[{pattern}]"
-        key = f"{where}/{'no_decay' if no_decay else 'decay'}"
-        group = groups.setdefault(
-            key,
-            {
-                "params": [],
-                "name": key,
-                "lr": train.lr * scale,
-                "lr_scale": scale,
-                "weight_decay": 0.0 if no_decay else train.weight_decay,
-            },
-        )
-        group["params"].append(p)
-    for pat, n in hits.items():
-        if n == 0:
-            log.warning("train.lr_scale: %r matches no trainable parameter; it does nothing", pat)
-    return list(groups.values())
-
-
-def describe_groups(groups: list[dict[str, Any]]) -> str:
-    """One line per optimizer group: name, parameters, LR, weight decay."""
-    lines = []
-    for g in groups:
-        n = sum(getattr(p, "ds_numel", None) or p.numel() for p in g["params"])
-        lines.append(
-            f"  {g['name']:<28} {n:>14,} params  lr {g['lr']:.3g}  wd {g['weight_decay']:g}"
-        )
-    return "\n".join(lines)
-
-
 def count_params(model: torch.nn.Module) -> tuple[int, int]:
     """(total, trainable) parameter counts; correct under ZeRO-3 partitioning too."""
     total = trainable = 0
@@ -202,25 +137,6 @@ def count_params(model: torch.nn.Module) -> tuple[int, int]:
         total += n
         trainable += n if p.requires_grad else 0
     return total, trainable
-
-
-def lr_lambda(total_steps: int, warmup_steps: int, schedule: str, min_ratio: float):
-    """Multiplier of each group's base LR at an optimizer step: linear warmup, then decay."""
-
-    def f(step: int) -> float:
-        if warmup_steps and step < warmup_steps:
-            return (step + 1) / warmup_steps
-        if schedule == "constant":
-            return 1.0
-        span = max(1, total_steps - warmup_steps)
-        progress = min(1.0, (step - warmup_steps) / span)
-        if schedule == "linear":
-            decay = 1.0 - progress
-        else:
-            decay = 0.5 * (1.0 + math.cos(math.pi * progress))
-        return min_ratio + (1.0 - min_ratio) * decay
-
-    return f
 
 
 def torch_dtype(precision: str) -> torch.dtype:

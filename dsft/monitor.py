@@ -12,10 +12,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from dsft import distributed as dist
 from dsft.config import LoggingConfig
+from dsft.flops import peak_flops
 
 log = logging.getLogger("dsft")
 
@@ -122,54 +121,3 @@ def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
         elif not isinstance(v, list):
             out[f"{prefix}{k}"] = v
     return out
-
-
-# Dense bf16/fp16 tensor-core peaks (TFLOP/s) by GPU name; extend with logging.peak_tflops.
-PEAK_TFLOPS = {
-    "H200": 989.0,
-    "H100": 989.0,
-    "A100": 312.0,
-    "L40S": 362.0,
-    "A10G": 125.0,
-    "L4": 121.0,
-    "V100": 125.0,
-    "A6000": 155.0,
-}
-
-
-def peak_flops(configured_tflops: float) -> float:
-    """Peak FLOP/s of one device: the configured value, else looked up; 0 when unknown."""
-    if configured_tflops:
-        return configured_tflops * 1e12
-    if torch.cuda.is_available():
-        name = torch.cuda.get_device_name()
-        for key, tflops in PEAK_TFLOPS.items():
-            if key in name:
-                return tflops * 1e12
-    return 0.0
-
-
-class FlopCounter:
-    """Model FLOPs of training steps and MFU.
-
-    FLOPs per step = 6·N·T + 12·L·d·Σ tᵢ², with N parameters, T real (non-pad) tokens,
-    L layers, hidden size d and tᵢ the real length of sequence i: the first term is the
-    forward + backward matmuls of every parameter, the second the attention score and
-    value products (which grow with each sequence's own length, not the padded one).
-    """
-
-    def __init__(self, n_params: int, model_config: Any, total_peak: float):
-        self.n = n_params
-        self.layers = getattr(model_config, "num_hidden_layers", 0) or 0
-        self.hidden = getattr(model_config, "hidden_size", 0) or 0
-        self.total_peak = total_peak  # peak FLOP/s of all devices together
-
-    def flops(self, tokens: float, sq_tokens: float) -> float:
-        return 6.0 * self.n * tokens + 12.0 * self.layers * self.hidden * sq_tokens
-
-    def scalars(self, tokens: float, sq_tokens: float, seconds: float) -> dict[str, float]:
-        achieved = self.flops(tokens, sq_tokens) / max(seconds, 1e-9)
-        out = {"tflops": achieved / 1e12}
-        if self.total_peak:
-            out["mfu"] = achieved / self.total_peak
-        return out

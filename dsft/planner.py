@@ -43,8 +43,9 @@ from pathlib import Path
 from typing import Any
 
 from dsft.config import Config, FreezeConfig, LoraConfig, batch_plan
+from dsft.ds_config import bucket_sizes
 from dsft.errors import ConfigError
-from dsft.plan import bucket_sizes
+from dsft.flops import DEFAULT_PEAK_TFLOPS, text_dims, train_flops
 
 log = logging.getLogger("dsft")
 
@@ -54,7 +55,6 @@ CONTEXT_BYTES = 1 * GiB  # CUDA context, cuBLAS workspace, NCCL: not in PyTorch'
 HOST_BUFFER_FACTOR = 1.5
 DEFAULT_HEADROOM = 0.9
 DEFAULT_MFU = 0.4
-DEFAULT_PEAK_TFLOPS = 989.0  # H100 dense bf16
 
 # Llama-shaped models to plan for without a directory (there is no hub access to read their
 # config.json): hidden, layers, MLP width, heads, key/value heads, vocabulary, tied embeddings.
@@ -320,8 +320,7 @@ def hidden_size(model_path: str, trust_remote_code: bool = False) -> int | None:
     from transformers import AutoConfig
 
     config = AutoConfig.from_pretrained(model_path, trust_remote_code=trust_remote_code)
-    text = config.get_text_config() if hasattr(config, "get_text_config") else config
-    return getattr(text, "hidden_size", None)
+    return text_dims(config)[1] or None
 
 
 def _env_int(env: Mapping[str, str], *keys: str) -> int | None:
@@ -695,15 +694,12 @@ def _bigger(hw: Hardware) -> Iterator[Hardware]:
 
 
 def flops_per_token(f: ModelFacts, seq: int, checkpointing: bool = False) -> float:
-    """Training FLOPs per token: forward 2·P, backward 2·P for activation gradients and 2·T for
-    weight gradients, plus attention 12·L·h·seq (dsft's MFU convention, see monitor.py);
-    checkpointing runs the forward twice."""
-    dense = 4 * f.total_params + 2 * f.trainable_params
-    attention = 12 * f.layers * f.hidden * seq
-    if checkpointing:
-        dense += 2 * f.total_params
-        attention += 4 * f.layers * f.hidden * seq
-    return float(dense + attention)
+    """Training FLOPs per token of full ``seq``-token sequences, by :func:`dsft.flops.train_flops`
+    (the formula MFU uses), with the recomputation of activation checkpointing."""
+    per_seq = train_flops(
+        f.total_params, f.trainable_params, f.layers, f.hidden, seq, seq * seq, checkpointing
+    )
+    return per_seq / seq
 
 
 def epoch_seconds(

@@ -12,9 +12,19 @@ from typing import Any
 import pytest
 import yaml
 
-from dsft.demo import build_model_dir, generate_tasks, write_tasks
+from dsft.distributed import local_launch_argv
+from dsft.synthetic import build_model_dir, generate_tasks, write_tasks
 
 ROOT = Path(__file__).resolve().parents[1]
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    # The folder is the level: unit (in-process, fast), integration (ranks, runs),
+    # cluster (Slurm, namespaces). `make test-fast` runs `-m unit`.
+    for item in items:
+        level = Path(str(item.fspath)).parent.name
+        if level in ("unit", "integration", "cluster"):
+            item.add_marker(getattr(pytest.mark, level))
 
 
 @pytest.fixture(autouse=True, scope="session")
@@ -119,19 +129,7 @@ def run_dsft(
     gpu: bool = False,
 ) -> subprocess.CompletedProcess:
     """Run ``dsft`` as ``nproc`` ranks via torchrun (or one plain process)."""
-    if nproc > 1:
-        cmd = [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--standalone",
-            f"--nproc_per_node={nproc}",
-            "-m",
-            "dsft",
-            *args,
-        ]
-    else:
-        cmd = [sys.executable, "-m", "dsft", *args]
+    cmd = local_launch_argv(nproc, ["dsft", *args])
     threads = max(1, (os.cpu_count() or 1) // nproc)
     proc = subprocess.run(
         cmd,
@@ -189,7 +187,7 @@ def weights(model_dir: Path) -> dict[str, Any]:
 
 def pytest_terminal_summary(terminalreporter) -> None:
     """The time each Slurm stage took (install, start, every job), when any ran."""
-    from .slurm_cluster import TIMINGS
+    from .cluster.slurm_cluster import TIMINGS
 
     if TIMINGS:
         terminalreporter.write_sep("-", "Slurm stage timings")

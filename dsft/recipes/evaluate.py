@@ -9,18 +9,21 @@ training are computed, on the same split of the data.
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import json
 import logging
 from pathlib import Path
 from typing import Any
 
-from dsft import data, distributed, evaluate
+from dsft import data, distributed
 from dsft.checkpoint import find, load_weights
-from dsft.config import Config, LoraConfig, batch_plan
+from dsft.config import Config, LoraConfig, batch_plan, load_config
+from dsft.ds_config import deepspeed_config
+from dsft.eval import evaluator as evaluate
 from dsft.model import build_model, load_tokenizer, torch_dtype
 from dsft.monitor import Monitor
-from dsft.plan import deepspeed_config
+from dsft.runtime import check_runtime, resolve_plan
 
 log = logging.getLogger("dsft")
 
@@ -36,8 +39,6 @@ def locate(path: str | Path) -> tuple[str, Path, str | None]:
 
 def run_eval(cfg: Config, checkpoint: str, out_dir: str | None = None) -> dict[str, Any]:
     """Evaluate ``checkpoint`` on the validation and test splits of ``cfg.data``."""
-    from dsft.train import check_runtime, resolve_plan
-
     kind, where, tag = locate(checkpoint)
     env = distributed.setup()
     deepspeed = distributed.import_deepspeed()
@@ -91,3 +92,13 @@ def run_eval(cfg: Config, checkpoint: str, out_dir: str | None = None) -> dict[s
         log.info("results: %s", out / "results.json")
     distributed.barrier()
     return results
+
+
+def main(ns: argparse.Namespace) -> int:
+    """``dsft eval CONFIG --checkpoint PATH``: here, or on N local ranks."""
+    cfg = load_config(ns.config, ns.overrides)
+    if ns.nproc > 1 and not distributed.in_launched_job():
+        extra = ["--checkpoint", ns.checkpoint] + (["--out", ns.out] if ns.out else [])
+        return distributed.launch_local(ns.nproc, ["eval", ns.config, *ns.overrides, *extra])
+    run_eval(cfg, ns.checkpoint, ns.out)
+    return 0

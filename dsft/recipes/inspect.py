@@ -6,7 +6,7 @@ from typing import Any
 
 import numpy as np
 
-from dsft.config import Config
+from dsft.config import Config, load_config
 from dsft.data import Split, prepare
 from dsft.data.tokenize import IGNORE_INDEX, Tokenized
 
@@ -91,3 +91,16 @@ def report(cfg: Config, tokenizer: Any, examples: int = 2, split: str = "train",
             f"packing              off (data.packing=true would fill {100 * eff:.1f}% of slots)"
         )
     return "\n".join(lines)
+
+
+def main(ns: Any) -> int:
+    """``dsft data inspect CONFIG``."""
+    import sys
+
+    from dsft.model import load_tokenizer
+
+    cfg = load_config(ns.config, ns.overrides)
+    tokenizer = load_tokenizer(cfg.model)
+    color = sys.stdout.isatty() and not ns.no_color
+    print(report(cfg, tokenizer, ns.examples, ns.split, color))
+    return 0

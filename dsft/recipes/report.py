@@ -194,3 +194,17 @@ def _names(run_dirs: list[Path]) -> list[str]:
                 f"{k}={v}" for k, v in trial["settings"].items()
             )
     return names
+
+
+def main(ns: Any) -> int:
+    """``dsft report RUN [RUN ...] [--out PATH]``."""
+    import sys
+
+    runs = [Path(r) for r in ns.runs]
+    missing = [str(r) for r in runs if not (r / "metrics.jsonl").is_file()]
+    if missing:
+        print(f"dsft: error: no metrics.jsonl in {', '.join(missing)}", file=sys.stderr)
+        return 2
+    out = Path(ns.out) if ns.out else runs[0] / "report"
+    print(f"report: {write_report(runs, out)}")
+    return 0

@@ -418,3 +418,10 @@ def submit_slurm(config: str, sweep_path: str, script: str, sbatch_args: str = "
         trials = make_trials(s, root)
         print(write_results(config, s, root, trials), flush=True)
     return 0
+
+
+def main(ns: Any) -> int:
+    """``dsft sweep BASE SWEEP`` (``--trial N``: one trial; ``--slurm``: a job array)."""
+    if ns.slurm:
+        return submit_slurm(ns.config, ns.sweep, ns.slurm_script, ns.sbatch_args)
+    return run_sweep(ns.config, ns.sweep, ns.trial)

@@ -18,109 +18,41 @@ number of ranks changes the step.
 
 from __future__ import annotations
 
-import importlib.util
+import argparse
 import json
 import logging
 import math
 import os
-import random
 import subprocess
 import time
 import warnings
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
-from dsft import checkpoint, data, distributed, evaluate, export, faults, planner
-from dsft.config import Config, batch_plan, save_config, to_dict
+from dsft import checkpoint, crossval, data, distributed, export, faults
+from dsft.config import Config, batch_plan, load_config, save_config, to_dict
 from dsft.data.collate import collate
 from dsft.data.packing import collate_packed
 from dsft.data.sampler import steps_per_epoch, train_batches
 from dsft.data.tokenize import IGNORE_INDEX
+from dsft.ds_config import deepspeed_config
 from dsft.errors import ConfigError, Preempted, TrainingDiverged
-from dsft.model import (
-    build_model,
-    count_params,
+from dsft.eval import evaluator as evaluate
+from dsft.flops import FlopCounter
+from dsft.model import build_model, count_params, freeze, load_tokenizer, torch_dtype
+from dsft.monitor import Monitor
+from dsft.optim import (
     describe_groups,
-    freeze,
-    load_tokenizer,
+    guard_zero0_fp32_step,
     lr_lambda,
+    make_optimizer,
     param_groups,
-    torch_dtype,
 )
-from dsft.monitor import FlopCounter, Monitor
-from dsft.plan import deepspeed_config
+from dsft.runtime import check_runtime, resolve_plan, seed_everything
 
 log = logging.getLogger("dsft")
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
-
-
-def check_runtime(cfg: Config) -> None:
-    """Refuse what cannot work on this machine before anything expensive starts."""
-    problems = []
-    cuda = torch.cuda.is_available()
-    if cfg.train.precision == "fp16" and not cuda:
-        problems.append(
-            "train.precision=fp16 needs a CUDA GPU (DeepSpeed has no fp16 on CPU); "
-            "use train.precision=bf16 or fp32"
-        )
-    if cfg.model.attn_implementation == "flash_attention_2" and (
-        not cuda or importlib.util.find_spec("flash_attn") is None
-    ):
-        problems.append(
-            "model.attn_implementation=flash_attention_2 needs a CUDA GPU and the "
-            "flash-attn package; use sdpa (PyTorch's fused attention) instead"
-        )
-    if problems:
-        raise ConfigError(problems)
-    if cfg.train.precision == "bf16" and not cuda:
-        log.warning("train.precision=bf16 on CPU is correct but much slower than fp32 here")
-
-
-def resolve_plan(cfg: Config, env: distributed.DistEnv) -> tuple[Config, dict[str, Any]]:
-    """Resolve "auto" (ZeRO stage, offload, micro-batch) for this job's hardware.
-
-    Rank 0 plans and the others receive its decision, so every rank builds the same engine;
-    the free GPU memory that bounds the plan is the smallest of all ranks'.
-    """
-    free = planner.free_gpu_memory()
-    if free is not None:
-        free = -distributed.all_reduce_max(-free)
-    result: Any = None
-    if env.is_main:
-        try:
-            hw = planner.job_hardware(env.world_size, env.local_world_size, free)
-            resolved, decision = planner.resolve(cfg, hw)
-            decision["hidden"] = decision.get("model", {}).get("hidden") or planner.hidden_size(
-                cfg.model.path, cfg.model.trust_remote_code
-            )
-            result = (resolved, decision)
-        except ConfigError as e:  # refused: every rank raises it (problems pickle, errors not)
-            result = e.problems
-    result = distributed.broadcast_object(result)
-    if isinstance(result, list):
-        raise ConfigError(result)
-    resolved, decision = result
-    if "table" in decision:
-        log.info("memory plan (%s):\n%s", decision["decided_by"], decision["table"])
-    ds = resolved.deepspeed
-    log.info(
-        "plan: ZeRO-%d%s%s, micro-batch %d x accum %d (decided by %s)",
-        ds.zero_stage,
-        " + optimizer offload" if ds.offload_optimizer else "",
-        " + param offload" if ds.offload_params else "",
-        decision["micro_batch"],
-        decision["grad_accum"],
-        decision["decided_by"],
-    )
-    return resolved, decision
 
 
 def run(cfg: Config) -> dict[str, Any]:
@@ -246,7 +178,9 @@ def run(cfg: Config) -> dict[str, Any]:
     if "best" in start:
         tracker.best, tracker.best_step, tracker.since_best = start["best"]
     model_cfg = getattr(engine.module, "config", None)
-    flops = FlopCounter(total_params, model_cfg, monitor.peak_flops * env.world_size)
+    flops = FlopCounter(
+        total_params, trainable_params, model_cfg, monitor.peak_flops * env.world_size
+    )
     summary: dict[str, Any] = {
         "world_size": env.world_size,
         "global_batch": plan.global_batch,
@@ -502,51 +436,40 @@ def requeue_if_asked(cfg: Config) -> None:
         log.warning("could not requeue Slurm job %s: %s", job, e)
 
 
-def guard_zero0_fp32_step(engine: Any) -> float:
-    """Pre-clip gradient norm at ZeRO-0 fp32, where DeepSpeed neither keeps nor checks it.
+def main(ns: argparse.Namespace) -> int:
+    """``dsft train`` (``dsft launch``): validate, then train here, on N local ranks, or every
+    fold of data.kfold."""
+    if getattr(ns, "resume", None):
+        ns.overrides.append(f"checkpoint.resume_from={ns.resume}")
+    if getattr(ns, "no_resume", False):
+        ns.overrides.append("checkpoint.resume=false")
+    cfg = load_config(ns.config, ns.overrides)  # validate before spawning anything
+    nproc = ns.nproc
+    if ns.command == "launch" and not distributed.in_launched_job():
+        import torch
 
-    A non-finite norm raises DeepSpeed's ``overflow`` flag on our optimizer: the
-    optimizer then skips its update (weights and moments untouched), and the engine
-    counts the step as skipped and holds the LR schedule, exactly as its ZeRO 1-3 and
-    16-bit optimizers do on their own.
-    """
-    norm = grad_norm(engine.module)
-    engine.optimizer.overflow = not math.isfinite(norm)
-    return norm
-
-
-class AdamW(torch.optim.AdamW):
-    """torch's AdamW that honours DeepSpeed's ``overflow`` flag (set at ZeRO-0 fp32)."""
-
-    overflow = False
-
-    def step(self, closure: Any = None) -> Any:
-        if self.overflow:
-            return None
-        return super().step(closure)
+        nproc = nproc or torch.cuda.device_count() or 1
+    nproc = nproc or 1
+    if cfg.data.kfold > 1 and cfg.data.fold < 0:
+        return _cross_validate(ns, cfg, nproc)
+    if nproc > 1 and not distributed.in_launched_job():
+        return distributed.launch_local(nproc, ["train", ns.config, *ns.overrides])
+    run(cfg)
+    return 0
 
 
-def grad_norm(module: torch.nn.Module) -> float:
-    """Global L2 norm of the gradients held by ``module`` (unsharded, i.e. ZeRO-0)."""
-    grads = [p.grad for p in module.parameters() if p.grad is not None]
-    return float(torch.nn.utils.get_total_norm(grads)) if grads else 0.0
+def _cross_validate(ns: argparse.Namespace, cfg: Config, nproc: int) -> int:
+    """Every fold of data.kfold as its own run, then the per-fold and mean ± std table."""
 
+    def run_fold(f: int) -> int:
+        overrides = [*ns.overrides, *crossval.fold_overrides(cfg, f)]
+        if nproc > 1 and not distributed.in_launched_job():
+            return distributed.launch_local(nproc, ["train", ns.config, *overrides])
+        run(load_config(ns.config, overrides))  # inside a launched job every rank runs them
+        return 0
 
-def make_optimizer(cfg: Config, groups: list[dict[str, Any]]) -> torch.optim.Optimizer:
-    t = cfg.train
-    kwargs = {"lr": t.lr, "betas": tuple(t.betas), "eps": t.eps}
-    if cfg.deepspeed.offload_optimizer:
-        # Offloaded optimizer states are updated on the CPU by DeepSpeed's vectorised
-        # CPU Adam (DeepSpeed refuses other optimizers with offload; JIT-built once).
-        from deepspeed.ops.adam import DeepSpeedCPUAdam
-
-        return DeepSpeedCPUAdam(groups, adamw_mode=True, **kwargs)
-    return AdamW(groups, fused=torch.cuda.is_available(), **kwargs)
-
-
-if __name__ == "__main__":  # `torchrun ... -m dsft.train cfg.yaml [overrides]` = `dsft train ...`
-    import sys
-
-    from dsft.cli import main
-
-    sys.exit(main(["train", *sys.argv[1:]]))
+    rc = crossval.run_folds(cfg, run_fold)
+    if rc == 0 and int(os.environ.get("RANK", "0")) == 0:
+        _, table = crossval.summarize(Path(cfg.output_dir), cfg.data.kfold)
+        print(f"{cfg.data.kfold}-fold cross-validation ({cfg.output_dir}/cv.md):\n{table}")
+    return rc

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from .conftest import ROOT, cpu_env, short_run_config, train_rows, write_config
+from ..conftest import ROOT, cpu_env, short_run_config, train_rows, write_config
 
 pytestmark = [pytest.mark.slow, pytest.mark.distributed, pytest.mark.netns]
 

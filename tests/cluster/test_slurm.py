@@ -23,7 +23,7 @@ from pathlib import Path
 
 import pytest
 
-from .conftest import ROOT, base_config, cpu_env, read_summary, train_rows, write_config
+from ..conftest import ROOT, base_config, cpu_env, read_summary, train_rows, write_config
 from .slurm_cluster import SlurmCluster, install, record
 
 pytestmark = [pytest.mark.slow, pytest.mark.slurm, pytest.mark.distributed]

@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 import torch
 
-from dsft.bench import FIGURES, SYSTEMS, _param_count
-from dsft.bench.data import CHATML_TRAINING, build_tokenizer, generate_rows
+from benchmarks.bench import FIGURES, SYSTEMS, _param_count
+from benchmarks.data import CHATML_TRAINING, build_tokenizer, generate_rows
 from tests.conftest import ROOT, cpu_env
 
 
@@ -58,8 +58,8 @@ def test_mfu_formula_is_dsft_flop_counter() -> None:
     from dsft.data.collate import collate
     from dsft.data.packing import collate_packed
     from dsft.data.tokenize import Tokenized
+    from dsft.flops import FlopCounter
     from dsft.model import count_params
-    from dsft.monitor import FlopCounter
 
     config = LlamaConfig(
         vocab_size=300,
@@ -71,7 +71,7 @@ def test_mfu_formula_is_dsft_flop_counter() -> None:
     )
     n = count_params(LlamaForCausalLM(config))[0]
     assert _param_count(config) == n
-    counter = FlopCounter(n, config, 989e12)
+    counter = FlopCounter(n, n, config, 989e12)
     ex = [Tokenized(list(range(1, k + 1)), list(range(1, k + 1))) for k in (5, 17, 9, 30)]
     tokens, sq = 61, 25 + 289 + 81 + 900
     assert counter.flops(tokens, sq) == 6 * n * tokens + 12 * 3 * 32 * sq
@@ -85,7 +85,7 @@ def test_mfu_formula_is_dsft_flop_counter() -> None:
     pytest.importorskip("trl")
     from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
 
-    from dsft.bench.trl_run import segment_lengths
+    from benchmarks.trl_run import segment_lengths
 
     feats = [{"input_ids": e.input_ids, "labels": e.labels} for e in ex]
     for padding_free in (False, True):

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from .conftest import ROOT, base_config, cpu_env, run_dsft, train_rows, weights, write_config
+from ..conftest import ROOT, base_config, cpu_env, run_dsft, train_rows, weights, write_config
 
 pytestmark = [pytest.mark.slow, pytest.mark.distributed]
 

@@ -9,7 +9,7 @@ import pytest
 
 from dsft.cli import main
 
-from .conftest import base_config, read_summary, run_dsft, train_rows, write_config
+from ..conftest import base_config, read_summary, run_dsft, train_rows, write_config
 
 
 def _packed(model: Path, data: Path, out: Path) -> dict:

@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from dsft.demo import DEMO_DATA, generate_tasks
+from dsft.synthetic import DEMO_DATA, generate_tasks
 
-from .conftest import run_dsft
+from ..conftest import run_dsft
 
 
 def test_bundled_dataset_is_the_generator_output() -> None:

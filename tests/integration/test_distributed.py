@@ -16,7 +16,7 @@ import torch.multiprocessing as mp
 from dsft import distributed as dist
 from dsft.data.collate import collate
 from dsft.errors import ConfigError
-from dsft.evaluate import validate
+from dsft.eval.evaluator import validate
 
 
 @pytest.mark.parametrize(

@@ -21,9 +21,9 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from dsft.config import DataConfig
 from dsft.data import prepare
-from dsft.evaluate import validate
+from dsft.eval.evaluator import validate
 
-from .conftest import (
+from ..conftest import (
     ROOT,
     base_config,
     cpu_env,

@@ -9,7 +9,7 @@ import pytest
 import torch
 import yaml
 
-from .conftest import (
+from ..conftest import (
     base_config,
     read_summary,
     run_dsft,

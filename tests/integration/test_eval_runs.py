@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from .conftest import base_config, read_summary, run_dsft, train_rows, write_config
+from ..conftest import base_config, read_summary, run_dsft, train_rows, write_config
 
 pytestmark = [pytest.mark.slow, pytest.mark.distributed]
 

@@ -13,7 +13,7 @@ from dsft.config import Config
 from dsft.errors import ExportError
 from dsft.export import write_hf
 
-from .conftest import base_config, run_dsft, weights, write_config
+from ..conftest import base_config, run_dsft, weights, write_config
 
 
 def test_missing_tensor_is_an_error(tiny_model: Path, tmp_path: Path) -> None:

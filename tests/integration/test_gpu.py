@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from .conftest import base_config, read_summary, run_dsft, train_rows, write_config
+from ..conftest import base_config, read_summary, run_dsft, train_rows, write_config
 
 pytestmark = [
     pytest.mark.gpu,
@@ -47,20 +47,10 @@ def test_cuda_precisions_converge(
 
 def _llama_1b_dir(out: Path) -> Path:
     """A randomly initialised Llama 3.2 1B shape with the demo's tokenizer (no download)."""
-    from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
-
-    from dsft.demo import build_tokenizer
     from dsft.planner import SHAPES
+    from dsft.synthetic import build_model_dir
 
-    tok = build_tokenizer()
-    ids = dict(bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
-    config = LlamaConfig(**SHAPES["llama-1b"], pad_token_id=tok.pad_token_id, **ids)
-    with torch.device("cuda"):
-        model = LlamaForCausalLM(config).to(torch.bfloat16)
-    model.generation_config = GenerationConfig(pad_token_id=tok.pad_token_id, **ids)
-    model.save_pretrained(out)
-    tok.save_pretrained(out)
-    return out
+    return build_model_dir(out, shape=SHAPES["llama-1b"], dtype=torch.bfloat16)
 
 
 def test_planner_predicts_peak_memory_of_a_1b_llama(tmp_path: Path) -> None:

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from .conftest import ROOT, base_config, cpu_env, train_rows, write_config
+from ..conftest import ROOT, base_config, cpu_env, train_rows, write_config
 
 pytestmark = [pytest.mark.slow, pytest.mark.distributed]
 

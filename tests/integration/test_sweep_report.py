@@ -12,9 +12,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from dsft.sweep import Sweep, load_sweep, should_prune, trial_settings
+from dsft.recipes.sweep import Sweep, load_sweep, should_prune, trial_settings
 
-from .conftest import ROOT, base_config, cpu_env, write_config
+from ..conftest import ROOT, base_config, cpu_env, write_config
 
 
 def test_grid_and_random_trials(tmp_path: Path) -> None:

@@ -9,9 +9,9 @@ import sys
 from pathlib import Path
 
 from dsft.cli import main
-from dsft.plan import presets
+from dsft.ds_config import presets
 
-from .conftest import ROOT, base_config, write_config
+from ..conftest import ROOT, base_config, write_config
 
 
 def test_bad_config_exits_2_with_all_problems(tmp_path: Path, capsys) -> None:

@@ -14,7 +14,7 @@ from dsft.data.formats import DataError, Example, read_jsonl
 from dsft.data.sampler import eval_shard, steps_per_epoch, train_batches
 from dsft.data.split import split_indices
 from dsft.data.tokenize import IGNORE_INDEX, tokenize_example, tokenize_prompt
-from dsft.demo import build_tokenizer
+from dsft.synthetic import build_tokenizer
 
 
 @pytest.fixture(scope="module")

@@ -15,8 +15,8 @@ from dsft.data.cache import cache_root, cached_store
 from dsft.data.formats import Example
 from dsft.data.split import carve, reweight
 from dsft.data.tokenize import TEMPLATES, tokenize_example, tokenize_prompt
-from dsft.demo import build_tokenizer
 from dsft.errors import DataError
+from dsft.synthetic import build_tokenizer
 
 CHAT = [
     {"role": "system", "content": "sys"},

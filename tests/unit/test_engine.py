@@ -11,8 +11,9 @@ from transformers import AutoModelForCausalLM
 
 from dsft.config import Config, FreezeConfig, TrainConfig, load_config
 from dsft.errors import ConfigError
-from dsft.model import freeze, lr_lambda, param_groups
-from dsft.train import check_runtime
+from dsft.model import freeze
+from dsft.optim import lr_lambda, param_groups
+from dsft.runtime import check_runtime
 
 
 @pytest.fixture

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from dsft.evaluate import BestTracker, generation_scores, normalize_answer, token_f1
+from dsft.eval.evaluator import BestTracker, generation_scores, normalize_answer, token_f1
 
 
 def test_normalisation_is_squad_style() -> None:
@@ -54,9 +54,9 @@ def test_best_tracker_patience_and_direction() -> None:
 
 def test_validation_reports_each_mixed_dataset() -> None:
     from dsft.data.tokenize import Tokenized
-    from dsft.evaluate import validate
+    from dsft.eval.evaluator import validate
 
-    from .test_distributed import _ToyLM
+    from ..integration.test_distributed import _ToyLM
 
     g = torch.Generator().manual_seed(3)
 

@@ -12,8 +12,8 @@ from dsft.data.collate import collate
 from dsft.data.formats import Example
 from dsft.data.packing import collate_packed, efficiency, pack
 from dsft.data.tokenize import IGNORE_INDEX, tokenize_example
-from dsft.demo import build_tokenizer
-from dsft.evaluate import token_stats
+from dsft.eval.evaluator import token_stats
+from dsft.synthetic import build_tokenizer
 
 
 def test_best_fit_decreasing_bins() -> None:

@@ -18,12 +18,12 @@ from transformers import AutoModelForCausalLM, LlamaConfig
 from dsft import planner
 from dsft.cli import main
 from dsft.config import FreezeConfig, LoraConfig, load_config
+from dsft.ds_config import PRESETS, presets
 from dsft.errors import ConfigError
 from dsft.model import apply_lora, count_params, freeze
-from dsft.plan import PRESETS, presets
 from dsft.planner import GiB, Hardware, ModelFacts, Option, Workload
 
-from .conftest import ROOT, base_config, write_config
+from ..conftest import ROOT, base_config, write_config
 
 GB = GiB
 
@@ -364,7 +364,7 @@ def test_ds_config_resolves_auto(tiny_model: Path, tiny_data: Path, tmp_path, ca
 
 def test_batch_plan_refuses_unresolved_auto(tiny_model: Path, tiny_data: Path, tmp_path) -> None:
     from dsft.config import batch_plan
-    from dsft.plan import deepspeed_config
+    from dsft.ds_config import deepspeed_config
 
     cfg = _cfg(tiny_model, tiny_data, tmp_path, train={"micro_batch": "auto", "global_batch": 8})
     with pytest.raises(ConfigError, match="resolve"):
@@ -459,11 +459,11 @@ def test_python_m_dsft_train_is_dsft_train(tmp_path: Path) -> None:
 
 
 def test_dsft_launch_picks_torchrun(tiny_model: Path, tiny_data: Path, tmp_path, monkeypatch):
-    from dsft import cli
+    from dsft import distributed
 
     cfg = write_config(tmp_path / "c.yaml", base_config(tiny_model, tiny_data, tmp_path / "o"))
     calls = []
-    monkeypatch.setattr(cli, "_launch", lambda n, args: calls.append((n, args)) or 0)
+    monkeypatch.setattr(distributed, "launch_local", lambda n, args: calls.append((n, args)) or 0)
     assert main(["launch", str(cfg), "--nproc", "3", "train.lr=1e-3"]) == 0
     assert calls == [(3, ["train", str(cfg), "train.lr=1e-3"])]
     assert main(["launch", str(cfg), "train.lr=oops"]) == 2  # validated before launching

@@ -1,0 +1,1 @@
+"""Metrics and the evaluator (validation, generation, best-model tracking)."""

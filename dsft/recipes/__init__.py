@@ -1,0 +1,1 @@
+"""The commands: one module per ``dsft`` command, each a leaf that nothing but ``dsft.cli`` imports."""

@@ -1,0 +1,85 @@
+"""What the commands that build an engine share: the seed, the runtime checks that refuse what
+this machine cannot do, and the resolution of "auto" settings by the memory planner."""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import random
+from typing import Any
+
+import numpy as np
+import torch
+
+from dsft import distributed, planner
+from dsft.config import Config
+from dsft.errors import ConfigError
+
+log = logging.getLogger("dsft")
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def check_runtime(cfg: Config) -> None:
+    """Refuse what cannot work on this machine before anything expensive starts."""
+    problems = []
+    cuda = torch.cuda.is_available()
+    if cfg.train.precision == "fp16" and not cuda:
+        problems.append(
+            "train.precision=fp16 needs a CUDA GPU (DeepSpeed has no fp16 on CPU); "
+            "use train.precision=bf16 or fp32"
+        )
+    if cfg.model.attn_implementation == "flash_attention_2" and (
+        not cuda or importlib.util.find_spec("flash_attn") is None
+    ):
+        problems.append(
+            "model.attn_implementation=flash_attention_2 needs a CUDA GPU and the "
+            "flash-attn package; use sdpa (PyTorch's fused attention) instead"
+        )
+    if problems:
+        raise ConfigError(problems)
+    if cfg.train.precision == "bf16" and not cuda:
+        log.warning("train.precision=bf16 on CPU is correct but much slower than fp32 here")
+
+
+def resolve_plan(cfg: Config, env: distributed.DistEnv) -> tuple[Config, dict[str, Any]]:
+    """Resolve "auto" (ZeRO stage, offload, micro-batch) for this job's hardware.
+
+    Rank 0 plans and the others receive its decision, so every rank builds the same engine;
+    the free GPU memory that bounds the plan is the smallest of all ranks'.
+    """
+    free = planner.free_gpu_memory()
+    if free is not None:
+        free = -distributed.all_reduce_max(-free)
+    result: Any = None
+    if env.is_main:
+        try:
+            hw = planner.job_hardware(env.world_size, env.local_world_size, free)
+            resolved, decision = planner.resolve(cfg, hw)
+            decision["hidden"] = decision.get("model", {}).get("hidden") or planner.hidden_size(
+                cfg.model.path, cfg.model.trust_remote_code
+            )
+            result = (resolved, decision)
+        except ConfigError as e:  # refused: every rank raises it (problems pickle, errors not)
+            result = e.problems
+    result = distributed.broadcast_object(result)
+    if isinstance(result, list):
+        raise ConfigError(result)
+    resolved, decision = result
+    if "table" in decision:
+        log.info("memory plan (%s):\n%s", decision["decided_by"], decision["table"])
+    ds = resolved.deepspeed
+    log.info(
+        "plan: ZeRO-%d%s%s, micro-batch %d x accum %d (decided by %s)",
+        ds.zero_stage,
+        " + optimizer offload" if ds.offload_optimizer else "",
+        " + param offload" if ds.offload_params else "",
+        decision["micro_batch"],
+        decision["grad_accum"],
+        decision["decided_by"],
+    )
+    return resolved, decision
