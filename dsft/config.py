@@ -109,6 +109,12 @@ class DataConfig:
     # Tokenised data is cached, keyed by file contents + tokenizer + template + settings.
     cache: bool = True
     cache_dir: str = ""  # default: $DSFT_CACHE or ~/.cache/dsft
+    # Processes that tokenise (each node's local rank 0 forks them); 0 = the node's usable
+    # cores (CPU affinity). The cache entry is the same bytes for any number of workers.
+    workers: int = 0
+    # Seconds a rank waits for another rank or node to finish tokenising before it stops
+    # with a message naming who holds the work; 0 = wait for ever.
+    wait_timeout: float = 7200.0
 
 
 @dataclass
@@ -531,6 +537,10 @@ def validate_data(d: DataConfig) -> list[str]:
         for f in getattr(d, key):
             if not Path(f).exists():
                 p.append(f"data.{key}: {f!r} not found")
+    if d.workers < 0:
+        p.append(f"data.workers: {d.workers} must be >= 0 (0 = the node's usable cores)")
+    if d.wait_timeout < 0:
+        p.append(f"data.wait_timeout: {d.wait_timeout} must be >= 0 (0 = wait for ever)")
     if d.weights and len(d.weights) != len(d.path):
         p.append(
             f"data.weights: {len(d.weights)} weights for {len(d.path)} paths; give one per path"

@@ -7,6 +7,7 @@ stores (one per file), so a rank holds only the examples it touches.
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -14,7 +15,15 @@ from typing import Any
 import numpy as np
 
 from dsft.config import DataConfig
-from dsft.data.cache import KINDS, TokenStore, build_store, cache_root, cached_store
+from dsft.data.cache import (
+    KINDS,
+    BuildOptions,
+    TokenStore,
+    cache_root,
+    cached_store,
+    fresh_store,
+    usable_cores,
+)
 from dsft.data.formats import Example, load_examples
 from dsft.data.packing import efficiency, pack
 from dsft.data.split import carve, reweight, split_count
@@ -113,10 +122,24 @@ def _stores(paths: list[str], cfg: DataConfig, tokenizer: Any, builder: bool) ->
         "loss_on": cfg.loss_on,
         "on_bad_row": cfg.on_bad_row,
     }
+    opts = build_options(cfg)
     if not cfg.cache:
-        return Corpus([build_store(p, tokenizer, settings) for p in paths])
+        return Corpus([fresh_store(p, tokenizer, settings, opts) for p in paths])
     root = cache_root(cfg.cache_dir)
-    return Corpus([cached_store(p, tokenizer, settings, root, builder) for p in paths])
+    return Corpus([cached_store(p, tokenizer, settings, root, builder, opts) for p in paths])
+
+
+def build_options(cfg: DataConfig) -> BuildOptions:
+    """``data.workers`` (0 = the usable cores) and the wait timeout, for building stores.
+
+    Without the cache every rank of the node tokenises for itself, so the auto worker
+    count is split between the node's ranks.
+    """
+    workers = cfg.workers
+    if not workers:
+        ranks = 1 if cfg.cache else int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+        workers = max(1, usable_cores() // ranks)
+    return BuildOptions(workers=workers, wait_timeout=cfg.wait_timeout)
 
 
 def prepare(cfg: DataConfig, tokenizer: Any, builder: bool = True) -> Splits:

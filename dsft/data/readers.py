@@ -68,7 +68,7 @@ def read_rows(path: str, record_keys: Collection[str] = ()) -> Iterator[Row]:
             elif suffix == ".csv":
                 yield from _csv(path, f)
             else:
-                yield from _jsonl(path, f)
+                yield from _jsonl(path, _no_bom(f))
     except (OSError, EOFError) as e:  # a truncated or corrupt .gz
         raise DataError(f"{path}: cannot read ({e})") from None
 
@@ -83,10 +83,11 @@ def _utf8_error(e: UnicodeDecodeError, col: int) -> str:
     return f"not valid UTF-8 (byte 0x{e.object[e.start]:02x} at column {col})"
 
 
-def _jsonl(path: str, lines: Iterable[bytes]) -> Iterator[Row]:
+def _jsonl(path: str, lines: Iterable[bytes], first: int = 1) -> Iterator[Row]:
     # Bytes, decoded line by line: a bad byte is one bad row, and only "\n" ends a line
-    # (str.splitlines would also split on U+2028 inside a JSON string).
-    for lineno, raw in enumerate(_no_bom(lines), start=1):
+    # (str.splitlines would also split on U+2028 inside a JSON string). ``first``: the
+    # line number of the first line (a byte range of a file starts mid-way).
+    for lineno, raw in enumerate(lines, start=first):
         where = f"{path}:{lineno}"
         try:
             line = raw.decode("utf-8")
@@ -103,6 +104,42 @@ def _jsonl(path: str, lines: Iterable[bytes]) -> Iterator[Row]:
         yield Row(where, record)
 
 
+def splittable(path: str) -> bool:
+    """Whether ``path`` can be cut into byte ranges read independently (plain JSON lines)."""
+    p = Path(path)
+    return p.is_file() and p.suffix.lower() in (".jsonl", ".ndjson")
+
+
+def line_ranges(path: str, size: int) -> list[tuple[int, int, int]]:
+    """``(start, end, first line)`` byte ranges of about ``size`` bytes, each ending after a
+    newline, covering the file. One streaming pass that counts newlines (I/O bound)."""
+    ranges: list[tuple[int, int, int]] = []
+    start, start_line = 0, 1
+    pos, line = 0, 1  # the byte offset and line number at the start of ``block``
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            while start + size < pos + len(block):
+                cut = block.find(b"\n", max(start + size - pos, 0))
+                if cut < 0:
+                    break  # the line goes on into the next block
+                end = pos + cut + 1
+                ranges.append((start, end, start_line))
+                start, start_line = end, line + block.count(b"\n", 0, cut + 1)
+            pos, line = pos + len(block), line + block.count(b"\n")
+    if pos > start or not ranges:
+        ranges.append((start, pos, start_line))
+    return ranges
+
+
+def read_range(path: str, start: int, end: int, first_line: int) -> Iterator[Row]:
+    """The rows of the JSON-lines byte range ``[start, end)`` (see :func:`line_ranges`)."""
+    with open(path, "rb") as f:
+        f.seek(start)
+        data = f.read(end - start)
+    lines = io.BytesIO(data)
+    yield from _jsonl(path, _no_bom(lines) if start == 0 else lines, first_line)
+
+
 def _is_json_lines(data: bytes) -> bool:
     """True when the first non-blank line is a whole JSON object and more lines follow."""
     lines = [ln for ln in data.split(b"\n") if ln.strip()]
@@ -117,7 +154,7 @@ def _is_json_lines(data: bytes) -> bool:
 def _json(path: str, data: bytes, record_keys: Collection[str]) -> Iterator[Row]:
     data = data.removeprefix(_BOM)
     if _is_json_lines(data):
-        yield from _jsonl(path, io.BytesIO(data))
+        yield from _jsonl(path, io.BytesIO(data))  # the BOM is already gone
         return
     try:
         text = data.decode("utf-8")
