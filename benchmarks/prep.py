@@ -6,13 +6,17 @@ one process each:
 
 - dsft: ``dsft.data.prepare`` with ``data.cache=false`` and ``data.packing=true``
   (read, normalise, render, batched Rust tokenisation with offsets, numpy masks, BFD
-  packing);
+  packing), once per ``--workers`` setting (``data.workers``: forked tokenising processes);
 - TRL: ``datasets.Dataset.from_json`` (into a fresh cache directory) and then the code
   ``SFTTrainer.__init__`` runs on a raw dataset, ``SFTTrainer._prepare_dataset`` with
   ``assistant_only_loss=True`` and ``packing=True`` (per-example ``apply_chat_template``
   with assistant masks, label building, BFD packing).
 
 A 50-example check confirms the two produce identical token ids and labels.
+
+Standalone (a quiet machine gives the clean numbers)::
+
+    python -m benchmarks.prep --examples 20000 --workers 1,2 --repeats 3
 """
 
 from __future__ import annotations
@@ -27,7 +31,7 @@ from typing import Any
 import numpy as np
 
 
-def dsft_prepare(path: Path, tokenizer: Any, max_len: int) -> dict[str, Any]:
+def dsft_prepare(path: Path, tokenizer: Any, max_len: int, workers: int = 1) -> dict[str, Any]:
     from dsft.config import DataConfig
     from dsft.data import prepare
 
@@ -38,6 +42,7 @@ def dsft_prepare(path: Path, tokenizer: Any, max_len: int) -> dict[str, Any]:
         cache=False,
         val_fraction=0.0,
         test_fraction=0.0,
+        workers=workers,
     )
     t = time.perf_counter()
     splits = prepare(cfg, tokenizer)
@@ -101,24 +106,127 @@ def same_tokens(path: Path, tokenizer: Any, n: int = 50) -> bool:
 
 
 def run_prep(
-    path: Path, tokenizer: Any, max_len: int, repeats: int, log: Any = print
+    path: Path,
+    tokenizer: Any,
+    max_len: int,
+    repeats: int,
+    log: Any = print,
+    workers: tuple[int, ...] = (1,),
 ) -> dict[str, Any]:
-    """Alternate dsft and TRL ``repeats`` times; medians of examples/s."""
-    runs: dict[str, list[dict[str, Any]]] = {"dsft": [], "trl": []}
+    """Alternate dsft (once per worker count) and TRL ``repeats`` times; medians of examples/s.
+
+    ``dsft`` is the rate with the most workers; ``dsft_w<N>`` each setting's.
+    """
+    names = [f"dsft_w{w}" for w in workers]
+    runs: dict[str, list[dict[str, Any]]] = {name: [] for name in [*names, "trl"]}
     n = sum(1 for _ in path.open())
     for r in range(repeats):
-        for name, fn in (("dsft", dsft_prepare), ("trl", trl_prepare)):
+        for name in runs:
             gc.collect()
-            res = fn(path, tokenizer, max_len)
+            if name == "trl":
+                res = trl_prepare(path, tokenizer, max_len)
+            else:
+                res = dsft_prepare(path, tokenizer, max_len, int(name.removeprefix("dsft_w")))
             res["examples_per_s"] = n / res["seconds"]
             runs[name].append(res)
             log(
                 f"prep {r + 1}/{repeats} {name}: {n} examples in {res['seconds']:.1f}s "
                 f"({res['examples_per_s']:.0f}/s, {res['rows']} packed rows)"
             )
-    out: dict[str, Any] = {"examples": n, "max_len": max_len, "runs": runs}
+    out: dict[str, Any] = {"examples": n, "max_len": max_len, "runs": runs, "workers": workers}
     for name in runs:
         out[name] = float(np.median([x["examples_per_s"] for x in runs[name]]))
+    out["dsft"] = out[names[-1]]
     out["ratio"] = out["dsft"] / out["trl"]
+    out["ratios"] = {name: out[name] / out["trl"] for name in names}
+    if len(workers) > 1:
+        # Scaling from the fewest to the most workers: the basis of a projection to more
+        # cores (per-worker rate times the measured parallel efficiency).
+        lo, hi = workers[0], workers[-1]
+        eff = (out[names[-1]] / hi) / (out[names[0]] / lo)
+        out["parallel_efficiency"] = eff
     out["tokens_identical"] = same_tokens(path, tokenizer)
     return out
+
+
+def projection(result: dict[str, Any], cores: int = 16) -> str:
+    """A stated projection of the rate on ``cores`` cores from the measured scaling."""
+    workers = result["workers"]
+    if len(workers) < 2:
+        return ""
+    one = result[f"dsft_w{workers[0]}"] / workers[0]
+    eff = min(result["parallel_efficiency"], 1.0)
+    return (
+        f"projection for {cores} cores: {one * cores * eff:,.0f} examples/s "
+        f"(= {one:,.0f}/s per worker x {cores} workers x {eff:.2f}, the parallel efficiency "
+        f"measured from {workers[0]} to {workers[-1]} workers; assumes the file is read from "
+        "page cache or fast storage, and that efficiency holds: workers share nothing but "
+        "the input file and the parent only cuts byte ranges)"
+    )
+
+
+def table(result: dict[str, Any]) -> str:
+    lines = [
+        "| data preparation (tokenise + template + mask + pack) | examples/s | / TRL |",
+        "|---|---|---|",
+    ]
+    for w in result["workers"]:
+        name = f"dsft_w{w}"
+        lines.append(
+            f"| dsft (data.prepare, cache off, data.workers={w}) | {result[name]:,.0f} "
+            f"| {result['ratios'][name]:.2f}x |"
+        )
+    lines.append(
+        f"| TRL (Dataset.from_json + SFTTrainer._prepare_dataset, one process) "
+        f"| {result['trl']:,.0f} | 1.00x |"
+    )
+    lines += [
+        "",
+        f"{result['examples']} examples, max_len {result['max_len']}; identical token ids and "
+        f"labels: {'yes' if result['tokens_identical'] else 'NO'}.",
+    ]
+    proj = projection(result)
+    if proj:
+        lines.append(proj)
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m benchmarks.prep``: the data-preparation comparison alone."""
+    import argparse
+    import json
+    import os
+
+    from benchmarks.data import build_tokenizer, generate_rows, write_jsonl
+    from dsft.data.cache import usable_cores
+
+    p = argparse.ArgumentParser(prog="python -m benchmarks.prep", description=__doc__)
+    p.add_argument("--examples", type=int, default=20000)
+    p.add_argument("--workers", default=f"1,{usable_cores()}", help="comma-separated")
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--max-len", type=int, default=512)
+    p.add_argument("--scale", type=float, default=0.25, help="length scale of generated rows")
+    p.add_argument("--out", default="runs/bench-prep")
+    ns = p.parse_args(argv)
+    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+    import datasets
+
+    datasets.disable_progress_bars()
+    out = Path(ns.out)
+    out.mkdir(parents=True, exist_ok=True)
+    rows = generate_rows(ns.examples, 7, ns.scale)
+    path = write_jsonl(out / "prep.jsonl", rows)
+    tok = build_tokenizer(out / "tokenizer", rows[:2000], 4096)
+    del rows
+    workers = tuple(sorted({int(x) for x in ns.workers.split(",")}))
+    result = run_prep(path, tok, ns.max_len, ns.repeats, workers=workers)
+    text = table(result)
+    load = os.getloadavg()
+    text += f"\nload average at the end: {load[0]:.1f} (1 min) on {usable_cores()} cores"
+    (out / "prep.json").write_text(json.dumps(result, indent=2, default=str))
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -26,7 +26,7 @@ from dsft.data.cache import (
 )
 from dsft.data.formats import Example, load_examples
 from dsft.data.packing import efficiency, pack
-from dsft.data.split import carve, reweight, split_count
+from dsft.data.split import carve_arrays, reweight, split_count
 from dsft.data.tokenize import Tokenized, apply_template
 from dsft.errors import DataError
 
@@ -67,23 +67,25 @@ class Corpus:
 class Split(Sequence[Tokenized]):
     """The examples of one split (index list into a corpus), truncated to ``max_len``."""
 
-    def __init__(self, corpus: Corpus, indices: Sequence[int], max_len: int) -> None:
-        self.corpus, self.indices, self.max_len = corpus, list(indices), max_len
+    def __init__(self, corpus: Corpus, indices: Sequence[int] | np.ndarray, max_len: int) -> None:
+        # int64 array: 8 bytes per example (a list of ints costs ~36)
+        self.corpus, self.max_len = corpus, max_len
+        self.indices = np.asarray(indices, dtype=np.int64).reshape(-1)
 
     def __len__(self) -> int:
         return len(self.indices)
 
     def __getitem__(self, k: int) -> Tokenized:  # type: ignore[override]
-        store, i = self.corpus.locate(self.indices[k])
+        store, i = self.corpus.locate(int(self.indices[k]))
         return store.item(i, self.max_len)
 
     def example(self, k: int) -> Example:
-        store, i = self.corpus.locate(self.indices[k])
+        store, i = self.corpus.locate(int(self.indices[k]))
         return store.examples[i]
 
     def lengths(self) -> np.ndarray:
         full = self.corpus.lengths
-        return np.minimum(full[self.indices], self.max_len) if self.indices else full[:0]
+        return np.minimum(full[self.indices], self.max_len)
 
 
 class Examples(Sequence[Example]):
@@ -153,18 +155,18 @@ def prepare(cfg: DataConfig, tokenizer: Any, builder: bool = True) -> Splits:
     n = len(pool)
     n_test = 0 if cfg.test_path else split_count(n, cfg.test_fraction, cfg.test_size)
     n_val = 0 if (cfg.val_path or cfg.kfold) else split_count(n, cfg.val_fraction, cfg.val_size)
-    tr, va, te = carve(n, n_val, n_test, cfg.split_seed, cfg.kfold, max(cfg.fold, 0))
+    tr, va, te = carve_arrays(n, n_val, n_test, cfg.split_seed, cfg.kfold, max(cfg.fold, 0))
     if cfg.weights:
-        groups = (np.searchsorted(pool.starts, tr, side="right") - 1).tolist()
+        groups = np.searchsorted(pool.starts, tr, side="right") - 1
         tr = reweight(tr, groups, cfg.weights, cfg.split_seed)
 
     stats: dict[str, Any] = {"examples": n, "skipped_rows": 0}
     val_corpus = _stores(cfg.val_path, cfg, tokenizer, builder) if cfg.val_path else pool
     test_corpus = _stores(cfg.test_path, cfg, tokenizer, builder) if cfg.test_path else pool
     if cfg.val_path:
-        va = list(range(len(val_corpus)))
+        va = np.arange(len(val_corpus))
     if cfg.test_path:
-        te = list(range(len(test_corpus)))
+        te = np.arange(len(test_corpus))
     skipped = [
         r
         for c in {id(x): x for x in (pool, val_corpus, test_corpus)}.values()
@@ -197,7 +199,7 @@ def prepare(cfg: DataConfig, tokenizer: Any, builder: bool = True) -> Splits:
         )
         stats[f"{name}_dropped_no_target"] = int(no_target.sum())
         stats[f"{name}_truncated"] = int((too_long & ~drop).sum())
-        splits[name] = Split(corpus, idx[~drop].tolist(), cfg.max_len)
+        splits[name] = Split(corpus, idx[~drop], cfg.max_len)
         stats[name] = len(splits[name])
     if not len(splits["train"]):
         raise DataError(

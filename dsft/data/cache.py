@@ -175,7 +175,7 @@ class BuildOptions:
     """How an entry is built (none of it changes the entry's bytes)."""
 
     workers: int = 1  # tokenising processes (1 = in this process)
-    chunk_bytes: int = 4 << 20  # a JSON-lines chunk: a byte range of about this size
+    chunk_bytes: int = 1 << 20  # a JSON-lines chunk: a byte range of about this size
     chunk_rows: int = 2000  # other file types: rows per chunk
     wait_timeout: float = 0.0  # seconds to wait for another builder; 0 = for ever
 

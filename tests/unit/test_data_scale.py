@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import multiprocessing as mp
@@ -54,7 +55,7 @@ def test_line_ranges_cover_the_file_at_line_boundaries(tmp_path: Path) -> None:
     for size in (1, 100, 1000, 10**6):
         ranges = line_ranges(str(f), size)
         assert ranges[0][0] == 0 and ranges[-1][1] == f.stat().st_size
-        assert all(a[1] == b[0] for a, b in zip(ranges, ranges[1:], strict=False))
+        assert all(a[1] == b[0] for a, b in itertools.pairwise(ranges))
         rows = [r for a, b, line in ranges for r in read_range(str(f), a, b, line)]
         assert [r.where for r in rows] == [f"{f}:{i}" for i in range(1, 502)]
         assert rows[-1].record == {"text": "no newline at the end"}
@@ -168,3 +169,15 @@ def test_targets_by_blocks_equal_the_whole_array(tmp_path: Path, tok) -> None:
         end = np.minimum(store.offsets[1:], start + max_len)
         expected = np.maximum(cs[end] - cs[np.minimum(start + 1, end)], 0)
         assert np.array_equal(store.targets(max_len, block=7), expected)
+
+
+@pytest.mark.parametrize("n", [0, 1, 2, 257, 5000])
+def test_lean_shuffle_equals_random_shuffle(n: int) -> None:
+    """The splits of earlier versions are kept: same permutation as Random.shuffle."""
+    import random
+
+    from dsft.data.split import shuffled
+
+    order = list(range(n))
+    random.Random(11).shuffle(order)
+    assert shuffled(n, 11).tolist() == order
