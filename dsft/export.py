@@ -18,11 +18,11 @@ from typing import Any
 import torch
 
 from dsft import distributed as dist
-from dsft.checkpoint import consolidate, find, saved_config
+from dsft.checkpoint import check_base, consolidate, find, saved_config
 from dsft.config import Config
 from dsft.data.tokenize import apply_template
 from dsft.errors import ExportError
-from dsft.model import apply_lora, load_model, load_tokenizer
+from dsft.model import apply_lora, freeze, load_model, load_tokenizer
 
 log = logging.getLogger("dsft")
 
@@ -59,13 +59,19 @@ def export_checkpoint(path: str | Path, out: Path, merged: bool = True) -> Path:
     """``dsft export``: a checkpoint (or run directory) to a Hugging Face directory."""
     dist.configure_accelerator()  # zero_to_fp32 imports deepspeed
     tag_dir = find(path)
-    write_hf(saved_config(tag_dir), consolidate(tag_dir), out, merged=merged)
+    cfg = saved_config(tag_dir)
+    check_base(tag_dir, cfg.model.path)  # a lean checkpoint takes frozen weights from there
+    write_hf(cfg, consolidate(tag_dir), out, merged=merged)
     return out
 
 
 def _build(cfg: Config) -> torch.nn.Module:
+    """The run's model as training built it: base weights from model.path, LoRA, and the
+    model.freeze parameters frozen (they keep model.path's values)."""
     model = load_model(cfg.model, torch.float32, training=False)
-    return apply_lora(model, cfg.model.lora) if cfg.model.lora.enabled else model
+    model = apply_lora(model, cfg.model.lora) if cfg.model.lora.enabled else model
+    freeze(model, cfg.model.freeze)
+    return model
 
 
 @torch.no_grad()
@@ -95,8 +101,10 @@ def write_hf(
     """
     model = _build(cfg).eval()
     lora = cfg.model.lora.enabled
-    # LoRA trains only the adapters (+ modules_to_save); the rest is the base on disk.
-    expected = {n for n, p in model.named_parameters() if p.requires_grad or not lora}
+    # Only trained parameters must come from the run (LoRA adapters + modules_to_save, or
+    # everything model.freeze left trainable); frozen ones are the base on disk, and a
+    # lean checkpoint does not hold them.
+    expected = {n for n, p in model.named_parameters() if p.requires_grad}
     missing = sorted(expected - set(sd))
     if missing:
         raise ExportError(f"{len(missing)} trained tensors are missing, e.g. {missing[:3]}")

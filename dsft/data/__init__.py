@@ -115,6 +115,10 @@ class Splits:
     stats: dict[str, Any]
     # With data.packing: rows of training examples (indices into ``train``).
     packs: list[list[int]] | None = field(default=None)
+    # The name of each data.path file, and per unit the sampler deals out (training
+    # example, or packed row) the index of the file it comes from (data.mix).
+    sources: list[str] = field(default_factory=list)
+    unit_source: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
 
 
 def _stores(paths: list[str], cfg: DataConfig, tokenizer: Any, builder: bool) -> Corpus:
@@ -223,11 +227,31 @@ def prepare(cfg: DataConfig, tokenizer: Any, builder: bool = True) -> Splits:
     stats["train_length_percentiles"] = {
         f"p{q}": int(np.percentile(train_len, q)) for q in (50, 90, 99)
     } | {"max": int(train_len.max())}
+    train_source = np.searchsorted(pool.starts, splits["train"].indices, side="right") - 1
+    unit_source = train_source
     packs = None
     if cfg.packing:
-        packs = pack(train_len.tolist(), cfg.max_len)
+        if cfg.mix:  # rows never mix files, so each row has one source to draw it from
+            packs = []
+            for s in range(len(pool.stores)):
+                at = np.flatnonzero(train_source == s)
+                packs += [at[row].tolist() for row in pack(train_len[at].tolist(), cfg.max_len)]
+        else:
+            packs = pack(train_len.tolist(), cfg.max_len)
+        unit_source = train_source[[row[0] for row in packs]]
         stats["packed_rows"] = len(packs)
         stats["packing_efficiency"] = round(efficiency(train_len.tolist(), packs, cfg.max_len), 4)
+    names = [s.name for s in pool.stores]
+    sources = [n if names.count(n) == 1 else f"{n}_{i}" for i, n in enumerate(names)]
+    if cfg.mix:
+        per_source = np.bincount(unit_source, minlength=len(sources))
+        stats["train_per_source"] = dict(zip(sources, per_source.tolist(), strict=True))
+        empty = [sources[i] for i, w in enumerate(cfg.mix) if w > 0 and per_source[i] == 0]
+        if empty:
+            raise DataError(
+                f"data.mix: {', '.join(empty)} has no training examples left after the split; "
+                "give it a proportion of 0 or more examples"
+            )
     return Splits(
         splits["train"],
         splits["val"],
@@ -236,4 +260,6 @@ def prepare(cfg: DataConfig, tokenizer: Any, builder: bool = True) -> Splits:
         Examples(splits["test"]),
         stats,
         packs,
+        sources,
+        unit_source,
     )

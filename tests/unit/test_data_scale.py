@@ -181,3 +181,56 @@ def test_lean_shuffle_equals_random_shuffle(n: int) -> None:
     order = list(range(n))
     random.Random(11).shuffle(order)
     assert shuffled(n, 11).tolist() == order
+
+
+def _mixer(sizes=(40, 400), mix=(0.7, 0.3), seed=5):
+    from dsft.data.sampler import Mixer
+
+    return Mixer(np.repeat(np.arange(len(sizes)), sizes), list(mix), seed)
+
+
+def test_mix_proportions_hold_over_every_stretch_of_the_run() -> None:
+    m = _mixer()
+    for lo, hi in ((0, 1000), (1000, 1100), (0, 100_000), (123_457, 123_557)):
+        counts = m.counts(lo, hi, block=333)
+        assert counts.sum() == hi - lo
+        assert abs(counts[0] - 0.7 * (hi - lo)) <= 3, (lo, hi, counts)
+    assert m.counts(0, 10).tolist() == np.bincount(m.sources(0, 10), minlength=2).tolist()
+    with pytest.raises(ValueError, match="no training examples"):
+        _mixer(sizes=(40, 0))
+    assert _mixer(sizes=(40, 0), mix=(1.0, 0.0)).counts(0, 50).tolist() == [50, 0]
+
+
+def test_mix_small_source_cycles_through_fresh_orders() -> None:
+    m = _mixer()
+    units = m.units(0, 2000)
+    small = units[units < 40]
+    passes = [small[i : i + 40] for i in range(0, len(small) - 39, 40)]
+    assert len(passes) >= 30 and all(sorted(p) == list(range(40)) for p in passes)
+    assert passes[0].tolist() != passes[1].tolist()  # a new order each pass
+    assert np.array_equal(m.units(700, 900), units[700:900])  # any stretch, same slots
+    big = units[units >= 40]
+    assert len(big) == 600 and sorted(big[:400].tolist()) == list(range(40, 440))  # one pass
+
+
+@pytest.mark.parametrize("world", [1, 2, 3])
+def test_mixed_batches_shard_lockstep_and_resume(world: int) -> None:
+    from dsft.data.sampler import mixed_batches, train_batches
+
+    m = _mixer()
+    n, mb, accum = 440, 4, 2
+    for epoch in (0, 3):
+        per_rank = [mixed_batches(m, n, mb, world, r, epoch, 9, True, accum) for r in range(world)]
+        plain = train_batches(n, mb, world, 0, epoch, 9, True, accum)
+        assert all(len(b) == len(plain) for b in per_rank)  # same steps per epoch: lockstep
+        assert all(len(x) == mb for b in per_rank for x in b)
+        # a round's micro-batches are that round's slots, whichever rank takes them
+        rounds = len(plain)
+        lo = epoch * rounds * mb * world
+        slots = m.units(lo, lo + rounds * mb * world).reshape(rounds, -1)
+        for r in range(rounds):
+            got = sorted(u for b in per_rank for u in b[r])
+            assert got == sorted(slots[r].tolist())
+        # resuming: the same epoch computed afresh (another process) is the same
+        again = _mixer()
+        assert mixed_batches(again, n, mb, world, 0, epoch, 9, True, accum) == per_rank[0]
