@@ -44,6 +44,7 @@ from typing import Any
 
 import numpy as np
 
+from dsft import faults
 from dsft.data.formats import Example, check_not_empty, examples_of, normaliser
 from dsft.data.readers import line_ranges, read_range, read_rows, splittable
 from dsft.data.tokenize import IGNORE_INDEX, Encoded, Tokenized, encode
@@ -236,9 +237,7 @@ def _encode_chunk(k: int, task: tuple) -> tuple[str, Any]:
         enc = encode(tokenizer, examples, settings["loss_on"])
     except DataError as e:
         return "error", str(e)
-    delay = float(os.environ.get("DSFT_FAULT_SLOW_CHUNK", "0"))  # test hook: slow chunks
-    if delay:
-        time.sleep(delay)
+    faults.delay("DSFT_FAULT_SLOW_CHUNK")  # test hook: builders on two "nodes" overlap
     lines = [
         json.dumps({"m": ex.messages, "s": ex.source, "k": ex.kind}).encode() + b"\n"
         for ex in examples

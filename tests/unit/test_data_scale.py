@@ -96,9 +96,9 @@ def test_first_bad_row_in_file_order_with_workers(tmp_path: Path, tok) -> None:
                          BuildOptions(workers=workers, chunk_bytes=1500))  # fmt: skip
 
 
-def _node(path: str, root: str, node: int, q) -> None:
+def _node(path: str, root: str, node: int, q, start) -> None:
     os.environ["NODE_RANK"] = str(node)  # two "nodes": separate processes, one shared cache
-    os.environ["DSFT_FAULT_SLOW_CHUNK"] = "0.05"
+    os.environ["DSFT_FAULT_SLOW_CHUNK"] = "0.1"
     messages: list[str] = []
 
     class Keep(logging.Handler):
@@ -107,7 +107,9 @@ def _node(path: str, root: str, node: int, q) -> None:
 
     logging.getLogger("dsft").addHandler(Keep())
     logging.getLogger("dsft").setLevel(logging.INFO)
-    store = cached_store(path, build_tokenizer(), SETTINGS, Path(root), True,
+    tok = build_tokenizer()
+    start.wait()  # both "nodes" ready: neither can finish before the other begins
+    store = cached_store(path, tok, SETTINGS, Path(root), True,
                          BuildOptions(workers=1, chunk_bytes=1500))  # fmt: skip
     built = [m for m in messages if "chunks here" in m]
     q.put((node, len(store), built[0].split(" chunks here")[0].rsplit(" ", 1)[1] if built else "0"))
@@ -118,8 +120,8 @@ def test_two_nodes_share_the_work_and_the_bytes(tmp_path: Path, tok) -> None:
     src = _data(tmp_path / "d.jsonl")
     whole = _build(src, tmp_path / "one", tok, workers=1, chunk_bytes=1 << 30)
     ctx = mp.get_context("spawn")
-    q = ctx.Queue()
-    procs = [ctx.Process(target=_node, args=(str(src), str(tmp_path / "shared"), n, q))
+    q, start = ctx.Queue(), ctx.Barrier(2)
+    procs = [ctx.Process(target=_node, args=(str(src), str(tmp_path / "shared"), n, q, start))
              for n in (0, 1)]  # fmt: skip
     for p in procs:
         p.start()
