@@ -125,6 +125,29 @@ def check_base(tag_dir: Path, model_path: str) -> None:
     )
 
 
+def _drop_tied_frozen(engine: Any) -> None:
+    """Make ``exclude_frozen_parameters`` drop every name of a frozen tensor.
+
+    DeepSpeed drops the names ``named_parameters()`` yields, which lists a tied weight
+    once: the tied head (``lm_head.weight`` = the embedding, vocabulary x hidden) stayed
+    in lean checkpoints. Wraps the engine's ``module_state_dict`` once.
+    """
+    if getattr(engine, "_dsft_lean_sd", False):
+        return
+    original = engine.module_state_dict
+
+    def module_state_dict(*args: Any, exclude_frozen_parameters: bool = False, **kw: Any) -> Any:
+        sd = original(*args, exclude_frozen_parameters=exclude_frozen_parameters, **kw)
+        if exclude_frozen_parameters:
+            for name, p in engine.module.named_parameters(remove_duplicate=False):
+                if not p.requires_grad:
+                    sd.pop(name, None)
+        return sd
+
+    engine.module_state_dict = module_state_dict
+    engine._dsft_lean_sd = True
+
+
 def save(
     engine: Any,
     out: Path,
@@ -149,6 +172,7 @@ def save(
     ckpt_cfg = (config or {}).get("checkpoint", {})
     lean = not ckpt_cfg.get("save_frozen", False)
     frozen = any(not p.requires_grad for p in engine.module.parameters())
+    _drop_tied_frozen(engine)
     engine.save_checkpoint(
         str(tmp), tag=tag, client_state=state, save_latest=False, exclude_frozen_parameters=lean
     )

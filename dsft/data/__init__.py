@@ -59,18 +59,25 @@ class Corpus:
             self._targets[max_len] = self._concat(lambda s: s.targets(max_len))
         return self._targets[max_len]
 
+    def release(self) -> None:
+        """Drop the per-example target counts (prepare's statistics need them, training not)."""
+        self._targets.clear()
+
     def _concat(self, fn: Any) -> np.ndarray:
         parts = [fn(s) for s in self.stores]
-        return np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
+        if len(parts) == 1:
+            return parts[0]  # no copy: per-example arrays are what grows with the data
+        return np.concatenate(parts) if parts else np.zeros(0, dtype=np.int32)
 
 
 class Split(Sequence[Tokenized]):
     """The examples of one split (index list into a corpus), truncated to ``max_len``."""
 
     def __init__(self, corpus: Corpus, indices: Sequence[int] | np.ndarray, max_len: int) -> None:
-        # int64 array: 8 bytes per example (a list of ints costs ~36)
+        # an integer array: 4-8 bytes per example (a list of ints costs ~36)
         self.corpus, self.max_len = corpus, max_len
-        self.indices = np.asarray(indices, dtype=np.int64).reshape(-1)
+        idx = np.asarray(indices).reshape(-1)
+        self.indices = idx if idx.dtype.kind in "iu" else idx.astype(np.int64)
 
     def __len__(self) -> int:
         return len(self.indices)
@@ -224,10 +231,16 @@ def prepare(cfg: DataConfig, tokenizer: Any, builder: bool = True) -> Splits:
     stats["trained_fraction"] = round(
         stats["train_target_tokens"] / max(stats["train_tokens"], 1), 4
     )
+    cuts = np.percentile(train_len, (50, 90, 99))  # one sorted copy, not three
     stats["train_length_percentiles"] = {
-        f"p{q}": int(np.percentile(train_len, q)) for q in (50, 90, 99)
+        f"p{q}": int(c) for q, c in zip((50, 90, 99), cuts, strict=True)
     } | {"max": int(train_len.max())}
-    train_source = np.searchsorted(pool.starts, splits["train"].indices, side="right") - 1
+    # the file of each training example: only data.mix needs it
+    train_source = (
+        np.searchsorted(pool.starts, splits["train"].indices, side="right") - 1
+        if cfg.mix
+        else np.zeros(0, np.int64)
+    )
     unit_source = train_source
     packs = None
     if cfg.packing:
@@ -252,6 +265,8 @@ def prepare(cfg: DataConfig, tokenizer: Any, builder: bool = True) -> Splits:
                 f"data.mix: {', '.join(empty)} has no training examples left after the split; "
                 "give it a proportion of 0 or more examples"
             )
+    for c in (pool, val_corpus, test_corpus):
+        c.release()
     return Splits(
         splits["train"],
         splits["val"],

@@ -77,18 +77,24 @@ class TokenStore:
 
     @property
     def lengths(self) -> np.ndarray:
-        return np.diff(self.offsets)
+        """Tokens per example (int32 while that fits: 4 bytes per example)."""
+        d = np.diff(self.offsets)
+        return d.astype(np.int32) if not len(d) or d.max() < 2**31 else d
 
-    def targets(self, max_len: int, block: int = 1 << 16) -> np.ndarray:
+    def targets(self, max_len: int, block: int = 1 << 20) -> np.ndarray:
         """Per example: tokens carrying loss within the first ``max_len`` (position 0 excluded).
 
-        One pass over ``trained`` in blocks of examples, read with file reads rather than
-        through the memory map, so the pass does not leave the whole array resident.
+        One pass over ``trained`` in blocks of about ``block`` tokens, read with file reads
+        rather than through the memory map, so memory stays bounded and the pass does not
+        leave the whole array resident.
         """
         n = len(self)
-        out = np.zeros(n, dtype=np.int64)
-        for a in range(0, n, block):
-            b = min(n, a + block)
+        out = np.zeros(n, dtype=np.int32 if max_len < 2**31 else np.int64)
+        a = 0
+        while a < n:
+            # the examples whose tokens fit the block (at least one)
+            b = int(np.searchsorted(self.offsets, self.offsets[a] + block, side="right")) - 1
+            b = min(max(b, a + 1), n)
             lo, hi = int(self.offsets[a]), int(self.offsets[b])
             trained = _read_slice(self.trained, lo, hi)
             cs = np.zeros(hi - lo + 1, dtype=np.int64)
@@ -96,6 +102,7 @@ class TokenStore:
             start = self.offsets[a:b] - lo
             end = np.minimum(self.offsets[a + 1 : b + 1] - lo, start + max_len)
             out[a:b] = np.maximum(cs[end] - cs[np.minimum(start + 1, end)], 0)
+            a = b
         return out
 
     def item(self, i: int, max_len: int) -> Tokenized:
@@ -535,7 +542,9 @@ def _read_entry(entry: Path) -> TokenStore:
         np.load(entry / "trained.npy", mmap_mode="r"),
         np.load(entry / "offsets.npy"),
     )
-    examples = _JsonlExamples(entry / "examples.jsonl", np.load(entry / "example_offsets.npy"))
+    # mapped: only the examples generation reads (validation, test) are ever touched
+    offsets = np.load(entry / "example_offsets.npy", mmap_mode="r")
+    examples = _JsonlExamples(entry / "examples.jsonl", offsets)
     kinds = np.load(entry / "kinds.npy")
     return TokenStore(
         meta["name"], enc.ids, enc.trained, enc.offsets, examples, kinds, meta["skipped"]

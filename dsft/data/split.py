@@ -19,19 +19,20 @@ def split_count(n: int, fraction: float, size: int) -> int:
 
 
 def shuffled(n: int, seed: int) -> np.ndarray:
-    """``random.Random(seed).shuffle(list(range(n)))`` as an int64 array, without the list.
+    """``random.Random(seed).shuffle(list(range(n)))`` as an integer array, without the list.
 
     The same Fisher-Yates steps with the same generator calls as CPython's
-    ``Random.shuffle``, on an 8-byte-per-item array: a list of n ints costs ~36 bytes each,
-    which at millions of examples dominated the memory of preparing the data.
+    ``Random.shuffle``, on a 4-byte-per-item array (8 past 2**31 items): a list of n ints
+    costs ~36 bytes each, which at millions of examples dominated preparing the data.
     """
     rng = random.Random(seed)
-    a = array.array("q", range(n))
+    code, dtype = ("i", np.int32) if n < 2**31 else ("q", np.int64)
+    a = array.array(code, range(n))
     randbelow = rng._randbelow  # what Random.shuffle calls; stable since Python 3.2
     for i in reversed(range(1, n)):
         j = randbelow(i + 1)
         a[i], a[j] = a[j], a[i]
-    return np.frombuffer(a, dtype=np.int64) if n else np.zeros(0, np.int64)
+    return np.frombuffer(a, dtype=dtype) if n else np.zeros(0, np.int32)
 
 
 def carve_arrays(
@@ -77,7 +78,7 @@ def reweight(indices: Any, groups: Any, weights: list[float], seed: int) -> np.n
     repeats every index; the fractional part adds a seeded sample of that size.
     """
     rng = random.Random(seed)
-    indices, groups = np.asarray(indices, dtype=np.int64), np.asarray(groups)
+    indices, groups = np.asarray(indices), np.asarray(groups)
     out: list[np.ndarray] = []
     for g, w in enumerate(weights):
         mine = indices[groups == g]
@@ -85,7 +86,7 @@ def reweight(indices: Any, groups: Any, weights: list[float], seed: int) -> np.n
         out.extend([mine] * whole)
         picked = rng.sample(range(len(mine)), round(frac * len(mine)))
         out.append(np.sort(mine[np.asarray(picked, dtype=np.int64)]))
-    return np.concatenate(out) if out else np.zeros(0, np.int64)
+    return np.concatenate(out) if out else indices[:0]
 
 
 def take(items: list[T], idx: list[int]) -> list[T]:
