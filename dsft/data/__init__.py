@@ -112,6 +112,12 @@ def _stores(paths: list[str], cfg: DataConfig, tokenizer: Any, builder: bool) ->
         "columns": dict(sorted(cfg.columns.items())),
         "loss_on": cfg.loss_on,
         "on_bad_row": cfg.on_bad_row,
+        # how chat rows are rendered and masked (dsft.data.tokenize.ChatOptions)
+        "turn_end": list(cfg.turn_end),
+        "fold_system": cfg.fold_system,
+        "reasoning": cfg.reasoning,
+        "template_kwargs": dict(sorted(cfg.template_kwargs.items())),
+        "template_date": cfg.template_date,
     }
     if not cfg.cache:
         return Corpus([build_store(p, tokenizer, settings) for p in paths])

@@ -30,12 +30,12 @@ from typing import Any
 import numpy as np
 
 from dsft.data.formats import Example, load_examples
-from dsft.data.tokenize import IGNORE_INDEX, Encoded, Tokenized, encode
+from dsft.data.tokenize import IGNORE_INDEX, ChatOptions, Encoded, Tokenized, encode
 from dsft.errors import DataError
 
 log = logging.getLogger("dsft")
 
-CACHE_VERSION = "1"
+CACHE_VERSION = "2"
 KINDS = (
     "chat",
     "completion",
@@ -92,7 +92,7 @@ class _JsonlExamples(Sequence[Example]):
             self._data = np.memmap(self.path, dtype=np.uint8, mode="r")
         raw = bytes(self._data[int(self.offsets[i]) : int(self.offsets[i + 1])])
         d = json.loads(raw)
-        return Example(d["m"], d["s"], d["k"])
+        return Example(d["m"], d["s"], d["k"], d.get("t"))
 
 
 def _file_digest(path: Path) -> str:
@@ -136,15 +136,23 @@ def entry_key(path: str, tok_digest: str, settings: dict[str, Any]) -> str:
 def build_store(path: str, tokenizer: Any, settings: dict[str, Any]) -> TokenStore:
     """Read, normalise and tokenise one file in memory."""
     loaded = load_examples([path], settings["format"], settings["columns"], settings["on_bad_row"])
-    enc = encode(tokenizer, loaded.examples, settings["loss_on"])
+    enc = encode(
+        tokenizer, loaded.examples, settings["loss_on"], options=ChatOptions.from_settings(settings)
+    )
+    # rows the chat template refused (data.on_bad_row=skip) are left out and counted
+    examples = loaded.examples if enc.kept is None else [loaded.examples[i] for i in enc.kept]
+    if not examples:
+        raise DataError(
+            f"{path}: all rows are bad; the first ones:\n  " + "\n  ".join(enc.skipped[:5])
+        )
     return TokenStore(
         Path(path).stem if not Path(path).is_dir() else Path(path).name,
         enc.ids,
         enc.trained,
         enc.offsets,
-        loaded.examples,
-        np.asarray([KINDS.index(e.kind) for e in loaded.examples], dtype=np.uint8),
-        loaded.skipped,
+        examples,
+        np.asarray([KINDS.index(e.kind) for e in examples], dtype=np.uint8),
+        loaded.skipped + enc.skipped,
     )
 
 
@@ -159,7 +167,8 @@ def _write_entry(entry: Path, store: TokenStore) -> None:
     ex_offsets = [0]
     with (tmp / "examples.jsonl").open("wb") as f:
         for ex in store.examples:
-            line = json.dumps({"m": ex.messages, "s": ex.source, "k": ex.kind}).encode() + b"\n"
+            d = {"m": ex.messages, "s": ex.source, "k": ex.kind, "t": ex.tools}
+            line = json.dumps(d).encode() + b"\n"
             f.write(line)
             ex_offsets.append(ex_offsets[-1] + len(line))
     np.save(tmp / "example_offsets.npy", np.asarray(ex_offsets, dtype=np.int64))
