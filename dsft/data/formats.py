@@ -402,7 +402,7 @@ def _content(v: Any, at: str, optional: bool = False) -> str:
 
 
 def _tool_calls(v: Any, at: str) -> list[dict[str, Any]]:
-    """Tool calls as {"type": "function", "function": {"name", "arguments": object}}."""
+    """Tool calls as {"type": "function", "function": {"name", "arguments"}} (+ "id")."""
     if isinstance(v, dict):
         v = [v]
     if not isinstance(v, list):
@@ -417,9 +417,12 @@ def _tool_calls(v: Any, at: str) -> list[dict[str, Any]]:
         if not isinstance(name, str) or not name.strip():
             raise _BadRow(f"{where}: missing the function name")
         args = fn.get("arguments", fn.get("parameters", {}))
-        if isinstance(args, str):
-            # Templates differ on string arguments (some need a mapping): parse them once.
-            args = _json_text(args, f"{where}.arguments", "a JSON object") if args.strip() else {}
+        if isinstance(args, str) and args.strip():
+            # Kept as written (DeepSeek's templates concatenate the JSON text, others need
+            # an object): checked only.
+            _json_text(args, f"{where}.arguments", "a JSON object")
+        elif isinstance(args, str):
+            args = {}
         if _missing(args):
             args = {}
         call: dict[str, Any] = {"type": "function", "function": {"name": name, "arguments": args}}

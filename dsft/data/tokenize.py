@@ -29,6 +29,7 @@ are built with numpy, so the Python cost per example is the template rendering.
 
 from __future__ import annotations
 
+import json
 import re
 from bisect import bisect_left
 from collections.abc import Iterable, Iterator, Mapping
@@ -72,7 +73,27 @@ _MARK0 = 0xF0000
 _MARK_RE = re.compile("[\U000f0000-\U000ffffd]")
 _THINK_RE = re.compile(r"<think>.*?</think>\s*", re.DOTALL)
 _GENERATION_RE = re.compile(r"\{%-?\s*generation\s*-?%\}")
-_PROBE_USER, _PROBE_USER2, _PROBE_ANSWER = "dsft probe question", "dsft probe again", "dsft probe"
+_PROBE_USER, _PROBE_USER2, _PROBE_ANSWER = (
+    "probe question one",
+    "probe question two",
+    "probe answer",
+)
+_PROBE_RESULT = "probe tool result"
+# Arguments as an object (the documented form) and as JSON text (DeepSeek concatenates them).
+_PROBE_CALLS = [
+    {
+        "role": "assistant",
+        "content": "",
+        "tool_calls": [
+            {
+                "id": "probe0001",  # Mistral wants 9 characters
+                "type": "function",
+                "function": {"name": "dsft_probe_tool", "arguments": args},
+            }
+        ],
+    }
+    for args in ({"x": 1}, '{"x": 1}')
+]
 
 
 def resolve_template(spec: str) -> str | None:
@@ -221,8 +242,7 @@ class ChatTemplate:
         self.special = _special_tokens(tokenizer)
         self.special_re = _alternation(self.special)
         self.parts = self._probe_parts()
-        self.cue = self._probe_cue()
-        self.cue_prefixes = self._prefixes(self.cue)
+        self.cues = self._probe_cues()
         self.ends = list(opts.turn_end) if opts.turn_end else self._probe_ends()
         self.ends_re = _alternation(self.ends)
 
@@ -250,10 +270,13 @@ class ChatTemplate:
         return text, [tuple(s) for s in spans]
 
     def _try_render(self, messages: list[dict[str, Any]], gen: bool = False) -> str | None:
-        try:
-            return self.render(messages, add_generation_prompt=gen)[0]
-        except Exception:  # a probe the template does not accept teaches nothing
-            return None
+        # Some templates iterate `tools` unconditionally (Command R's tool_use): retry with [].
+        for tools in (None, []):
+            try:
+                return self.render(messages, tools, add_generation_prompt=gen)[0]
+            except Exception:  # a probe the template does not accept teaches nothing
+                continue
+        return None
 
     # ------------------------------------------------------------------ probing
 
@@ -276,18 +299,38 @@ class ChatTemplate:
             ) from None
         raise DataError("the chat template does not render the user's message content")
 
-    def _probe_cue(self) -> str:
-        conv = [{"role": "user", "content": _PROBE_USER}]
-        with_cue = self._try_render(conv, True) or ""
-        without = self._try_render(conv, False) or ""
-        at = with_cue.rfind(_PROBE_USER)
-        tail_gen = with_cue[at + len(_PROBE_USER) :] if at >= 0 else ""
-        at = without.rfind(_PROBE_USER)
-        tail = without[at + len(_PROBE_USER) :] if at >= 0 else ""
+    def _tail(self, messages: list[dict[str, Any]], after: str, gen: bool) -> str | None:
+        text = self._try_render(messages, gen)
+        if text is None or after not in text:
+            return None
+        return text[text.rfind(after) + len(after) :]
+
+    def _from_last_special(self, tail: str) -> str:
+        found = list(self.special_re.finditer(tail)) if self.special_re else []
+        return tail[found[-1].start() :] if found else tail
+
+    def _probe_cues(self) -> list[list[str]]:
+        """What precedes an assistant's output, most specific first, as token prefixes.
+
+        1. the generation prompt (``<|im_start|>assistant\\n``; a prefix of it where history
+           turns render less, e.g. DeepSeek-R1's ``<｜Assistant｜>`` without ``<think>``);
+        2. the end of a user turn, for templates without a generation prompt (Mistral's
+           ``[/INST]``), and 3. of a tool turn (DeepSeek's ``<｜tool▁outputs▁end｜>``), from
+           their last control token on.
+        """
+        u = [{"role": "user", "content": _PROBE_USER}]
+        tail_gen = self._tail(u, _PROBE_USER, True) or ""
+        tail = self._tail(u, _PROBE_USER, False) or ""
         gen = tail_gen[len(tail) :] if tail_gen.startswith(tail) else tail_gen
-        # Templates without a generation prompt (Mistral, LLaVA) answer right after the
-        # user turn's own tail ("[/INST]").
-        return gen if gen.strip() else tail_gen
+        cues = [gen, self._from_last_special(tail_gen)]
+        tool = {"role": "tool", "content": _PROBE_RESULT, "tool_call_id": "probe0001"}
+        tool["name"] = "dsft_probe_tool"
+        for call in _PROBE_CALLS:
+            tool_tail = self._tail([*u, call, tool], _PROBE_RESULT, True)
+            if tool_tail:
+                cues.append(self._from_last_special(tool_tail))
+                break
+        return [self._prefixes(c) for c in dict.fromkeys(c for c in cues if c.strip())]
 
     def _prefixes(self, cue: str) -> list[str]:
         """Prefixes of the cue that end at a token boundary, longest first."""
@@ -307,27 +350,18 @@ class ChatTemplate:
         last = self._try_render([u, a])
         if last is not None and _PROBE_ANSWER in last:
             tail = last[last.rfind(_PROBE_ANSWER) + len(_PROBE_ANSWER) :]
-            found = self._specials_in(tail)
+            found = self._specials_in(tail)[:1]
             # LLaVA ends turns with literal text ("<\s>"), not a token
             ends += found or ([tail.strip()] if tail.strip() else [])
         mid = self._try_render([u, a, {"role": "user", "content": _PROBE_USER2}])
         if mid is not None and _PROBE_ANSWER in mid and _PROBE_USER2 in mid:
             between = mid[mid.find(_PROBE_ANSWER) + len(_PROBE_ANSWER) : mid.rfind(_PROBE_USER2)]
             ends += self._specials_in(between)[:1]  # GLM-4: the next role tag
-        call = {
-            "role": "assistant",
-            "content": "",
-            "tool_calls": [
-                {
-                    "id": "probe0001",
-                    "type": "function",
-                    "function": {"name": "dsft_probe_tool", "arguments": {"x": 1}},
-                }
-            ],
-        }
-        tc = self._try_render([u, call])
-        if tc is not None and "dsft_probe_tool" in tc:
-            ends += self._specials_in(tc[tc.find("dsft_probe_tool") :])[-1:]  # GPT-OSS <|call|>
+        for call in _PROBE_CALLS:
+            tc = self._try_render([u, call])
+            if tc is not None and "dsft_probe_tool" in tc:
+                ends += self._specials_in(tc[tc.find("dsft_probe_tool") :])[-1:]  # GPT-OSS <|call|>
+                break
         eos = getattr(self.tokenizer, "eos_token", None)
         if isinstance(eos, str) and eos:
             ends.append(eos)
@@ -421,7 +455,7 @@ class ChatTemplate:
                 raise _RowError(f"the chat template does not render messages[{i}] (assistant)")
             where.append((min(pos), max(pos)))
         for i, m in enumerate(msgs):
-            if m["role"] == "tool" and (c := _text(m).strip()) and c not in text:
+            if m["role"] == "tool" and (c := _text(m).strip()) and _find(text, c) < 0:
                 raise _RowError(
                     f"messages[{i}] is a tool result, but the chat template does not render "
                     "tool messages (no tool support); use a template with tool calling"
@@ -435,7 +469,8 @@ class ChatTemplate:
             prev = 0
             for n, i in enumerate(assistants):
                 p, z = where[n]
-                start = self._start(text, prev, p)
+                before = _text(msgs[i - 1]).strip() if i else ""
+                start = self._start(text, prev, p, before)
                 nxt = where[n + 1][0] if n + 1 < len(where) else None
                 end, text = self._end(text, msgs, i, z, nxt)
                 spans.append((start, end))
@@ -446,13 +481,20 @@ class ChatTemplate:
             return text, [(0, len(text))]
         return text, spans
 
-    def _start(self, text: str, lo: int, p: int) -> int:
-        """Where the assistant's output starts: after the last cue before its first marker."""
-        for g in self.cue_prefixes:
-            at = text.rfind(g, lo, p)
-            if at >= 0:
-                return at + len(g)
-        return p
+    def _start(self, text: str, lo: int, p: int, prev: str) -> int:
+        """Where the assistant's output starts: after the last cue before its first marker;
+        without one, right after the previous message (and its control tokens)."""
+        for prefixes in self.cues:
+            for g in prefixes:
+                at = text.rfind(g, lo, p)
+                if at >= 0:
+                    return at + len(g)
+        at = _find(text, prev, lo, p, last=True) if prev else -1
+        if at < 0:
+            return p
+        while self.special_re is not None and (m := self.special_re.match(text, at, p)):
+            at = m.end()
+        return at
 
     def _end(
         self, text: str, msgs: list[dict[str, Any]], i: int, z: int, next_assistant: int | None
@@ -462,7 +504,7 @@ class ChatTemplate:
         bound = next_assistant if next_assistant is not None else len(text)
         if i + 1 < len(msgs) and msgs[i + 1]["role"] != "assistant":
             core = _text(msgs[i + 1]).strip()
-            at = text.find(core, z, bound) if core else -1
+            at = _find(text, core, z, bound) if core else -1
             if at >= 0:
                 bound = at
         if self.ends_re is not None:
@@ -483,6 +525,17 @@ class ChatTemplate:
             if m is not None:
                 return m.start(), text
         return bound, text
+
+
+def _find(text: str, s: str, lo: int = 0, hi: int | None = None, last: bool = False) -> int:
+    """Where ``s`` is in ``text[lo:hi]`` as written or JSON-escaped (templates ``tojson`` tool
+    results); with ``last``, the END of its last occurrence. -1 if absent."""
+    hi = len(text) if hi is None else hi
+    for form in (s, json.dumps(s, ensure_ascii=False)[1:-1]):
+        at = text.rfind(form, lo, hi) if last else text.find(form, lo, hi)
+        if at >= 0:
+            return at + len(form) if last else at
+    return -1
 
 
 def _text(m: Mapping[str, Any]) -> str:
