@@ -33,7 +33,7 @@ import json
 import re
 from bisect import bisect_left
 from collections.abc import Iterable, Iterator, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -577,9 +577,15 @@ def prepare_messages(messages: list[Message], opts: ChatOptions) -> list[dict[st
 _TEMPLATES: dict[tuple, ChatTemplate] = {}
 
 
+def set_chat_options(tokenizer: Any, opts: ChatOptions) -> None:
+    """Make ``opts`` (the run's data settings) the tokenizer's default for chat rendering, so
+    that generation prompts at evaluation render as the training data did."""
+    tokenizer.dsft_chat_options = opts
+
+
 def chat_template(tokenizer: Any, opts: ChatOptions | None = None) -> ChatTemplate:
     """The (cached) ChatTemplate of the tokenizer's current template."""
-    opts = opts or ChatOptions()
+    opts = opts or getattr(tokenizer, "dsft_chat_options", None) or ChatOptions()
     text = getattr(tokenizer, "chat_template", None)
     if not text:
         raise _no_template()
@@ -655,7 +661,7 @@ def _batch_encode(tokenizer: Any, texts: list[str]) -> list[tuple[np.ndarray, np
 def encode(
     tokenizer: Any,
     examples: Iterable[Example],
-    loss_on: str = "assistant",
+    loss_on: str | None = None,
     batch: int = 1000,
     *,
     options: ChatOptions | None = None,
@@ -665,9 +671,9 @@ def encode(
     A row the chat template refuses raises a located DataError, or with
     ``options.on_bad_row == "skip"`` is left out and listed in ``Encoded.skipped``.
     """
-    opts = options or ChatOptions(loss_on=loss_on)
-    if options is not None and loss_on != options.loss_on:
-        opts = ChatOptions(**{**options.__dict__, "loss_on": loss_on})
+    opts = options or ChatOptions()
+    if loss_on is not None and loss_on != opts.loss_on:  # the argument wins
+        opts = replace(opts, loss_on=loss_on)
     ids_parts: list[np.ndarray] = []
     mask_parts: list[np.ndarray] = []
     lengths: list[int] = []
@@ -720,7 +726,7 @@ def tokenize_example(
     tokenizer: Any,
     ex: Example,
     max_len: int,
-    loss_on: str = "assistant",
+    loss_on: str | None = None,
     options: ChatOptions | None = None,
 ) -> Tokenized:
     """Render, tokenise and mask one example; truncates to ``max_len`` tokens."""

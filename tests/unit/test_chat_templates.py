@@ -20,6 +20,7 @@ import pytest
 
 from dsft.data.formats import Example, load_examples
 from dsft.data.tokenize import ChatOptions, encode
+from dsft.errors import DataError
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "chat_templates"
 DATE = "26 Jul 2024"
@@ -263,7 +264,7 @@ FAMILIES: dict[str, dict[str, Any]] = {
     ),
     "nemotron": dict(
         special=["<SPECIAL_10>", "<SPECIAL_11>", "<SPECIAL_12>"],
-        added=THINK + ["<TOOLCALL>", "</TOOLCALL>", "<AVAILABLE_TOOLS>", "</AVAILABLE_TOOLS>"],
+        added=[*THINK, "<TOOLCALL>", "</TOOLCALL>", "<AVAILABLE_TOOLS>", "</AVAILABLE_TOOLS>"],
         eos="<SPECIAL_12>",
         cases=["multi", "system", "tools", "inline_think"],
     ),
@@ -382,3 +383,156 @@ def test_every_family_and_shape_is_covered() -> None:
     assert fixtures == set(FAMILIES) == {p.stem for p in (FIXTURES / "tagged").glob("*.jinja")}
     for shape in ("multi", "system", "tools", "reasoning", "inline_think"):
         assert any(c == shape for _, c in CASES)
+
+
+def _write(tmp_path: Path, rows: list[dict[str, Any]], name: str = "d.jsonl") -> Path:
+    p = tmp_path / name
+    p.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    return p
+
+
+def test_refusal_is_located_skipped_or_folded(tmp_path: Path) -> None:
+    from dsft.data.cache import build_store
+
+    tok = family_tokenizer("gemma2")
+    rows = [conversation("system"), conversation("multi")]
+    path = _write(tmp_path, rows)
+    exs = load_examples([str(path)]).examples
+    # the template's own message, the data file and line, and the template line
+    with pytest.raises(
+        DataError,
+        match=r"d\.jsonl:1: the chat template refused this "
+        r"conversation \(template line 1\): System role not supported",
+    ):
+        encode(tok, exs)
+    settings = {"format": "auto", "columns": {}, "loss_on": "assistant", "on_bad_row": "skip"}
+    store = build_store(str(path), tok, settings)
+    assert len(store) == 1 and store.examples[0].source.endswith("d.jsonl:2")
+    assert len(store.skipped) == 1 and "System role not supported" in store.skipped[0]
+    # fold_system: the system message leads the first user turn, as a user would write it
+    folded = Example(
+        [
+            {
+                "role": "user",
+                "content": "You answer in one short sentence.\n\nWhat is the capital of France?",
+            },
+            *exs[0].messages[2:],
+        ],
+        "x:1",
+    )
+    ids, mask = dsft_tokens(tok, exs[0], fold_system=True)
+    assert (ids, mask) == reference(tok, "gemma2", folded, {})
+
+
+def test_templates_without_tool_support_say_so(tmp_path: Path) -> None:
+    row = conversation("tools")
+    ex = load_examples([str(_write(tmp_path, [row]))]).examples[0]
+    with pytest.raises(
+        DataError,
+        match=r"d\.jsonl:1: the row has `tools`, but the chat "
+        "template does not read a `tools` variable",
+    ):
+        encode(family_tokenizer("phi3"), [ex])
+    no_schemas = Example(ex.messages, ex.source)
+    with pytest.raises(
+        DataError,
+        match=r"d\.jsonl:1: messages\[1\] has tool_calls, but the "
+        "chat template does not render them",
+    ):
+        encode(family_tokenizer("phi3"), [no_schemas])
+    with pytest.raises(
+        DataError,
+        match=r"d\.jsonl:1: the chat template refused this "
+        r"conversation.*alternate",
+    ):
+        encode(family_tokenizer("gemma3"), [no_schemas])
+
+
+def test_content_parts_sharegpt_tool_calls_and_media(tmp_path: Path) -> None:
+    rows = [
+        {
+            "messages": [
+                {
+                    "role": "user",
+                    "content": [
+                        {"type": "text", "text": "What is "},
+                        {"type": "text", "text": "2+2?"},
+                    ],
+                },
+                {"role": "assistant", "content": [{"type": "text", "text": "4"}]},
+            ]
+        },
+        {
+            "tools": json.dumps([WEATHER["function"]]),
+            "conversations": [
+                {"from": "human", "value": "Weather in Paris?"},
+                {
+                    "from": "function_call",
+                    "value": '{"name": "get_weather", "arguments": "{\\"city\\": \\"Paris\\"}"}',
+                },
+                {"from": "observation", "value": '{"temperature": 21}'},
+                {"from": "gpt", "value": "21 degrees."},
+            ],
+        },
+    ]
+    a, b = load_examples([str(_write(tmp_path, rows))]).examples
+    assert a.messages[0]["content"] == "What is 2+2?" and a.messages[1]["content"] == "4"
+    assert b.tools == [WEATHER | {"function": WEATHER["function"]}]
+    assert b.messages[1] == {
+        "role": "assistant",
+        "content": "",
+        "tool_calls": [
+            {
+                "type": "function",
+                "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'},
+            }
+        ],
+    }
+    assert b.messages[2] == {"role": "tool", "content": '{"temperature": 21}'}
+    tok = family_tokenizer("qwen2_5")
+    ids, mask = dsft_tokens(tok, b)
+    assert (ids, mask) == reference(tok, "qwen2_5", b, {})
+    media = {
+        "messages": [
+            {
+                "role": "user",
+                "content": [
+                    {"type": "image_url", "image_url": {"url": "x.png"}},
+                    {"type": "text", "text": "What is this?"},
+                ],
+            },
+            {"role": "assistant", "content": "A cat."},
+        ]
+    }
+    bad = _write(tmp_path, [rows[0], media], "m.jsonl")
+    with pytest.raises(
+        DataError,
+        match=r"m\.jsonl:2: messages\[0\]\.content\[0\]: multimodal "
+        "data is not supported",
+    ):
+        load_examples([str(bad)])
+
+
+def test_reasoning_drop_turn_end_date_and_loss_on(tmp_path: Path) -> None:
+    tok = family_tokenizer("qwen3")
+    ex = load_examples([str(_write(tmp_path, [conversation("reasoning")]))]).examples[0]
+    trained = lambda **o: tok.decode([i for i, m in zip(*dsft_tokens(tok, ex, **o)) if m])  # noqa: E731
+    assert trained() == (
+        "No, 91 = 7 x 13.<|im_end|><think>\nNo factor up to 9 divides 97.\n</think>\n\n"
+        "Yes, 97 is prime.<|im_end|>"
+    )
+    # dropped: the last turn gets the template's empty think block (Qwen3 non-thinking form)
+    assert trained(reasoning="drop") == (
+        "No, 91 = 7 x 13.<|im_end|><think>\n\n</think>\n\nYes, 97 is prime.<|im_end|>"
+    )
+    assert trained(loss_on="last_assistant").startswith("<think>\nNo factor")
+    # data.turn_end replaces the learnt endings: GLM-4 then stops on EOS, not on <|user|>
+    glm = family_tokenizer("glm4")
+    multi = load_examples([str(_write(tmp_path, [conversation("multi")], "g.jsonl"))]).examples[0]
+    ids, mask = dsft_tokens(glm, multi, turn_end=("<|endoftext|>",))
+    assert glm.decode([i for i, m in zip(ids, mask, strict=True) if m]) == (
+        "\nSeven is prime.\nTwo is the only even prime.\nYou are welcome.<|endoftext|>"
+    )
+    gpt = family_tokenizer("gpt_oss")
+    ids, _ = dsft_tokens(gpt, ex, template_date="2024-01-02")
+    assert "Current date: 2024-01-02" in gpt.decode(ids)
