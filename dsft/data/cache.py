@@ -29,6 +29,7 @@ from typing import Any
 
 import numpy as np
 
+from dsft.config import is_hub_id
 from dsft.data.formats import Example, load_examples
 from dsft.data.tokenize import IGNORE_INDEX, ChatOptions, Encoded, Tokenized, encode
 from dsft.errors import DataError
@@ -106,6 +107,14 @@ def _file_digest(path: Path) -> str:
     return h.hexdigest()
 
 
+def _source_digest(path: str) -> str:
+    if is_hub_id(path):  # a Hub dataset: its snapshot commit and options
+        from dsft.hub import dataset_digest
+
+        return dataset_digest(path)
+    return _file_digest(Path(path))
+
+
 def tokenizer_digest(tokenizer: Any) -> str:
     """What makes two tokenizers produce the same ids: vocabulary, specials, template."""
     h = hashlib.sha256()
@@ -127,7 +136,7 @@ def cache_root(cache_dir: str) -> Path:
 def entry_key(path: str, tok_digest: str, settings: dict[str, Any]) -> str:
     h = hashlib.sha256()
     h.update(CACHE_VERSION.encode())
-    h.update(_file_digest(Path(path)).encode())
+    h.update(_source_digest(path).encode())
     h.update(tok_digest.encode())
     h.update(json.dumps(settings, sort_keys=True).encode())
     return h.hexdigest()[:32]

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
 
+from dsft.config import is_hub_id
 from dsft.errors import DataError
 
 SUPPORTED = (
@@ -45,6 +46,9 @@ def read_rows(path: str, record_keys: Collection[str] = ()) -> Iterator[Row]:
     ``record_keys`` are field names that mark a JSON object as a record rather than a
     wrapper such as ``{"data": [...]}``.
     """
+    if is_hub_id(path):
+        yield from _hub_dataset(path)
+        return
     p = Path(path)
     if p.is_dir():
         yield from _saved_dataset(path)
@@ -208,6 +212,12 @@ def _parquet(path: str) -> Iterator[Row]:
             yield Row(f"{path}:row {i}", record)
 
 
+def _hub_dataset(path: str) -> Iterator[Row]:
+    from dsft.hub import dataset_rows
+
+    yield from _dataset_rows(path, dataset_rows(path))
+
+
 def _saved_dataset(path: str) -> Iterator[Row]:
     p = Path(path)
     if not ((p / "state.json").exists() or (p / "dataset_dict.json").exists()):
@@ -228,6 +238,10 @@ def _saved_dataset(path: str) -> Iterator[Row]:
                 f"point data.path at one split's directory, e.g. {p / next(iter(ds), 'SPLIT')}"
             )
         ds = ds["train"]
+    yield from _dataset_rows(path, ds)
+
+
+def _dataset_rows(path: str, ds: Any) -> Iterator[Row]:
     i = 0
     for batch in ds.with_format("arrow").iter(batch_size=1024):
         for record in batch.to_pylist():

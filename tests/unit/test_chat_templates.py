@@ -516,7 +516,11 @@ def test_content_parts_sharegpt_tool_calls_and_media(tmp_path: Path) -> None:
 def test_reasoning_drop_turn_end_date_and_loss_on(tmp_path: Path) -> None:
     tok = family_tokenizer("qwen3")
     ex = load_examples([str(_write(tmp_path, [conversation("reasoning")]))]).examples[0]
-    trained = lambda **o: tok.decode([i for i, m in zip(*dsft_tokens(tok, ex, **o)) if m])  # noqa: E731
+
+    def trained(**o: Any) -> str:
+        ids, mask = dsft_tokens(tok, ex, **o)
+        return tok.decode([i for i, m in zip(ids, mask, strict=True) if m])
+
     assert trained() == (
         "No, 91 = 7 x 13.<|im_end|><think>\nNo factor up to 9 divides 97.\n</think>\n\n"
         "Yes, 97 is prime.<|im_end|>"
@@ -536,3 +540,26 @@ def test_reasoning_drop_turn_end_date_and_loss_on(tmp_path: Path) -> None:
     gpt = family_tokenizer("gpt_oss")
     ids, _ = dsft_tokens(gpt, ex, template_date="2024-01-02")
     assert "Current date: 2024-01-02" in gpt.decode(ids)
+
+
+def test_data_inspect_shows_the_trained_spans(tmp_path: Path) -> None:
+    """`dsft data inspect` marks exactly the reference's trained tokens, for every case."""
+    from dsft.config import config_from_dict
+    from dsft.recipes.inspect import report
+
+    for family, case in CASES:
+        tok = family_tokenizer(family)
+        ex = example(tmp_path, family, case)
+        kwargs = FAMILIES[family].get("kwargs", {})
+        data = {
+            "path": [ex.source.rsplit(":", 1)[0]],
+            "val_fraction": 0.0,
+            "test_fraction": 0.0,
+            "max_len": 4096,
+            "cache": False,
+            "template_kwargs": kwargs,
+        }
+        cfg = config_from_dict({"model": {"path": "unused"}, "data": data})
+        out = report(cfg, tok, examples=1)
+        ref_ids, ref_mask = reference(tok, family, ex, kwargs)
+        assert show(tok, ref_ids, ref_mask) in out, f"{family}-{case}:\n{out}"
