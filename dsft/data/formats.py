@@ -291,6 +291,7 @@ class _Normaliser:
             v = [v]
         if not isinstance(v, list) or not all(isinstance(t, dict) for t in v):
             raise _BadRow(f"{label} must be a list of JSON schemas (objects), got {_describe(v)}")
+        _checked(json.dumps(v, ensure_ascii=False), f"{label}: ")
         # Flat function schemas (LLaMA-Factory) become the OpenAI form templates expect.
         return [t if "type" in t else {"type": "function", "function": t} for t in v]
 
@@ -425,6 +426,7 @@ def _tool_calls(v: Any, at: str) -> list[dict[str, Any]]:
             args = {}
         if _missing(args):
             args = {}
+        _checked(json.dumps(args, ensure_ascii=False), f"{where}.arguments: ")
         call: dict[str, Any] = {"type": "function", "function": {"name": name, "arguments": args}}
         if isinstance(tc, dict) and isinstance(tc.get("id"), str):
             call["id"] = tc["id"]
