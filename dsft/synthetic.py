@@ -130,3 +130,7 @@ def write_tasks(path: str | Path, rows: list[dict[str, str]]) -> None:
     with Path(path).open("w", encoding="utf-8") as f:
         for r in rows:
             f.write(json.dumps(r) + "\n")
+
+
+if __name__ == "__main__":  # `python -m dsft.synthetic`: regenerate the bundled demo dataset
+    write_tasks(DEMO_DATA, generate_tasks())
