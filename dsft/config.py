@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
 import math
 import re
 import types
@@ -579,6 +580,13 @@ def validate_data(d: DataConfig) -> list[str]:
             datetime.strptime(d.template_date, "%Y-%m-%d")
         except ValueError:
             p.append(f"data.template_date: {d.template_date!r} is not a YYYY-MM-DD date")
+    try:
+        json.dumps(d.template_kwargs)
+    except (TypeError, ValueError):
+        p.append(
+            "data.template_kwargs: values must be strings, numbers, booleans, lists or mappings "
+            "(quote dates: date_string: '26 Jul 2024')"
+        )
     if any(not e for e in d.turn_end):
         p.append("data.turn_end: empty strings cannot end a turn")
     if d.max_len < 8:

@@ -574,7 +574,7 @@ def prepare_messages(messages: list[Message], opts: ChatOptions) -> list[dict[st
 
 
 # One ChatTemplate per (tokenizer, template, options): probing costs a few renders.
-_TEMPLATES: dict[tuple, ChatTemplate] = {}
+_TEMPLATES: dict[tuple[int, str, str, str], ChatTemplate] = {}
 
 
 def set_chat_options(tokenizer: Any, opts: ChatOptions) -> None:
@@ -589,7 +589,8 @@ def chat_template(tokenizer: Any, opts: ChatOptions | None = None) -> ChatTempla
     text = getattr(tokenizer, "chat_template", None)
     if not text:
         raise _no_template()
-    key = (id(tokenizer), text, opts, tuple(sorted(tokenizer.special_tokens_map.items(), key=str)))
+    # repr: template_kwargs may hold lists (unhashable)
+    key = (id(tokenizer), text, repr(opts), repr(sorted(tokenizer.special_tokens_map.items())))
     tpl = _TEMPLATES.get(key)
     if tpl is None or tpl.tokenizer is not tokenizer:
         if len(_TEMPLATES) > 32:

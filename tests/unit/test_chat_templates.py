@@ -563,3 +563,32 @@ def test_data_inspect_shows_the_trained_spans(tmp_path: Path) -> None:
         out = report(cfg, tok, examples=1)
         ref_ids, ref_mask = reference(tok, family, ex, kwargs)
         assert show(tok, ref_ids, ref_mask) in out, f"{family}-{case}:\n{out}"
+
+
+def test_chat_options_from_config() -> None:
+    from dsft.config import DataConfig, validate_data
+
+    d = DataConfig(
+        path=["x.jsonl"],
+        template_kwargs={"tools_in_user_message": False, "a": [1]},
+        turn_end=["<|eot_id|>"],
+        fold_system=True,
+        reasoning="drop",
+    )
+    from dsft.data import _settings
+
+    opts = ChatOptions.from_settings(_settings(d))
+    assert opts.turn_end == ("<|eot_id|>",) and opts.fold_system and opts.reasoning == "drop"
+    tok = family_tokenizer("llama3")
+    ex = Example(conversation("multi")["messages"], "x:1")
+    assert dsft_tokens(tok, ex, template_kwargs=opts.template_kwargs)[0]  # lists are fine
+    import datetime
+
+    bad = DataConfig(
+        path=["x.jsonl"],
+        template_kwargs={"date_string": datetime.date(2024, 7, 26)},
+        template_date="26 Jul 2024",
+    )
+    problems = " ".join(validate_data(bad))
+    assert "data.template_kwargs: values must be" in problems
+    assert "data.template_date: '26 Jul 2024' is not a YYYY-MM-DD date" in problems
