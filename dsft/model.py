@@ -10,6 +10,7 @@ from typing import Any
 import torch
 
 from dsft.config import FreezeConfig, LoraConfig, ModelConfig
+from dsft.hub import model_path
 
 log = logging.getLogger("dsft")
 
@@ -18,7 +19,9 @@ def load_tokenizer(cfg: ModelConfig) -> Any:
     """The model directory's tokenizer; a pad token is borrowed from EOS if missing."""
     from transformers import AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(cfg.path, trust_remote_code=cfg.trust_remote_code)
+    tok = AutoTokenizer.from_pretrained(
+        model_path(cfg.path, cfg.revision), trust_remote_code=cfg.trust_remote_code
+    )
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     # A missing chat template is reported where one is needed (chat data without
@@ -38,7 +41,7 @@ def load_model(
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(
-        path or cfg.path,
+        path or model_path(cfg.path, cfg.revision),
         dtype=dtype,
         trust_remote_code=cfg.trust_remote_code,
         attn_implementation=cfg.attn_implementation if training else "sdpa",

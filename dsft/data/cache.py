@@ -45,14 +45,15 @@ from typing import Any
 import numpy as np
 
 from dsft import faults
+from dsft.config import is_hub_id
 from dsft.data.formats import Example, check_not_empty, examples_of, normaliser
 from dsft.data.readers import line_ranges, read_range, read_rows, splittable
-from dsft.data.tokenize import IGNORE_INDEX, Encoded, Tokenized, encode
+from dsft.data.tokenize import IGNORE_INDEX, ChatOptions, Encoded, Tokenized, encode
 from dsft.errors import DataError
 
 log = logging.getLogger("dsft")
 
-CACHE_VERSION = "1"
+CACHE_VERSION = "2"
 KINDS = (
     "chat",
     "completion",
@@ -128,7 +129,7 @@ class _JsonlExamples(Sequence[Example]):
     def __getitem__(self, i: int) -> Example:  # type: ignore[override]
         raw = bytes(self._data[int(self.offsets[i]) : int(self.offsets[i + 1])])
         d = json.loads(raw)
-        return Example(d["m"], d["s"], d["k"])
+        return Example(d["m"], d["s"], d["k"], d.get("t"))
 
 
 def _file_digest(path: Path) -> str:
@@ -140,6 +141,14 @@ def _file_digest(path: Path) -> str:
             for block in iter(lambda fh=fh: fh.read(1 << 20), b""):
                 h.update(block)
     return h.hexdigest()
+
+
+def _source_digest(path: str) -> str:
+    if is_hub_id(path):  # a Hub dataset: its snapshot commit and options
+        from dsft.hub import dataset_digest
+
+        return dataset_digest(path)
+    return _file_digest(Path(path))
 
 
 def tokenizer_digest(tokenizer: Any) -> str:
@@ -163,7 +172,7 @@ def cache_root(cache_dir: str) -> Path:
 def entry_key(path: str, tok_digest: str, settings: dict[str, Any]) -> str:
     h = hashlib.sha256()
     h.update(CACHE_VERSION.encode())
-    h.update(_file_digest(Path(path)).encode())
+    h.update(_source_digest(path).encode())
     h.update(tok_digest.encode())
     h.update(json.dumps(settings, sort_keys=True).encode())
     return h.hexdigest()[:32]
@@ -241,12 +250,18 @@ def _encode_chunk(k: int, task: tuple) -> tuple[str, Any]:
                 bad.append(item)
             else:
                 examples.append(item)
-        enc = encode(tokenizer, examples, settings["loss_on"])
+        enc = encode(
+            tokenizer, examples, settings["loss_on"], options=ChatOptions.from_settings(settings)
+        )
     except DataError as e:
         return "error", str(e)
     faults.delay("DSFT_FAULT_SLOW_CHUNK")  # test hook: builders on two "nodes" overlap
+    # rows the chat template refused (data.on_bad_row=skip) are left out and counted
+    if enc.kept is not None:
+        examples = [examples[i] for i in enc.kept]
+    bad += enc.skipped
     lines = [
-        json.dumps({"m": ex.messages, "s": ex.source, "k": ex.kind}).encode() + b"\n"
+        json.dumps({"m": ex.messages, "s": ex.source, "k": ex.kind, "t": ex.tools}).encode() + b"\n"
         for ex in examples
     ]
     out = _part(parts, k)
@@ -533,6 +548,11 @@ def fresh_store(
         return _read_entry(entry)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def build_store(path: str, tokenizer: Any, settings: dict[str, Any]) -> TokenStore:
+    """Tokenise one file without the cache, in this process (one worker)."""
+    return fresh_store(path, tokenizer, settings, BuildOptions())
 
 
 def _read_entry(entry: Path) -> TokenStore:
