@@ -181,9 +181,12 @@ def entry_key(path: str, tok_digest: str, settings: dict[str, Any]) -> str:
 def _read_slice(arr: np.ndarray, lo: int, hi: int) -> np.ndarray:
     """``arr[lo:hi]``; for a memory-mapped .npy, by a file read that leaves no mapped pages."""
     if isinstance(arr, np.memmap) and arr.filename is not None and arr.ndim == 1:
-        return np.fromfile(
-            arr.filename, dtype=arr.dtype, count=hi - lo, offset=arr.offset + lo * arr.itemsize
-        )
+        try:
+            return np.fromfile(
+                arr.filename, dtype=arr.dtype, count=hi - lo, offset=arr.offset + lo * arr.itemsize
+            )
+        except FileNotFoundError:  # data.cache=false: the file is gone, the map is not
+            pass
     return np.asarray(arr[lo:hi])
 
 
