@@ -96,13 +96,20 @@ def base_fingerprint(model_path: str) -> dict[str, Any]:
     return {"files": files, "revision": revision}
 
 
-def check_base(tag_dir: Path, model_path: str) -> None:
+def _weights_dir(path: str, revision: str = "") -> str:
+    """The local directory of ``model.path`` (a Hub name's snapshot), resolved."""
+    from dsft.hub import model_path
+
+    return str(Path(model_path(path, revision)).resolve())
+
+
+def check_base(tag_dir: Path, model_path: str, revision: str = "") -> None:
     """Refuse to resume or export a lean checkpoint onto other base weights than its own."""
     meta = _meta(tag_dir)
     saved = meta.get("base")
     if not meta.get("frozen_excluded") or saved is None:
         return  # the checkpoint holds every weight itself
-    now = base_fingerprint(str(Path(model_path).resolve()))
+    now = base_fingerprint(_weights_dir(model_path, revision))
     if now["files"] == saved["files"]:
         return
     changed = sorted(
@@ -195,10 +202,10 @@ def save(
             # frozen parameters left out: resume/export read them from model.path
             "frozen_excluded": lean and frozen,
         }
-        model_path = ((config or {}).get("model") or {}).get("path")
-        if lean and frozen and model_path:
-            base = base_fingerprint(str(Path(model_path).resolve()))
-            meta["base"] = {**base, "path": model_path}
+        model_cfg = (config or {}).get("model") or {}
+        if lean and frozen and model_cfg.get("path"):
+            weights = _weights_dir(model_cfg["path"], model_cfg.get("revision", ""))
+            meta["base"] = {**base_fingerprint(weights), "path": model_cfg["path"]}
         (tmp / tag / "dsft_state.json").write_text(json.dumps(meta, indent=2, default=str))
         if (root / tag).exists():
             shutil.rmtree(root / tag)

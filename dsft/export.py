@@ -60,7 +60,9 @@ def export_checkpoint(path: str | Path, out: Path, merged: bool = True) -> Path:
     dist.configure_accelerator()  # zero_to_fp32 imports deepspeed
     tag_dir = find(path)
     cfg = saved_config(tag_dir)
-    check_base(tag_dir, cfg.model.path)  # a lean checkpoint takes frozen weights from there
+    check_base(
+        tag_dir, cfg.model.path, cfg.model.revision
+    )  # a lean checkpoint takes frozen weights from there
     write_hf(cfg, consolidate(tag_dir), out, merged=merged)
     return out
 

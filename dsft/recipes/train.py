@@ -100,7 +100,7 @@ def run(cfg: Config) -> dict[str, Any]:
     # are consolidated and loaded here, before the engine exists; moments start afresh.
     resume_from = checkpoint.resume_point(out, cfg.checkpoint.resume, cfg.checkpoint.resume_from)
     if resume_from is not None:  # a lean checkpoint needs the base weights it was trained on
-        checkpoint.check_base(resume_from, cfg.model.path)
+        checkpoint.check_base(resume_from, cfg.model.path, cfg.model.revision)
     reshard = resume_from is not None and checkpoint.needs_reshard(
         resume_from, env.world_size, cfg.deepspeed.zero_stage
     )
