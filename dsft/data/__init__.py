@@ -261,9 +261,9 @@ def prepare(cfg: DataConfig, tokenizer: Any, builder: bool = True) -> Splits:
             for s in range(len(pool.stores)):
                 at = np.flatnonzero(train_source == s)
                 packs += [at[row].tolist() for row in pack(train_len[at].tolist(), cfg.max_len)]
+            unit_source = train_source[[row[0] for row in packs]]
         else:
             packs = pack(train_len.tolist(), cfg.max_len)
-        unit_source = train_source[[row[0] for row in packs]]
         stats["packed_rows"] = len(packs)
         stats["packing_efficiency"] = round(efficiency(train_len.tolist(), packs, cfg.max_len), 4)
     names = [s.name for s in pool.stores]

@@ -236,3 +236,22 @@ def test_mixed_batches_shard_lockstep_and_resume(world: int) -> None:
         # resuming: the same epoch computed afresh (another process) is the same
         again = _mixer()
         assert mixed_batches(again, n, mb, world, 0, epoch, 9, True, accum) == per_rank[0]
+
+
+@pytest.mark.parametrize("mix", [[], [0.5, 0.5]])
+def test_packing_with_and_without_mix(tmp_path: Path, tok, mix: list[float]) -> None:
+    """Packed rows never mix files under data.mix; each row knows its file."""
+    from dsft.config import DataConfig
+    from dsft.data import prepare
+
+    a, b = _data(tmp_path / "a.jsonl", 120, bad=False), _data(tmp_path / "b.jsonl", 80, bad=False)
+    cfg = DataConfig(path=[str(a), str(b)], packing=True, max_len=96, mix=mix,
+                     cache_dir=str(tmp_path / "c"), val_fraction=0.0, test_fraction=0.0)  # fmt: skip
+    s = prepare(cfg, tok)
+    assert sorted(i for row in s.packs for i in row) == list(range(len(s.train)))
+    if mix:
+        files = np.searchsorted(s.train.corpus.starts, s.train.indices, side="right") - 1
+        assert all(len({files[i] for i in row}) == 1 for row in s.packs)
+        assert s.unit_source.tolist() == [files[row[0]] for row in s.packs]
+        assert s.stats["train_per_source"] == {"a": int((s.unit_source == 0).sum()),
+                                               "b": int((s.unit_source == 1).sum())}  # fmt: skip
