@@ -44,10 +44,27 @@ def dsft_prepare(path: Path, tokenizer: Any, max_len: int, workers: int = 1) -> 
         test_fraction=0.0,
         workers=workers,
     )
+    c0 = _cpu()
     t = time.perf_counter()
     splits = prepare(cfg, tokenizer)
     seconds = time.perf_counter() - t
-    return {"seconds": seconds, "rows": len(splits.packs or []), "examples": len(splits.train)}
+    c1 = _cpu()
+    return {
+        "seconds": seconds,
+        "rows": len(splits.packs or []),
+        "examples": len(splits.train),
+        # CPU seconds of this process (the serial part: cutting ranges, merging, splits,
+        # packing) and of its tokenising workers: the basis of the projection to more cores
+        "cpu_parent": c1[0] - c0[0],
+        "cpu_workers": c1[1] - c0[1],
+    }
+
+
+def _cpu() -> tuple[float, float]:
+    import resource
+
+    a, b = (resource.getrusage(w) for w in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN))
+    return a.ru_utime + a.ru_stime, b.ru_utime + b.ru_stime
 
 
 def _trl_prepare(dataset: Any, tokenizer: Any, max_len: int, packing: bool, out: str) -> Any:
@@ -139,29 +156,31 @@ def run_prep(
     out["dsft"] = out[names[-1]]
     out["ratio"] = out["dsft"] / out["trl"]
     out["ratios"] = {name: out[name] / out["trl"] for name in names}
-    if len(workers) > 1:
-        # Scaling from the fewest to the most workers: the basis of a projection to more
-        # cores (per-worker rate times the measured parallel efficiency).
-        lo, hi = workers[0], workers[-1]
-        eff = (out[names[-1]] / hi) / (out[names[0]] / lo)
-        out["parallel_efficiency"] = eff
+    if workers[-1] > 1:
+        # Amdahl from CPU seconds (wall time on a shared machine says little): the parent's
+        # are serial, the workers' divide by the cores.
+        runs_hi = runs[names[-1]]
+        out["cpu_parent"] = float(np.median([x["cpu_parent"] for x in runs_hi]))
+        out["cpu_workers"] = float(np.median([x["cpu_workers"] for x in runs_hi]))
+        out["cpu_one"] = float(
+            np.median([x["cpu_parent"] + x["cpu_workers"] for x in runs[names[0]]])
+        )
     out["tokens_identical"] = same_tokens(path, tokenizer)
     return out
 
 
 def projection(result: dict[str, Any], cores: int = 16) -> str:
-    """A stated projection of the rate on ``cores`` cores from the measured scaling."""
-    workers = result["workers"]
-    if len(workers) < 2:
+    """The rate on ``cores`` cores projected from the measured CPU seconds (Amdahl)."""
+    if "cpu_workers" not in result:
         return ""
-    one = result[f"dsft_w{workers[0]}"] / workers[0]
-    eff = min(result["parallel_efficiency"], 1.0)
+    n, serial, par = result["examples"], result["cpu_parent"], result["cpu_workers"]
+    rate = n / (serial + par / cores)
     return (
-        f"projection for {cores} cores: {one * cores * eff:,.0f} examples/s "
-        f"(= {one:,.0f}/s per worker x {cores} workers x {eff:.2f}, the parallel efficiency "
-        f"measured from {workers[0]} to {workers[-1]} workers; assumes the file is read from "
-        "page cache or fast storage, and that efficiency holds: workers share nothing but "
-        "the input file and the parent only cuts byte ranges)"
+        f"projection for {cores} cores: {rate:,.0f} examples/s = {n} / ({serial:.1f} s serial "
+        f"CPU in the parent + {par:.1f} s worker CPU / {cores}), from the data.workers="
+        f"{result['workers'][-1]} runs (the same work took {result['cpu_one']:.1f} CPU s with "
+        "one worker in-process: the parallel overhead). Assumes one free core per worker "
+        "and storage that keeps up"
     )
 
 
@@ -209,6 +228,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default="runs/bench-prep")
     ns = p.parse_args(argv)
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+    # one thread per process for every system: data.workers=N is N processes, TRL one
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"
     import datasets
 
     datasets.disable_progress_bars()

@@ -206,14 +206,20 @@ def prepare(cfg: DataConfig, tokenizer: Any, builder: bool = True) -> Splits:
         )
 
     splits: dict[str, Split] = {}
+    # Per corpus, once: 1 byte per example (the per-example arrays are what grows with
+    # the data, so no int64 temporaries indexed by split).
+    flags: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+    for c in (pool, val_corpus, test_corpus):
+        if id(c) not in flags:
+            flags[id(c)] = (c.lengths > cfg.max_len, c.targets(cfg.max_len) == 0)
     for name, corpus, idx in (
         ("train", pool, tr),
         ("val", val_corpus, va),
         ("test", test_corpus, te),
     ):
-        idx = np.asarray(idx, dtype=np.int64)
-        too_long = corpus.lengths[idx] > cfg.max_len
-        no_target = corpus.targets(cfg.max_len)[idx] == 0
+        idx = np.asarray(idx)
+        idx = idx if idx.dtype.kind in "iu" else idx.astype(np.int64)
+        too_long, no_target = (f[idx] for f in flags[id(corpus)])
         # An example whose response was cut away has nothing to learn from: it is
         # dropped and counted, never fed as an all-masked row.
         drop = no_target | (too_long if cfg.truncation == "drop" else False)
@@ -222,7 +228,7 @@ def prepare(cfg: DataConfig, tokenizer: Any, builder: bool = True) -> Splits:
         )
         stats[f"{name}_dropped_no_target"] = int(no_target.sum())
         stats[f"{name}_truncated"] = int((too_long & ~drop).sum())
-        splits[name] = Split(corpus, idx[~drop], cfg.max_len)
+        splits[name] = Split(corpus, idx[~drop] if drop.any() else idx, cfg.max_len)
         stats[name] = len(splits[name])
     if not len(splits["train"]):
         raise DataError(

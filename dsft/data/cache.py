@@ -296,6 +296,7 @@ class _Runner:
         self.pool: Any = None
         self.first: tuple[int, tuple] | None = None  # held until a second chunk shows up
         self.pending: deque[tuple[int, Any]] = deque()
+        self.env: str | None = None  # TOKENIZERS_PARALLELISM before the workers
 
     def submit(self, k: int, task: tuple) -> None:
         if self.workers <= 1:
@@ -305,9 +306,10 @@ class _Runner:
             if self.first is None:
                 self.first = (k, task)
                 return
-            if not os.environ.get("TOKENIZERS_PARALLELISM"):
-                # one thread per worker; also keeps tokenizers' fork warning quiet
-                os.environ["TOKENIZERS_PARALLELISM"] = "false"
+            # one thread per worker; also keeps tokenizers' fork warning quiet (restored
+            # in close: the parent's own later tokenising keeps its threads)
+            self.env = os.environ.get("TOKENIZERS_PARALLELISM")
+            os.environ["TOKENIZERS_PARALLELISM"] = "false"
             self.pool = mp.get_context("fork").Pool(self.workers)
             self.pending.append((self.first[0], self.pool.apply_async(_encode_chunk, self.first)))
             self.first = None
@@ -330,6 +332,10 @@ class _Runner:
         if self.pool is not None:
             self.pool.terminate()
             self.pool.join()
+            if self.env is None:
+                os.environ.pop("TOKENIZERS_PARALLELISM", None)
+            else:
+                os.environ["TOKENIZERS_PARALLELISM"] = self.env
 
 
 def _fork_ok() -> bool:
