@@ -59,7 +59,10 @@ class ModelConfig:
     gradient_checkpointing: bool = (
         False  # recompute activations in backward: less memory, ~30% slower
     )
-    compile: bool = False  # torch.compile the model: faster steps after a slow first one
+    compile: bool = False  # torch.compile the model: faster steps after a slow first one (CUDA)
+    # Fused kernels patched into the model before loading: "liger" = Liger Kernel's
+    # RMSNorm, RoPE and SwiGLU (CUDA, `pip install dsft[gpu]`); "none" = transformers' own.
+    kernels: Literal["none", "liger"] = "none"
     lora: LoraConfig = field(default_factory=LoraConfig)
     freeze: FreezeConfig = field(default_factory=FreezeConfig)
 
@@ -142,6 +145,10 @@ class TrainConfig:
     max_bad_steps: int = 5
     precision: Literal["fp32", "bf16", "fp16"] = "bf16"
     seed: int = 42
+    # Loss from the final hidden states of the target positions only, through the LM head
+    # in gradient-checkpointed chunks: no [batch, seq, vocab] logits (dsft/loss.py).
+    # false = the model's full logits, then cross-entropy (the older, hungrier path).
+    fused_loss: bool = True
 
 
 @dataclass

@@ -1,0 +1,182 @@
+"""The token loss without full logits: the LM head applied, in chunks, to target positions only.
+
+The plain path (``train.fused_loss=false``) asks the model for ``[batch, seq, vocab]``
+logits, makes a float32 copy and then a gradient of the same size: about 5 GB per
+4,096-token sequence for a vocabulary of 128,256. Here the model's forward stops at the
+final hidden states (``logits_to_keep=1``: one position per row goes through the head,
+a rounding error), the hidden states of the positions whose next token carries loss are
+picked out with an index computed on the host, and the head runs on them a chunk at a
+time. Each chunk is gradient-checkpointed, so backward recomputes its logits instead of
+keeping them: at most one chunk's logits exist at any time.
+
+The head is called as the model's own module (``get_output_embeddings()``), so a
+trained, frozen, tied or LoRA-adapted head, and ZeRO-3's gathering of its partitioned
+weight in forward and backward, are whatever the module does. Under ZeRO-3 each call
+gathers collectively, so with several ranks every rank must run the same number of
+chunks: callers pass ``chunks`` agreed over the ranks (``lockstep_chunks``).
+
+``chunked_nll`` is the piece other paths reuse (sequence parallelism calls it on its
+local shard of hidden states and shifted labels).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+from dsft.data.tokenize import IGNORE_INDEX
+
+# Rows per chunk are chosen so that one chunk's float32 logits take about this much.
+CHUNK_BYTES = 256 * 2**20
+
+
+def chunk_rows(vocab: int, chunk_bytes: int = CHUNK_BYTES) -> int:
+    """Target rows per chunk for a vocabulary: ~256 MiB of float32 logits (>= 64 rows)."""
+    return max(64, chunk_bytes // (4 * vocab))
+
+
+def num_chunks(n_targets: int, vocab: int) -> int:
+    """Chunks for ``n_targets`` rows (at least 1)."""
+    return max(1, math.ceil(n_targets / chunk_rows(vocab)))
+
+
+def lockstep_chunks(counts: list[int], vocab: int, lockstep: bool) -> list[int]:
+    """Chunks per micro-batch; with ``lockstep`` (ZeRO-3, several ranks) the largest over
+    the ranks, so every rank calls the head (a collective gather) equally often."""
+    if lockstep:
+        from dsft import distributed
+
+        counts = distributed.all_reduce_max_list(counts)
+    return [num_chunks(n, vocab) for n in counts]
+
+
+def logits_nll(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Summed next-token NLL of full ``[batch, seq, vocab]`` logits (the plain path)."""
+    logits = logits[:, :-1].float()
+    return F.cross_entropy(
+        logits.reshape(-1, logits.size(-1)),
+        labels[:, 1:].reshape(-1),
+        ignore_index=IGNORE_INDEX,
+        reduction="sum",
+    )
+
+
+def target_index(labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(flat positions into ``hidden.view(-1, H)``, their next-token ids) of every target.
+
+    Position t of a row predicts token t+1, so the targets are ``labels[:, 1:]`` and the
+    predicting positions are t. Call it on the collated CPU batch: the selection size is
+    then known without asking the device (a boolean mask on the device would sync).
+    """
+    target = labels[:, 1:]
+    rows, cols = (target != IGNORE_INDEX).nonzero(as_tuple=True)
+    return rows * labels.size(1) + cols, target[rows, cols]
+
+
+def output_head(model: Any) -> tuple[Callable[[torch.Tensor], torch.Tensor], float | None]:
+    """The module mapping final hidden states to logits, and the model's logit soft-cap.
+
+    ``model`` is the engine's module: a transformers causal LM, or a peft model around one.
+    """
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    head = base.get_output_embeddings()
+    if head is None:
+        raise ValueError(f"{type(base).__name__} has no output embeddings (LM head)")
+    cfg = getattr(base, "config", None)
+    softcap = getattr(cfg, "final_logit_softcapping", None)
+    return head, softcap
+
+
+def _logits(
+    head: Callable[[torch.Tensor], torch.Tensor], h: torch.Tensor, softcap: float | None
+) -> torch.Tensor:
+    logits = head(h).float()
+    if softcap:
+        logits = softcap * torch.tanh(logits / softcap)
+    return logits
+
+
+def _chunk_sum(head, softcap, h: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    logits = _logits(head, h, softcap)
+    return F.cross_entropy(logits, y, ignore_index=IGNORE_INDEX, reduction="sum")
+
+
+def chunked_nll(
+    hidden: torch.Tensor,
+    targets: torch.Tensor,
+    head: Callable[[torch.Tensor], torch.Tensor] | torch.Tensor,
+    chunks: int = 0,
+    *,
+    softcap: float | None = None,
+    per_token: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """NLL of ``targets`` [N] predicted from ``hidden`` [N, H] through ``head``, in chunks.
+
+    ``head`` is the LM head module (or its weight: then ``F.linear``). ``chunks`` = 0 picks
+    the count from the size; pass an explicit count where ranks must agree (ZeRO-3).
+    Returns the summed NLL (a tensor in the graph) and ``None``; with ``per_token`` (no
+    gradient: evaluation) the NLL per target [N] and whether the argmax was right [N].
+    Targets equal to -100 are ignored (zero loss, never right).
+    """
+    if isinstance(head, torch.Tensor):
+        weight = head
+        head = lambda h: F.linear(h, weight)  # noqa: E731
+        chunks = chunks or num_chunks(targets.numel(), weight.size(0))
+    hidden = hidden.reshape(-1, hidden.size(-1))
+    targets = targets.reshape(-1)
+    if not chunks:
+        vocab = getattr(head, "out_features", None) or getattr(head, "num_embeddings", 1 << 17)
+        chunks = num_chunks(targets.numel(), vocab)
+    parts = zip(
+        torch.tensor_split(hidden, chunks), torch.tensor_split(targets, chunks), strict=True
+    )
+    if per_token:
+        nll, right = [], []
+        with torch.no_grad():
+            for h, y in parts:
+                logits = _logits(head, h, softcap)
+                nll.append(F.cross_entropy(logits, y, ignore_index=IGNORE_INDEX, reduction="none"))
+                right.append((logits.argmax(-1) == y) & (y != IGNORE_INDEX))
+        return torch.cat(nll), torch.cat(right)
+    total: torch.Tensor | None = None
+    grad = torch.is_grad_enabled()
+    for h, y in parts:
+        if grad:
+            # Recompute this chunk's logits in backward instead of keeping them.
+            s = checkpoint(_chunk_sum, head, softcap, h, y, use_reentrant=False)
+        else:
+            s = _chunk_sum(head, softcap, h, y)
+        total = s if total is None else total + s
+    assert total is not None
+    return total, None
+
+
+def final_hidden(model: Callable, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The final (normed) hidden states [batch, seq, H] from the model's forward.
+
+    Through the model's (the engine's) own forward, so DeepSpeed's hooks, compilation and
+    peft all apply; ``logits_to_keep=1`` sends a single position per row through the head.
+    The last of ``hidden_states`` is the input of the LM head in transformers' decoders.
+    """
+    out = model(**inputs, use_cache=False, output_hidden_states=True, logits_to_keep=1)
+    return out.hidden_states[-1]
+
+
+def fused_nll(
+    model: Callable,
+    head: tuple[Callable[[torch.Tensor], torch.Tensor], float | None],
+    inputs: dict[str, torch.Tensor],
+    index: torch.Tensor,
+    targets: torch.Tensor,
+    chunks: int,
+    per_token: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``chunked_nll`` of one micro-batch: forward to hidden states, pick targets, head."""
+    hidden = final_hidden(model, inputs)
+    picked = hidden.reshape(-1, hidden.size(-1)).index_select(0, index)
+    return chunked_nll(picked, targets, head[0], chunks, softcap=head[1], per_token=per_token)
