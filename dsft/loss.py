@@ -23,12 +23,14 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+from dsft import distributed
 from dsft.data.tokenize import IGNORE_INDEX
 
 # Rows per chunk are chosen so that one chunk's float32 logits take about this much.
@@ -49,8 +51,6 @@ def lockstep_chunks(counts: list[int], vocab: int, lockstep: bool) -> list[int]:
     """Chunks per micro-batch; with ``lockstep`` (ZeRO-3, several ranks) the largest over
     the ranks, so every rank calls the head (a collective gather) equally often."""
     if lockstep:
-        from dsft import distributed
-
         counts = distributed.all_reduce_max_list(counts)
     return [num_chunks(n, vocab) for n in counts]
 
@@ -78,18 +78,25 @@ def target_index(labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return rows * labels.size(1) + cols, target[rows, cols]
 
 
-def output_head(model: Any) -> tuple[Callable[[torch.Tensor], torch.Tensor], float | None]:
-    """The module mapping final hidden states to logits, and the model's logit soft-cap.
+@dataclass
+class Head:
+    """The module mapping final hidden states to logits, its vocabulary, the logit soft-cap."""
 
-    ``model`` is the engine's module: a transformers causal LM, or a peft model around one.
-    """
+    module: Callable[[torch.Tensor], torch.Tensor]
+    vocab: int
+    softcap: float | None = None
+
+
+def output_head(model: Any) -> Head:
+    """The LM head of ``model``: a transformers causal LM, or a peft model around one."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     head = base.get_output_embeddings()
     if head is None:
         raise ValueError(f"{type(base).__name__} has no output embeddings (LM head)")
     cfg = getattr(base, "config", None)
-    softcap = getattr(cfg, "final_logit_softcapping", None)
-    return head, softcap
+    # out_features survives ZeRO-3 partitioning (the weight itself is then empty)
+    vocab = getattr(head, "out_features", None) or cfg.vocab_size
+    return Head(head, int(vocab), getattr(cfg, "final_logit_softcapping", None))
 
 
 def _logits(
@@ -169,7 +176,7 @@ def final_hidden(model: Callable, inputs: dict[str, torch.Tensor]) -> torch.Tens
 
 def fused_nll(
     model: Callable,
-    head: tuple[Callable[[torch.Tensor], torch.Tensor], float | None],
+    head: Head,
     inputs: dict[str, torch.Tensor],
     index: torch.Tensor,
     targets: torch.Tensor,
@@ -179,4 +186,6 @@ def fused_nll(
     """``chunked_nll`` of one micro-batch: forward to hidden states, pick targets, head."""
     hidden = final_hidden(model, inputs)
     picked = hidden.reshape(-1, hidden.size(-1)).index_select(0, index)
-    return chunked_nll(picked, targets, head[0], chunks, softcap=head[1], per_token=per_token)
+    return chunked_nll(
+        picked, targets, head.module, chunks, softcap=head.softcap, per_token=per_token
+    )

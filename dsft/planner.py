@@ -23,6 +23,8 @@ gradient (2 for bf16/fp16, 4 for fp32):
                 keep no inputs, each adapted linear keeps its dropped-out input).
   logits        per token (b + 12)·vocab: the logits, and three fp32 tensors alive at once around
                 the loss (upcast or log-softmax output, and the gradient in and out of it).
+                With train.fused_loss none per token: one chunk of the LM head's output,
+                (b + 12)·vocab per chunk row (dsft/loss.py), once per micro-batch.
   allowance     1 GiB for the CUDA context, cuBLAS workspace and NCCL (invisible to PyTorch's
                 allocator) plus DeepSpeed's communication buckets.
 
@@ -46,6 +48,7 @@ from dsft.config import Config, FreezeConfig, LoraConfig, batch_plan
 from dsft.ds_config import bucket_sizes
 from dsft.errors import ConfigError
 from dsft.flops import DEFAULT_PEAK_TFLOPS, text_dims, train_flops
+from dsft.loss import chunk_rows
 
 log = logging.getLogger("dsft")
 
@@ -425,6 +428,7 @@ class Workload:
     checkpointing: bool = False  # activation (gradient) checkpointing
     attention: str = "sdpa"
     headroom: float = DEFAULT_HEADROOM  # fraction of free GPU memory a plan may use
+    fused_loss: bool = False  # train.fused_loss: one chunk of logits instead of all of them
 
 
 def _width(precision: str) -> int:
@@ -497,8 +501,15 @@ def activation_bytes(f: ModelFacts, w: Workload) -> tuple[int, int]:
     # checkpointing: every block's input, and one block's activations while it is recomputed
     per_token = layers * b * h + block if w.checkpointing and layers else layers * block
     per_token += 4 * h + 2 * b * h  # final norm
-    logits = (b + 12) * f.vocab
+    logits = 0 if w.fused_loss else (b + 12) * f.vocab
     return int(w.seq * per_token), int(w.seq * logits)
+
+
+def loss_chunk_bytes(f: ModelFacts, w: Workload) -> int:
+    """Bytes of the fused loss's one chunk of logits (0 without train.fused_loss)."""
+    if not w.fused_loss:
+        return 0
+    return (_width(w.precision) + 12) * f.vocab * min(chunk_rows(f.vocab), w.seq)
 
 
 @dataclass(frozen=True)
@@ -514,11 +525,13 @@ class Estimate:
     host: int  # host RAM bytes per node
     budget: int  # usable bytes per GPU (headroom x free)
     host_budget: int | None  # usable host bytes per node, None = unknown
+    loss_chunk: int = 0  # train.fused_loss: one chunk of logits per micro-batch
 
     def gpu(self, micro_batch: int) -> int:
         """Peak bytes per GPU at ``micro_batch``: the largest of the forward/backward peak and
         the optimizer step (activations are gone by then)."""
-        return self.states + max(micro_batch * self.per_sequence, self.step_extra) + self.fixed
+        forward_backward = micro_batch * self.per_sequence + self.loss_chunk
+        return self.states + max(forward_backward, self.step_extra) + self.fixed
 
     @property
     def host_fits(self) -> bool:
@@ -566,6 +579,7 @@ def estimate(f: ModelFacts, hw: Hardware, w: Workload, o: Option) -> Estimate:
         host=host,
         budget=int(w.headroom * hw.gpu_mem),
         host_budget=int(w.headroom * hw.host_mem) if hw.host_mem else None,
+        loss_chunk=loss_chunk_bytes(f, w),
     )
     fitting = [m for m in micro_batch_candidates(w, hw.world_size) if est.gpu(m) <= est.budget]
     return dataclasses.replace(est, micro_batch=max(fitting, default=0))
@@ -755,6 +769,7 @@ def resolve(cfg: Config, hw: Hardware, facts: ModelFacts | None = None) -> tuple
             precision=t.precision,
             checkpointing=cfg.model.gradient_checkpointing,
             attention=cfg.model.attn_implementation,
+            fused_loss=cfg.train.fused_loss,
         )
         plan = choose(facts, hw, work, options)
         chosen = plan.choice
@@ -857,7 +872,8 @@ def render_plan(
         f"workload  seq {w.seq}, global batch {w.global_batch}, {w.precision}, activation "
         f"checkpointing {'on' if w.checkpointing else 'off'}, "
         f"usable {w.headroom:.0%} of GPU memory",
-        f"per sequence: activations {_gb(act)}, logits {_gb(logits)}",
+        f"per sequence: activations {_gb(act)}, logits {_gb(logits)}"
+        + (f" (fused loss: one {_gb(loss_chunk_bytes(f, w))} chunk)" if w.fused_loss else ""),
         "",
     ]
     head = f"  {'option':<34}{'states/GPU':>11}{'peak/GPU':>10}{'host/node':>11}{'micro':>7}  fits"

@@ -49,6 +49,7 @@ def plan(ns: argparse.Namespace) -> int:
         checkpointing=ns.grad_ckpt or cfg.model.gradient_checkpointing,
         attention=cfg.model.attn_implementation,
         headroom=ns.headroom,
+        fused_loss=cfg.train.fused_loss,
     )
     tokens = planner.parse_count(ns.tokens) if ns.tokens else None
     if tokens is None and from_yaml:  # the config's training split, tokenised as training does

@@ -14,6 +14,13 @@ tokens. Each micro-batch therefore contributes ``sum_nll * world / global_tokens
 (DeepSpeed averages gradients over the ``world`` data-parallel ranks and we tell
 it not to divide by grad_accum again), so neither gradient accumulation nor the
 number of ranks changes the step.
+
+Host syncs: target counts come from the collated CPU batch; the micro-batch losses
+add up on the device; the host waits for the device twice per optimizer step (the
+global target count before the first forward, the global loss and stop flag after
+the step), plus the logging steps' grad norm. With ``train.fused_loss`` (dsft/loss.py)
+no full-vocabulary logits exist: the loss comes from the target positions' hidden
+states through the LM head in chunks.
 """
 
 from __future__ import annotations
@@ -31,7 +38,7 @@ from typing import Any
 
 import torch
 
-from dsft import checkpoint, crossval, data, distributed, export, faults
+from dsft import checkpoint, crossval, data, distributed, export, faults, loss
 from dsft.config import Config, batch_plan, load_config, save_config, to_dict
 from dsft.data.collate import collate
 from dsft.data.packing import collate_packed
@@ -172,8 +179,16 @@ def run(cfg: Config) -> dict[str, Any]:
     dev = distributed.device()
     pad_id = tokenizer.pad_token_id
     evaluator = evaluate.Evaluator(
-        engine, tokenizer, splits, cfg.eval, monitor, out, synced=zero3 and env.world_size > 1
+        engine,
+        tokenizer,
+        splits,
+        cfg.eval,
+        monitor,
+        out,
+        synced=zero3 and env.world_size > 1,
+        fused_loss=cfg.train.fused_loss,
     )
+    head = loss.output_head(engine.module) if cfg.train.fused_loss else None
     tracker = evaluate.BestTracker(cfg.eval.metric, cfg.eval.patience, cfg.eval.min_delta)
     if "best" in start:
         tracker.best, tracker.best_step, tracker.since_best = start["best"]
@@ -247,27 +262,35 @@ def run(cfg: Config) -> dict[str, Any]:
                 for b in batches[first : first + plan.grad_accum]
             ]
             # Count the response tokens of the whole global batch before any backward,
-            # so every micro-batch can be weighted by the same global denominator.
-            local_targets = sum(int((m["labels"][:, 1:] != IGNORE_INDEX).sum()) for m in window)
-            global_targets = distributed.all_reduce_sum([local_targets])[0].item()
+            # so every micro-batch can be weighted by the same global denominator
+            # (counted on the host, from the CPU tensors: no device sync).
+            counts = [int((m["labels"][:, 1:] != IGNORE_INDEX).sum()) for m in window]
+            global_targets = distributed.all_reduce_sum([sum(counts)])[0].item()
+            if head is not None:  # ZeRO-3 ranks agree on the chunks (each gathers the head)
+                chunks = loss.lockstep_chunks(counts, head.vocab, zero3 and env.world_size > 1)
             own_norm = None
-            step_nll = 0.0
+            step_nll = torch.zeros((), dtype=torch.float64, device=dev)  # summed on device
             skipped_before = engine.skipped_steps
             for i, micro in enumerate(window):
                 lengths = micro.pop("lengths")  # real tokens per example (for throughput)
-                micro = {k: v.to(dev) for k, v in micro.items()}
                 labels = micro.pop("labels")
+                micro = {k: v.to(dev) for k, v in micro.items()}
                 # No KV cache in training; transformers would also ignore packed-row
                 # boundaries (restarting position_ids) when given one.
-                logits = engine(**micro, use_cache=False).logits
-                nll, _, _ = evaluate.token_stats(logits, labels)
+                if head is not None:
+                    index, targets = loss.target_index(labels)
+                    nll, _ = loss.fused_nll(
+                        engine, head, micro, index.to(dev), targets.to(dev), chunks[i]
+                    )
+                else:
+                    nll = loss.logits_nll(engine(**micro, use_cache=False).logits, labels.to(dev))
                 if step + 1 in fault_steps and env.is_main:
                     nll = nll * float("nan")  # test hook: a step whose loss blows up
                 engine.backward(nll * env.world_size / global_targets, scale_wrt_gas=False)
                 if i == len(window) - 1 and zero0_fp32:
                     own_norm = guard_zero0_fp32_step(engine)
                 engine.step()  # clips and steps only at the accumulation boundary
-                step_nll += nll.item()
+                step_nll += nll.detach().double()
                 tokens_seen += int(lengths.sum())
                 sq_tokens += int((lengths**2).sum())
             step += 1
@@ -275,9 +298,11 @@ def run(cfg: Config) -> dict[str, Any]:
             # A step is bad when its global loss is not finite or DeepSpeed skipped it for
             # non-finite gradients (fp16 overflows are the loss scaler's business). Bad
             # steps update nothing; too many in a row end the run.
-            # One all-reduce gives the global loss and whether any rank was asked to stop.
+            # One all-reduce (and the step's one wait for the device) gives the global loss
+            # and whether any rank was asked to stop.
+            stop = float(distributed.stop_requested() is not None)
             nll_sum, stops = distributed.all_reduce_sum(
-                [step_nll, distributed.stop_requested() is not None]
+                torch.stack([step_nll, torch.tensor(stop, dtype=torch.float64, device=dev)])
             ).tolist()
             step_loss = nll_sum / global_targets
             skipped = engine.skipped_steps > skipped_before
