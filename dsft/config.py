@@ -217,6 +217,9 @@ class LoggingConfig:
     # Peak dense FLOP/s per GPU, in TFLOP/s, for MFU; 0 = look it up from the GPU's
     # name (bf16/fp16 dense numbers); without a known peak MFU is not logged.
     peak_tflops: float = 0.0
+    # torch.profiler on rank 0 for this many optimizer steps (after 2 unprofiled ones):
+    # <output_dir>/profile/top_kernels.md (the top kernels by time) and trace.json.gz.
+    profile_steps: int = 0
 
 
 @dataclass

@@ -49,7 +49,7 @@ from dsft.errors import ConfigError, Preempted, TrainingDiverged
 from dsft.eval import evaluator as evaluate
 from dsft.flops import FlopCounter
 from dsft.model import build_model, count_params, freeze, load_tokenizer, torch_dtype
-from dsft.monitor import Monitor
+from dsft.monitor import Monitor, StepProfiler
 from dsft.optim import (
     describe_groups,
     guard_zero0_fp32_step,
@@ -229,6 +229,7 @@ def run(cfg: Config) -> dict[str, Any]:
         }
 
     # ---------------------------------------------------------------- loop
+    profiler = StepProfiler(out, cfg.logging.profile_steps)  # logging.profile_steps
     engine.train()
     step, epoch, next_window = start["step"], start["epoch"], start["window"]
     t_start = time.time()
@@ -294,6 +295,7 @@ def run(cfg: Config) -> dict[str, Any]:
                 tokens_seen += int(lengths.sum())
                 sq_tokens += int((lengths**2).sum())
             step += 1
+            profiler.step()
 
             # A step is bad when its global loss is not finite or DeepSpeed skipped it for
             # non-finite gradients (fp16 overflows are the loss scaler's business). Bad
@@ -401,6 +403,7 @@ def run(cfg: Config) -> dict[str, Any]:
             epoch, next_window = epoch + 1, 0
 
     # ---------------------------------------------------------------- finish
+    profiler.close()
     summary["train_seconds"] = round(time.time() - t_start, 2)
     summary["steps"] = step
     train_loss = eval_loss_sum / eval_targets if eval_targets else None
