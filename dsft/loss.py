@@ -6,14 +6,20 @@ logits, makes a float32 copy and then a gradient of the same size: about 5 GB pe
 final hidden states (``logits_to_keep=1``: one position per row goes through the head,
 a rounding error), the hidden states of the positions whose next token carries loss are
 picked out with an index computed on the host, and the head runs on them a chunk at a
-time. Each chunk is gradient-checkpointed, so backward recomputes its logits instead of
-keeping them: at most one chunk's logits exist at any time.
+time. In training each chunk's gradients (with respect to the hidden states and the head
+weight) are computed right there, in forward, from its softmax, and the logits dropped:
+backward only scales them by the incoming gradient. So at most one chunk's logits exist
+at any time and nothing is recomputed (the FLOPs of a plain forward + backward).
 
-The head is called as the model's own module (``get_output_embeddings()``), so a
-trained, frozen, tied or LoRA-adapted head, and ZeRO-3's gathering of its partitioned
-weight in forward and backward, are whatever the module does. Under ZeRO-3 each call
-gathers collectively, so with several ranks every rank must run the same number of
-chunks: callers pass ``chunks`` agreed over the ranks (``lockstep_chunks``).
+The head's weight is the model's own (``get_output_embeddings()``; peft's trained copy
+under ``modules_to_save``), trained, frozen or tied alike. Under ZeRO-3 it is partitioned:
+the chunked computation runs as the forward of the head's own module, so ZeRO-3's hooks
+gather the weight for it (once per micro-batch) and again for its backward, where the full
+gradient is accumulated while the weight is whole and ZeRO-3's own hook reduce-scatters it.
+A head that is not a plain linear layer (LoRA on the head itself) is called as a module,
+each chunk gradient-checkpointed; not under ZeRO-3. Evaluation calls the head module per
+chunk without gradients; under ZeRO-3 every call gathers collectively, so ranks agree on
+the number of chunks (``lockstep_chunks``).
 
 ``chunked_nll`` is the piece other paths reuse (sequence parallelism calls it on its
 local shard of hidden states and shifted labels).
@@ -113,6 +119,88 @@ def _chunk_sum(head, softcap, h: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(logits, y, ignore_index=IGNORE_INDEX, reduction="sum")
 
 
+def head_linear(module: Any) -> torch.nn.Linear | None:
+    """The plain (bias-free) linear layer that holds the head's weight, seen through peft's
+    ``modules_to_save`` wrapper; None for anything else (e.g. LoRA on the head itself)."""
+    if hasattr(module, "modules_to_save") and hasattr(module, "original_module"):
+        active = [] if module.disable_adapters else module.active_adapters
+        if active and active[0] in module.modules_to_save:
+            module = module.modules_to_save[active[0]]
+        else:
+            module = module.original_module
+    if type(module) is torch.nn.Linear and module.bias is None:
+        return module
+    return None
+
+
+class _LinearCrossEntropy(torch.autograd.Function):
+    """Summed NLL of ``targets`` from ``hidden @ weight.T``, chunk by chunk; the gradients
+    are made in forward (the logits never outlive their chunk) and scaled in backward."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, targets, chunks, softcap):  # type: ignore[override]
+        want_h, want_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        grad_h = torch.empty_like(hidden) if want_h else None
+        grad_w = (
+            torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if want_w else None
+        )
+        total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        start = 0
+        for h, y in zip(
+            torch.tensor_split(hidden, chunks), torch.tensor_split(targets, chunks), strict=True
+        ):
+            rows = h.size(0)
+            raw = (h @ weight.t()).float()  # as the plain path: the head in the model's dtype
+            z = softcap * torch.tanh(raw / softcap) if softcap else raw
+            keep = y != IGNORE_INDEX
+            safe = torch.where(keep, y, 0)
+            lse = torch.logsumexp(z, dim=-1)
+            picked = z.gather(1, safe[:, None])[:, 0]
+            total += ((lse - picked) * keep).sum()
+            if want_h or want_w:
+                dz = torch.exp(z - lse[:, None])  # softmax, then minus the one-hot target
+                dz[torch.arange(rows, device=dz.device), safe] -= 1.0
+                dz *= keep[:, None]
+                if softcap:
+                    dz *= 1.0 - (z / softcap) ** 2
+                dz = dz.to(hidden.dtype)
+                if want_h:
+                    grad_h[start : start + rows] = dz @ weight
+                if want_w:
+                    grad_w += (dz.t() @ h).float()
+            start += rows
+        ctx.save_for_backward(
+            grad_h if want_h else None, grad_w.to(weight.dtype) if want_w else None
+        )
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_out):  # type: ignore[override]
+        grad_h, grad_w = ctx.saved_tensors
+        return (
+            None if grad_h is None else grad_h * grad_out.to(grad_h.dtype),
+            None if grad_w is None else grad_w * grad_out.to(grad_w.dtype),
+            None,
+            None,
+            None,
+        )
+
+
+def _through_module(lin: torch.nn.Linear, hidden, targets, chunks, softcap) -> torch.Tensor:
+    """``_LinearCrossEntropy`` run as the forward of the head's own module, so that ZeRO-3's
+    hooks gather its partitioned weight for forward and again for backward, where the
+    weight's full gradient is accumulated while it is whole (DeepSpeed's own order)."""
+
+    def forward(h: torch.Tensor) -> torch.Tensor:
+        return _LinearCrossEntropy.apply(h, lin.weight, targets, chunks, softcap)
+
+    lin.forward = forward  # an instance attribute: nn.Module.__call__ runs it, hooks and all
+    try:
+        return lin(hidden)
+    finally:
+        del lin.forward
+
+
 def chunked_nll(
     hidden: torch.Tensor,
     targets: torch.Tensor,
@@ -130,12 +218,25 @@ def chunked_nll(
     gradient: evaluation) the NLL per target [N] and whether the argmax was right [N].
     Targets equal to -100 are ignored (zero loss, never right).
     """
-    if isinstance(head, torch.Tensor):
-        weight = head
-        head = lambda h: F.linear(h, weight)  # noqa: E731
-        chunks = chunks or num_chunks(targets.numel(), weight.size(0))
     hidden = hidden.reshape(-1, hidden.size(-1))
     targets = targets.reshape(-1)
+    grad = torch.is_grad_enabled() and not per_token
+    if isinstance(head, torch.Tensor):
+        if hasattr(head, "ds_id"):
+            raise ValueError("chunked_nll: under ZeRO-3 pass the head module, not its weight")
+        weight = head
+        chunks = chunks or num_chunks(targets.numel(), weight.size(0))
+        if grad:
+            return _LinearCrossEntropy.apply(hidden, weight, targets, chunks, softcap), None
+        head = lambda h: F.linear(h, weight)  # noqa: E731
+    elif grad and (lin := head_linear(head)) is not None:
+        chunks = chunks or num_chunks(targets.numel(), lin.out_features)
+        return _through_module(lin, hidden, targets, chunks, softcap), None
+    elif grad and any(hasattr(p, "ds_id") for p in head.parameters()):
+        raise ValueError(
+            "train.fused_loss under ZeRO-3 needs a plain linear LM head (this one is "
+            f"{type(head).__name__}); set train.fused_loss=false"
+        )
     if not chunks:
         vocab = getattr(head, "out_features", None) or getattr(head, "num_embeddings", 1 << 17)
         chunks = num_chunks(targets.numel(), vocab)

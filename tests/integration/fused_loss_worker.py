@@ -12,6 +12,7 @@ usage: fused_loss_worker.py MODEL_DIR UNTIED_DIR DATA OUT STAGES
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -113,7 +114,7 @@ def main() -> None:
     tmp = Path(out).parent
     report = {}
     for stage in map(int, stages.split(",")):
-        for variant in ("tied", "untied", "frozen_head", "lora"):
+        for variant in os.environ.get("VARIANTS", "tied,untied,frozen_head,lora").split(","):
             for packed in (False, True):
                 path = model_dir if variant == "tied" else untied
                 key = f"zero{stage}/{variant}/{'packed' if packed else 'padded'}"

@@ -49,6 +49,14 @@ def _load(path: Path, variant: str) -> torch.nn.Module:
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
     if variant == "frozen_head":
         model.lm_head.weight.requires_grad_(False)
+    if variant == "lora_head":  # adapters on the head itself: the module path, checkpointed
+        lora = LoraConfig(
+            enabled=True, r=4, alpha=8, dropout=0.0, target_modules=["q_proj", "lm_head"]
+        )
+        model = apply_lora(model, lora)
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                torch.nn.init.normal_(p, std=0.02)
     if variant == "lora":
         # the head trained in full next to the adapters: peft wraps it in its own module
         lora = LoraConfig(enabled=True, r=4, alpha=8, dropout=0.0, modules_to_save=["lm_head"])
@@ -67,7 +75,7 @@ def _grads(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 
 @pytest.mark.parametrize("packed", [False, True])
-@pytest.mark.parametrize("variant", ["tied", "untied", "frozen_head", "lora"])
+@pytest.mark.parametrize("variant", ["tied", "untied", "frozen_head", "lora", "lora_head"])
 def test_fused_loss_and_every_gradient_equal_full_logits(
     variant: str, packed: bool, tiny_model: Path, untied_model: Path
 ) -> None:
@@ -88,7 +96,8 @@ def test_fused_loss_and_every_gradient_equal_full_logits(
     assert fused.item() == pytest.approx(full.item(), rel=1e-5)
     assert ref.keys() == got.keys() and ref
     # the untied head has a gradient unless frozen (the tied one is the embedding's)
-    assert any("lm_head" in n for n in ref) == (variant in ("untied", "lora"))
+    assert any("lm_head" in n for n in ref) == (variant in ("untied", "lora", "lora_head"))
+    assert (loss.head_linear(loss.output_head(model).module) is None) == (variant == "lora_head")
     assert variant != "lora" or any("lora_A" in n for n in ref)
     for n in ref:
         torch.testing.assert_close(got[n], ref[n], rtol=1e-5, atol=1e-6, msg=n)
