@@ -88,7 +88,7 @@ EOF
 cat "$OUT/environment.txt" | tail -n 14
 
 # 1. every gpu-marked test (they skip without CUDA: the dry run only collects them)
-stage pytest $((DRY ? 120 : 160)) "$PY" -m pytest -m gpu -q -p no:cacheprovider -o addopts="" \
+stage pytest $((DRY ? 200 : 160)) "$PY" -m pytest -m gpu -q -p no:cacheprovider -o addopts="" \
   -rA --timeout=110 --junitxml="$OUT/pytest.xml" tests/integration
 
 # 2. dsft vs TRL, one round, no warm-up
@@ -97,12 +97,12 @@ if [[ $DRY == 1 ]]; then
 else
   BENCH=(--steps 10 --skip-steps 2 --grad-accum 1 --train-examples 2500)
 fi
-stage bench $((DRY ? 200 : 115)) "${DSFT[@]}" bench --mode gpu "${BENCH[@]}" --repeats 1 \
+stage bench $((DRY ? 400 : 115)) "${DSFT[@]}" bench --mode gpu "${BENCH[@]}" --repeats 1 \
   --no-warmup --prep-examples 0 --no-val-loss --out "$OUT/bench"
 
 # 3. a profiled dsft run: 1B shape at seq 4096, bf16, steps 3-7 profiled
 # (the benchmark's model and data when stage 2 built them, else its own)
-stage profile $((DRY ? 120 : 50)) "$PY" -m benchmarks.gpu_profile --out "$OUT/profile" \
+stage profile $((DRY ? 300 : 50)) "$PY" -m benchmarks.gpu_profile --out "$OUT/profile" \
   --model "$OUT/bench/model" --data "$OUT/bench/train.jsonl" $([[ $DRY == 1 ]] && echo --dry-run)
 
 # 4. the loss's memory: fused vs full logits
@@ -111,7 +111,7 @@ if [[ $DRY == 1 ]]; then
 else
   LM=(--device cuda --seq 4096 --steps 3)
 fi
-stage loss_memory $((DRY ? 150 : 35)) "$PY" -m benchmarks.loss_memory "${LM[@]}" \
+stage loss_memory $((DRY ? 200 : 35)) "$PY" -m benchmarks.loss_memory "${LM[@]}" \
   --out "$OUT/loss_memory"
 
 # 5. optional: tiling (issue 17's model.tiled_mlp), only when the option exists
