@@ -443,6 +443,8 @@ def validate(cfg: Config) -> list[str]:
         p.append("train.micro_batch=auto: needs train.global_batch (the batch to reach)")
     if t.max_steps < 0:
         p.append("train.max_steps: must be >= 0 (0 means: run train.epochs)")
+    if cfg.logging.profile_steps < 0:
+        p.append("logging.profile_steps: must be >= 0 (0 = no profile)")
     if t.global_batch < 0:
         p.append("train.global_batch: must be >= 0 (0 means micro_batch x grad_accum x ranks)")
     if not (t.lr > 0 and math.isfinite(t.lr)):

@@ -281,10 +281,11 @@ def fused_nll(
     inputs: dict[str, torch.Tensor],
     index: torch.Tensor,
     targets: torch.Tensor,
-    chunks: int,
+    chunks: int = 0,
     per_token: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """``chunked_nll`` of one micro-batch: forward to hidden states, pick targets, head."""
+    """``chunked_nll`` of one micro-batch: forward to hidden states, pick targets, head.
+    ``chunks`` = 0: by size (training gathers the head once whatever the count)."""
     hidden = final_hidden(model, inputs)
     picked = hidden.reshape(-1, hidden.size(-1)).index_select(0, index)
     return chunked_nll(

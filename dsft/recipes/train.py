@@ -267,8 +267,6 @@ def run(cfg: Config) -> dict[str, Any]:
             # (counted on the host, from the CPU tensors: no device sync).
             counts = [int((m["labels"][:, 1:] != IGNORE_INDEX).sum()) for m in window]
             global_targets = distributed.all_reduce_sum([sum(counts)])[0].item()
-            if head is not None:  # ZeRO-3 ranks agree on the chunks (each gathers the head)
-                chunks = loss.lockstep_chunks(counts, head.vocab, zero3 and env.world_size > 1)
             own_norm = None
             step_nll = torch.zeros((), dtype=torch.float64, device=dev)  # summed on device
             skipped_before = engine.skipped_steps
@@ -280,9 +278,7 @@ def run(cfg: Config) -> dict[str, Any]:
                 # boundaries (restarting position_ids) when given one.
                 if head is not None:
                     index, targets = loss.target_index(labels)
-                    nll, _ = loss.fused_nll(
-                        engine, head, micro, index.to(dev), targets.to(dev), chunks[i]
-                    )
+                    nll, _ = loss.fused_nll(engine, head, micro, index.to(dev), targets.to(dev))
                 else:
                     nll = loss.logits_nll(engine(**micro, use_cache=False).logits, labels.to(dev))
                 if step + 1 in fault_steps and env.is_main:
