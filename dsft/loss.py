@@ -166,24 +166,26 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 dz = dz.to(hidden.dtype)
                 if want_h:
                     grad_h[start : start + rows] = dz @ weight
-                if want_w:
-                    grad_w += (dz.t() @ h).float()
+                if want_w:  # summed over chunks in fp32 (in place: no [vocab, H] temporary)
+                    if h.dtype == torch.float32:
+                        grad_w.addmm_(dz.t(), h)
+                    else:
+                        grad_w.add_(dz.t() @ h)
             start += rows
-        ctx.save_for_backward(
-            grad_h if want_h else None, grad_w.to(weight.dtype) if want_w else None
-        )
+        # Kept on ctx (not saved tensors): backward scales them in place and lets go, so
+        # no second copy of the head's gradient ever exists.
+        ctx.grads = (grad_h, grad_w.to(weight.dtype) if want_w else None)
         return total
 
     @staticmethod
     def backward(ctx, grad_out):  # type: ignore[override]
-        grad_h, grad_w = ctx.saved_tensors
-        return (
-            None if grad_h is None else grad_h * grad_out.to(grad_h.dtype),
-            None if grad_w is None else grad_w * grad_out.to(grad_w.dtype),
-            None,
-            None,
-            None,
-        )
+        grad_h, grad_w = ctx.grads
+        ctx.grads = None
+        if grad_h is not None:
+            grad_h.mul_(grad_out.to(grad_h.dtype))
+        if grad_w is not None:
+            grad_w.mul_(grad_out.to(grad_w.dtype))
+        return grad_h, grad_w, None, None, None
 
 
 def _through_module(lin: torch.nn.Linear, hidden, targets, chunks, softcap) -> torch.Tensor:
