@@ -87,9 +87,14 @@ EOF
 } >"$OUT/environment.txt" 2>&1
 cat "$OUT/environment.txt" | tail -n 14
 
-# 1. every gpu-marked test (they skip without CUDA: the dry run only collects them)
-stage pytest $((DRY ? 200 : 160)) "$PY" -m pytest -m gpu -q -p no:cacheprovider -o addopts="" \
-  -rA --timeout=110 --junitxml="$OUT/pytest.xml" tests/integration
+# 1. every gpu-marked test (they skip without CUDA: the dry run only collects them). The most
+#    telling first (planner, kernels), so that a timeout cuts the least; -v logs each as it ends.
+G=tests/integration
+stage pytest $((DRY ? 300 : 140)) "$PY" -m pytest -m gpu -v -p no:cacheprovider -o addopts="" \
+  -rA --timeout=100 --junitxml="$OUT/pytest.xml" \
+  $G/test_gpu.py::test_planner_predicts_peak_memory_of_a_1b_llama $G/test_gpu_kernels.py \
+  $G/test_gpu.py::test_cuda_precisions_converge \
+  $(ls $G/test_*.py | grep -v -e "/test_gpu.py" -e "/test_gpu_kernels.py" -e "/test_gpu_check.py")
 
 # 2. dsft vs TRL, one round, no warm-up
 if [[ $DRY == 1 ]]; then
@@ -97,12 +102,12 @@ if [[ $DRY == 1 ]]; then
 else
   BENCH=(--steps 10 --skip-steps 2 --grad-accum 1 --train-examples 2500)
 fi
-stage bench $((DRY ? 400 : 115)) "${DSFT[@]}" bench --mode gpu "${BENCH[@]}" --repeats 1 \
+stage bench $((DRY ? 400 : 135)) "${DSFT[@]}" bench --mode gpu "${BENCH[@]}" --repeats 1 \
   --no-warmup --prep-examples 0 --no-val-loss --out "$OUT/bench"
 
 # 3. a profiled dsft run: 1B shape at seq 4096, bf16, steps 3-7 profiled
 # (the benchmark's model and data when stage 2 built them, else its own)
-stage profile $((DRY ? 300 : 50)) "$PY" -m benchmarks.gpu_profile --out "$OUT/profile" \
+stage profile $((DRY ? 300 : 40)) "$PY" -m benchmarks.gpu_profile --out "$OUT/profile" \
   --model "$OUT/bench/model" --data "$OUT/bench/train.jsonl" $([[ $DRY == 1 ]] && echo --dry-run)
 
 # 4. the loss's memory: fused vs full logits
@@ -111,7 +116,7 @@ if [[ $DRY == 1 ]]; then
 else
   LM=(--device cuda --seq 4096 --steps 3)
 fi
-stage loss_memory $((DRY ? 200 : 35)) "$PY" -m benchmarks.loss_memory "${LM[@]}" \
+stage loss_memory $((DRY ? 300 : 30)) "$PY" -m benchmarks.loss_memory "${LM[@]}" \
   --out "$OUT/loss_memory"
 
 # 5. optional: tiling (issue 17's model.tiled_mlp), only when the option exists
@@ -138,7 +143,7 @@ fi
   echo
   echo "## pytest -m gpu"
   echo '```'
-  grep -E "^(PASSED|FAILED|ERROR|SKIPPED)|passed|failed" "$OUT/pytest.log" | tail -n 30
+  grep -E " (PASSED|FAILED|ERROR|SKIPPED)|passed|failed" "$OUT/pytest.log" | tail -n 30
   echo '```'
   for f in memory_check.json; do
     [[ -f "$OUT/$f" ]] && { echo; echo "## planner check ($f)"; echo '```'; cat "$OUT/$f"; echo '```'; }
