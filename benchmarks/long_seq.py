@@ -2,7 +2,8 @@
 whole rows (one rank) and rows split over ranks by sequence parallelism, on the CPU.
 
 Each point is one ``dsft train`` run: the demo's model shape (hidden 128, 4 layers, 4 heads;
-``--hidden``/``--layers``), fp32, ZeRO-2, micro-batch 1, one row per optimizer step (the
+``--hidden``/``--layers``), fp32, ZeRO-2, one thread per rank, micro-batch 1, one row per
+optimizer step (the
 ranks of a sequence-parallel group share it), ``--steps`` steps, no evaluation or saving. The
 rows are raw text of exactly ``seq`` tokens, so every step computes ``seq`` tokens whatever
 the degree. Reported per point:
@@ -28,7 +29,6 @@ import string
 import sys
 import tempfile
 from pathlib import Path
-from typing import Any
 
 import yaml
 
@@ -68,10 +68,22 @@ def run_point(work: Path, model: Path, seq: int, sp: int, tiled: bool, steps: in
     cfg = {
         "output_dir": str(d / "run"),
         "model": {"path": str(model), "tiled_mlp": tiled},
-        "data": {"path": [str(data)], "format": "text", "max_len": seq, "val_fraction": 0.0,
-                 "test_fraction": 0.0, "shuffle": False},  # fmt: skip
-        "train": {"max_steps": steps, "micro_batch": 1, "grad_accum": 1, "lr": 1e-3,
-                  "precision": "fp32", "sequence_parallel": sp},  # fmt: skip
+        "data": {
+            "path": [str(data)],
+            "format": "text",
+            "max_len": seq,
+            "val_fraction": 0.0,
+            "test_fraction": 0.0,
+            "shuffle": False,
+        },
+        "train": {
+            "max_steps": steps,
+            "micro_batch": 1,
+            "grad_accum": 1,
+            "lr": 1e-3,
+            "precision": "fp32",
+            "sequence_parallel": sp,
+        },
         "deepspeed": {"zero_stage": 2},
         "eval": {"generate": False, "before_training": False},
         "checkpoint": {"save_final": False, "export": False},
@@ -81,7 +93,8 @@ def run_point(work: Path, model: Path, seq: int, sp: int, tiled: bool, steps: in
     path.write_text(yaml.safe_dump(cfg, sort_keys=False))
     cmd = local_launch_argv(sp, ["dsft", "train", str(path)])
     metrics = d / "run" / "metrics.jsonl"
-    w = watch(cmd, child_env(True, sp), metrics, d / "log.txt")
+    env = {**child_env(True, sp), "OMP_NUM_THREADS": "1"}  # one core per rank, at any degree
+    w = watch(cmd, env, metrics, d / "log.txt")
     rows = [json.loads(x) for x in metrics.read_text().splitlines()]
     times = [r["step_time"] for r in rows if r.get("split") == "train"][1:]
     return {"seq": seq, "sp": sp, "tiled": tiled, "step_s": statistics.median(times),
@@ -116,8 +129,8 @@ def main(argv: list[str] | None = None) -> int:
     from dsft.synthetic import build_model_dir
 
     work = Path(ns.workdir or tempfile.mkdtemp(prefix="dsft-long-"))
-    model = build_model_dir(work / "model", hidden=ns.hidden, layers=ns.layers,
-                            max_position_embeddings=max(int(s) for s in ns.seqs.split(",")))  # fmt: skip
+    # (Llama's rotary embedding computes any position; max_position_embeddings is a label.)
+    model = build_model_dir(work / "model", hidden=ns.hidden, layers=ns.layers)
     seqs = [ns.base, *(int(s) for s in ns.seqs.split(","))]
     variants = [(sp, False) for sp in [1, *(int(s) for s in ns.sp.split(","))]]
     if ns.tiled:

@@ -13,7 +13,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import torch
 
 from dsft.synthetic import DEMO_DATA, build_model_dir
 

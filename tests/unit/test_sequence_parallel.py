@@ -41,7 +41,10 @@ def _config(tiny_model: Path, tiny_data: Path, *overrides: str) -> Config:
 @pytest.mark.parametrize(
     ("overrides", "message"),
     [
-        (["train.sequence_parallel=4", "data.max_len=50"], "50 is not divisible by train.sequence_parallel=4"),
+        (
+            ["train.sequence_parallel=4", "data.max_len=50"],
+            "50 is not divisible by train.sequence_parallel=4",
+        ),
         (["train.sequence_parallel=3", "data.max_len=48"], "4 attention heads are not divisible"),
         (["train.sequence_parallel=2", "model.attn_implementation=flex_attention"], "flex"),
         (["train.sequence_parallel=0"], "must be >= 1"),
