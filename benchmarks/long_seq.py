@@ -93,7 +93,10 @@ def run_point(work: Path, model: Path, seq: int, sp: int, tiled: bool, steps: in
     path.write_text(yaml.safe_dump(cfg, sort_keys=False))
     cmd = local_launch_argv(sp, ["dsft", "train", str(path)])
     metrics = d / "run" / "metrics.jsonl"
-    env = {**child_env(True, sp), "OMP_NUM_THREADS": "1"}  # one core per rank, at any degree
+    # One core per rank at any degree. glibc's malloc otherwise keeps freed blocks of tensor
+    # memory in its heaps (RSS then reports allocator history, not live memory): a fixed
+    # mmap threshold hands every block over 64 KiB back to the kernel when freed.
+    env = {**child_env(True, sp), "OMP_NUM_THREADS": "1", "MALLOC_MMAP_THRESHOLD_": "65536"}
     w = watch(cmd, env, metrics, d / "log.txt")
     rows = [json.loads(x) for x in metrics.read_text().splitlines()]
     times = [r["step_time"] for r in rows if r.get("split") == "train"][1:]
