@@ -278,15 +278,15 @@ def run(cfg: Config) -> dict[str, Any]:
             skipped_before = engine.skipped_steps
             for i, micro in enumerate(window):
                 lengths = micro.pop("lengths")  # real tokens per example (for throughput)
-                micro = {k: v.to(dev) for k, v in micro.items()}
                 # This rank's slice of the rows (all of them without sequence parallelism)
-                # and its targets, shifted before the split.
+                # and its targets, shifted before the split (on the host: no device sync).
                 micro, targets = sp.shard(micro, micro.pop("labels"))
+                micro = {k: v.to(dev) for k, v in micro.items()}
                 with sp.sharded():  # forward and backward (checkpointing recomputes in it)
                     # No KV cache in training; transformers would also ignore packed-row
                     # boundaries (restarting position_ids) when given one.
                     logits = engine(**micro, use_cache=False).logits
-                    nll, _, _ = evaluate.token_stats(logits, targets, shifted=True)
+                    nll, _, _ = evaluate.token_stats(logits, targets.to(dev), shifted=True)
                     if step + 1 in fault_steps and env.is_main:
                         nll = nll * float("nan")  # test hook: a step whose loss blows up
                     engine.backward(nll * grad_divisor / global_targets, scale_wrt_gas=False)
