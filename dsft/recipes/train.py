@@ -10,13 +10,13 @@ setup (ranks, config, data, model, resume point, DeepSpeed engine, restored stat
 
 Loss normalisation: the loss of an optimizer step is the sum of the token losses
 of every response token in the global batch divided by the global number of such
-tokens. Each micro-batch therefore contributes ``sum_nll * dp / global_tokens``
-(DeepSpeed sums gradients over all ranks and divides by the ``dp`` data-parallel
-ones (dsft.sequence_parallel.gradient_divisor), and we tell it not to divide by
-grad_accum again), so neither gradient
-accumulation nor the number of ranks changes the step. With sequence parallelism
-(dsft/sequence_parallel.py) each rank's ``sum_nll`` covers its slice of the rows and
-the target count is taken once per row, by the first rank of its group.
+tokens. Each micro-batch therefore contributes ``sum_nll * D / global_tokens``,
+where D is what DeepSpeed divides the gradients summed over all ranks by (the
+data-parallel size: dsft.sequence_parallel.gradient_divisor), and we tell it not to
+divide by grad_accum again, so neither gradient accumulation nor the number of ranks
+changes the step. With sequence parallelism (dsft/sequence_parallel.py) each rank's
+``sum_nll`` covers its slice of the rows and the target count is taken once per row,
+by the first rank of its group.
 """
 
 from __future__ import annotations
