@@ -105,25 +105,23 @@ def run_point(work: Path, model: Path, seq: int, sp: int, tiled: bool, steps: in
 
 
 def table(points: list[dict], variants: list[tuple[int, bool]], base: int) -> str:
-    def key(sp: int, tiled: bool) -> str:
-        return f"SP={sp}{' tiled' * tiled}"
-
+    """One line per length and variant; growth relative to whole rows at that length."""
     by = {(p["seq"], p["sp"], p["tiled"]): p for p in points}
-    head = ["seq"]
-    for v in variants:
-        head += [f"{key(*v)} step s", f"{key(*v)} peak GiB", f"{key(*v)} growth GiB"]
-    head += [f"{key(*v)} / SP=1 growth" for v in variants[1:]]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    lines = [
+        "| seq | variant | step s | peak RSS GiB | growth GiB | growth / whole rows |",
+        "|---:|---|---:|---:|---:|---:|",
+    ]
     for seq in sorted({p["seq"] for p in points if p["seq"] != base}):
-        cells = [str(seq)]
-        growth = {}
-        for v in variants:
-            p, b = by[(seq, *v)], by[(base, *v)]
-            growth[v] = p["peak_gib"] - b["peak_gib"]
-            cells += [f"{p['step_s']:.2f}", f"{p['peak_gib']:.2f}", f"{growth[v]:.2f}"]
+        growth = {v: by[(seq, *v)]["peak_gib"] - by[(base, *v)]["peak_gib"] for v in variants}
         ref = growth[variants[0]]
-        cells += [f"{growth[v] / ref:.2f}" if ref > 0 else "-" for v in variants[1:]]
-        lines.append("| " + " | ".join(cells) + " |")
+        for sp, tiled in variants:
+            p = by[(seq, sp, tiled)]
+            g = growth[(sp, tiled)]
+            name = f"SP={sp}" + " + tiled MLP" * tiled
+            ratio = f"{g / ref:.2f}" if ref > 0 else "-"
+            lines.append(
+                f"| {seq} | {name} | {p['step_s']:.1f} | {p['peak_gib']:.2f} | {g:.2f} | {ratio} |"
+            )
     return "\n".join(lines)
 
 

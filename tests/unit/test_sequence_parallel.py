@@ -213,3 +213,17 @@ def test_plan_command_shows_the_degrees_for_long_rows(capsys: pytest.CaptureFixt
     out = capsys.readouterr().out
     assert "sequence parallelism at seq 131072" in out
     assert all(name in out for name in planner.SHAPES)
+
+
+def test_long_seq_benchmark_table_relates_growth_to_whole_rows(tmp_path: Path) -> None:
+    from benchmarks.long_seq import table, write_rows
+
+    write_rows(tmp_path / "rows.jsonl", 64, 2)
+    rows = [json.loads(x) for x in (tmp_path / "rows.jsonl").read_text().splitlines()]
+    assert [len(r["text"]) for r in rows] == [64, 64]
+    points = [
+        {"seq": s, "sp": sp, "tiled": False, "step_s": 1.0, "peak_gib": peak}
+        for s, sp, peak in [(256, 1, 0.5), (256, 2, 0.5), (4096, 1, 1.5), (4096, 2, 1.0)]
+    ]
+    out = table(points, [(1, False), (2, False)], 256)
+    assert "| 4096 | SP=2 | 1.0 | 1.00 | 0.50 | 0.50 |" in out
