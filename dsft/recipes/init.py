@@ -167,7 +167,7 @@ def main(ns: argparse.Namespace) -> int:
     planned = planner.model_facts(facts.config, lora) if lora.enabled else facts
     per_epoch = max(1, (n - 2 * n_eval) // rules.global_batch)
     steps = rules.epochs * per_epoch
-    every = max(1, steps // 10)
+    every = max(1, steps // 5)
     tokens = int(lengths.mean() * (n - 2 * n_eval))
     plan, ckpt = None, False
     for ckpt in (False, True):  # activation checkpointing only when needed to fit on the GPUs
@@ -257,7 +257,7 @@ def main(ns: argparse.Namespace) -> int:
         "train.warmup_ratio": "3% of the steps",
         "train.precision": "bf16 on GPUs" if precision == "bf16" else "fp32: planned for CPU",
         "deepspeed.zero_stage": "the planner picks stage and offload at launch (see above)",
-        "eval.every": f"10 validations over the ~{steps} steps",
+        "eval.every": f"5 validations over the ~{steps} steps (each new best is exported)",
         "eval.max_new_tokens": "p99 of the response lengths × 1.25",
         "checkpoint.every": "5 checkpoints over the run (resume after a crash)",
         "logging.report_to": "add wandb / mlflow (pip install 'dsft[trackers]')",
