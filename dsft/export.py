@@ -11,6 +11,7 @@ that differ is an error, never a silent bad export.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import tempfile
@@ -136,8 +137,10 @@ def write_hf(
     out.mkdir(parents=True, exist_ok=True)
     reference = _logits(model)
     if lora:
-        convert = {"path_initial_model_for_weight_conversion": str(initial / "init")}
-        model.save_pretrained(out / "adapter", **(convert if initial else {}))
+        convert = (
+            {"path_initial_model_for_weight_conversion": str(initial / "init")} if initial else {}
+        )
+        model.save_pretrained(out / "adapter", **convert)
         _verify_adapter(cfg, out / "adapter", reference)
         if not merged:
             _tokenizer(cfg).save_pretrained(out / "adapter")
@@ -191,6 +194,15 @@ def _method(cfg: Config) -> str:
     return f"{name}, r={lora.r}, alpha={lora.alpha}" + "".join(f", {x}" for x in extras)
 
 
+def _sha256(path: Path) -> str:
+    """A file's sha256 (what `sha256sum` prints); a directory (save_to_disk): the sha256 over
+    its files' relative names and contents, in order."""
+    if path.is_dir():
+        return _file_digest(path)
+    with path.open("rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
 def _data_files(cfg: Config) -> list[tuple[str, str, str]]:
     """(role, file name, sha256) of every data file; the hash of a missing file is unknown."""
     rows = []
@@ -198,7 +210,7 @@ def _data_files(cfg: Config) -> list[tuple[str, str, str]]:
                         ("test", cfg.data.test_path)):  # fmt: skip
         for f in paths:
             p = Path(f)
-            rows.append((role, p.name, _file_digest(p) if p.exists() else "(file not found)"))
+            rows.append((role, p.name, _sha256(p) if p.exists() else "(file not found)"))
     return rows
 
 

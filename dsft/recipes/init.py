@@ -90,14 +90,24 @@ def choose(
     )
     r = 8 if params < 1e9 else 16 if params < 14e9 else 32
     epochs = 3 if examples < 10_000 else 2 if examples < 100_000 else 1
-    batch = 2 ** int(math.log2(max(examples // 100, 1)))
-    batch = _round_up(min(max(batch, 8), 64), world)  # a multiple of the ranks
     # Long enough for 99% of examples (in 64-token steps), within the model's context.
     max_len = min(_round_up(np.percentile(lengths, 99), 64), context)
     p10, p90 = np.percentile(lengths, [10, 90])
     packing = bool(p90 >= 2 * p10)  # padding to the longest would waste about half
-    new = min(max(_round_up(np.percentile(targets, 99) * 1.25, 16), 16), 1024)
+    units = train_units(examples, lengths, max_len, packing)
+    batch = 2 ** int(math.log2(max(units // 100, 1)))
+    batch = _round_up(min(max(batch, 8), 64), world)  # a multiple of the ranks
+    new = min(max(_round_up(np.percentile(targets, 99) * 1.25, 16), 16), 512)
     return Rules(float(f"{lr:.2g}"), r, epochs, batch, max_len, packing, new)
+
+
+def train_units(examples: int, lengths: np.ndarray, max_len: int, packing: bool) -> int:
+    """What a batch counts: examples, or with packing the rows they pack into (~95% full)."""
+    if not packing:
+        return examples
+    return max(
+        1, math.ceil(examples * float(np.minimum(lengths, max_len).mean()) / (0.95 * max_len))
+    )
 
 
 def _yaml_value(v: Any) -> str:
@@ -165,7 +175,8 @@ def main(ns: argparse.Namespace) -> int:
     rules = choose(params, ns.method, n - 2 * n_eval, lengths, targets, context, world)
     lora = LoraConfig(enabled=ns.method == "lora", r=rules.lora_r, alpha=2 * rules.lora_r)
     planned = planner.model_facts(facts.config, lora) if lora.enabled else facts
-    per_epoch = max(1, (n - 2 * n_eval) // rules.global_batch)
+    units = train_units(n - 2 * n_eval, lengths, rules.max_len, rules.packing)
+    per_epoch = max(1, units // rules.global_batch)
     steps = rules.epochs * per_epoch
     every = max(1, steps // 5)
     tokens = int(lengths.mean() * (n - 2 * n_eval))
@@ -252,13 +263,14 @@ def main(ns: argparse.Namespace) -> int:
         "data.test_size": "the same; test generation metrics at the end",
         "train.epochs": "3 below 10k examples, 2 below 100k, else 1",
         "train.micro_batch": "the planner's largest fit on the real GPUs at launch",
-        "train.global_batch": "examples/100 as a power of two, 8 to 64, a multiple of the ranks",
+        "train.global_batch": ("packed rows/100" if rules.packing else "examples/100")
+        + " as a power of two, 8 to 64, a multiple of the ranks",
         "train.lr": f"{'1e-5' if not lora.enabled else '2e-4'} × sqrt(8B / params) for {kind}",
         "train.warmup_ratio": "3% of the steps",
         "train.precision": "bf16 on GPUs" if precision == "bf16" else "fp32: planned for CPU",
         "deepspeed.zero_stage": "the planner picks stage and offload at launch (see above)",
         "eval.every": f"5 validations over the ~{steps} steps (each new best is exported)",
-        "eval.max_new_tokens": "p99 of the response lengths × 1.25",
+        "eval.max_new_tokens": "p99 of the response lengths × 1.25, 16 to 512",
         "checkpoint.every": "5 checkpoints over the run (resume after a crash)",
         "logging.report_to": "add wandb / mlflow (pip install 'dsft[trackers]')",
         "data.on_bad_row": f"{len(found.bad)} bad rows, e.g. {found.bad[0]}" if found.bad else "",
@@ -269,7 +281,7 @@ def main(ns: argparse.Namespace) -> int:
         "# Every value is chosen by a documented rule (README, 'Starting config: dsft init');",
         "# edit freely. Keys not written keep their defaults (dsft/config.py).",
         "#",
-        f"# model: {facts.describe()}",
+        f"# model: {planned.describe()}",
         f"# data:  {n} examples in {len(data)} file(s); formats {formats}"
         + (f"; {len(found.bad)} bad rows" if found.bad else ""),
         f"#        tokenised lengths (sample of {len(lengths)}, template included): "

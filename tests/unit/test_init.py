@@ -39,7 +39,7 @@ def _config_only(path: Path, shape: dict) -> Path:
 def test_rules() -> None:
     short = np.full(100, 200)
     r8b = choose(8_000_000_000, "lora", 5000, short, short // 4, 8192, 8)
-    assert (r8b.lr, r8b.lora_r, r8b.epochs, r8b.global_batch) == (2e-4, 16, 3, 56)
+    assert (r8b.lr, r8b.lora_r, r8b.epochs, r8b.global_batch) == (2e-4, 16, 3, 32)
     assert r8b.max_len == 256 and not r8b.packing
     full = choose(8_000_000_000, "full", 500_000, short, short // 4, 8192, 8)
     assert (full.lr, full.epochs, full.global_batch) == (1e-5, 1, 64)
@@ -53,7 +53,11 @@ def test_rules() -> None:
 def test_config_for_shape_loads_and_validates(
     shape: str, tmp_path: Path, tiny_data: Path, capsys: pytest.CaptureFixture
 ) -> None:
-    fields = SMOLLM if shape == "smollm" else {**planner.SHAPES["llama-8b"], "max_position_embeddings": 8192}
+    fields = (
+        SMOLLM
+        if shape == "smollm"
+        else {**planner.SHAPES["llama-8b"], "max_position_embeddings": 8192}
+    )
     model = _config_only(tmp_path / shape, fields)
     out = tmp_path / "cfg.yaml"
     args = ["init", str(model), str(tiny_data), "--gpus", "8", "--gpu-mem", "80GB", "-o", str(out)]
@@ -67,7 +71,7 @@ def test_config_for_shape_loads_and_validates(
     assert cfg.train.global_batch % 8 == 0
     tree = yaml.safe_load(text)
     if shape == "llama-8b":
-        assert "8.03B params" in text
+        assert "8,030.3M parameters" in text and "41.94M trainable (LoRA)" in text
         assert tree["train"]["lr"] == 2e-4 and tree["model"]["lora"]["r"] == 16
     else:
         assert tree["model"]["lora"]["r"] == 8
