@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import sys
 from pathlib import Path
 from typing import Any
@@ -23,8 +22,6 @@ from dsft.config import ModelConfig
 from dsft.data.tokenize import render
 from dsft.errors import ConfigError
 from dsft.model import load_model, load_tokenizer
-
-log = logging.getLogger("dsft")
 
 
 def locate(path: str, base: str | None = None) -> tuple[Path, Path | None, Path]:
@@ -37,7 +34,6 @@ def locate(path: str, base: str | None = None) -> tuple[Path, Path | None, Path]
         for name in ("best", "final", "final/adapter", "best/adapter"):
             q = p / name
             if (q / "config.json").is_file() or (q / "adapter_config.json").is_file():
-                log.info("chat: %s", q)
                 p = q
                 break
         else:
@@ -62,9 +58,10 @@ def locate(path: str, base: str | None = None) -> tuple[Path, Path | None, Path]
     return Path(base_path), p, tok
 
 
-def load(ns: argparse.Namespace) -> tuple[Any, Any, torch.device]:
-    """The model (with its adapter) on the chosen device, and the tokenizer."""
+def load(ns: argparse.Namespace) -> tuple[Any, Any, torch.device, str]:
+    """The model (with its adapter) on the chosen device, the tokenizer, and what was loaded."""
     model_dir, adapter, tok_dir = locate(ns.model, ns.base)
+    what = f"{adapter} on {model_dir}" if adapter is not None else str(model_dir)
     device = torch.device(
         ns.device if ns.device != "auto" else "cuda" if torch.cuda.is_available() else "cpu"
     )
@@ -78,7 +75,7 @@ def load(ns: argparse.Namespace) -> tuple[Any, Any, torch.device]:
     tokenizer = load_tokenizer(
         ModelConfig(path=str(tok_dir), trust_remote_code=mcfg.trust_remote_code)
     )
-    return model.to(device).eval(), tokenizer, device
+    return model.to(device).eval(), tokenizer, device, what
 
 
 @torch.no_grad()
@@ -114,14 +111,14 @@ def main(ns: argparse.Namespace) -> int:
 
     hf_logging.set_verbosity_error()  # generation-config notices would interleave the answer
     torch.manual_seed(ns.seed)
-    model, tokenizer, device = load(ns)
+    model, tokenizer, device, what = load(ns)
     system = [{"role": "system", "content": ns.system}] if ns.system else []
     if ns.prompt is not None:
         answer(model, tokenizer, [*system, {"role": "user", "content": ns.prompt}], ns, device)
         return 0
     interactive = sys.stdin.isatty()
     if interactive:
-        print(f"chat with {ns.model} on {device} (/reset: new conversation, /exit or Ctrl-D: quit)")
+        print(f"chat with {what} on {device} (/reset: new conversation, /exit or Ctrl-D: quit)")
     messages = list(system)
     while True:
         try:
