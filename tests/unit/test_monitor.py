@@ -129,3 +129,19 @@ def test_wandb_and_mlflow_offline(tmp_path: Path, monkeypatch: pytest.MonkeyPatc
     assert mrun.info.status == "FINISHED"
     ids = json.loads((tmp_path / "trackers.json").read_text())
     assert ids == {"wandb": run["run"].run_id, "mlflow": mrun.info.run_id}
+
+
+def test_sweep_trials_share_a_group(tmp_path: Path) -> None:
+    from dsft.config import load_config
+    from dsft.recipes.sweep import Sweep, trial_overrides
+
+    out = tmp_path / "my-sweep" / "trials" / "003"
+    overrides = trial_overrides(Sweep(parameters={"train.lr": [1e-4]}), {"train.lr": 1e-4}, out)
+    assert "logging.group=my-sweep" in overrides
+    model = tmp_path / "m"
+    model.mkdir()
+    (model / "config.json").write_text("{}")
+    data = tmp_path / "d.jsonl"
+    data.write_text('{"text": "x"}\n')
+    cfg = load_config(None, [f"model.path={model}", f"data.path={data}", *overrides])
+    assert cfg.logging.group == "my-sweep"
