@@ -197,6 +197,9 @@ class WandB(Tracker):
     def __init__(self, out_dir: Path, cfg: LoggingConfig, run_id: str | None, config: dict) -> None:
         import wandb
 
+        for key in ("WANDB_MODE", "WANDB_API_KEY"):  # set but empty means unset (wandb rejects it)
+            if os.environ.get(key) == "":
+                del os.environ[key]
         mode = os.environ.get("WANDB_MODE") or (
             "online" if os.environ.get("WANDB_API_KEY") else "offline"
         )

@@ -94,7 +94,9 @@ def test_init_train_chat(tiny_model: Path, tiny_data: Path, tmp_path: Path) -> N
         assert child.exitstatus == 0, leave
 
 
-def test_trackers_in_a_run(tiny_model: Path, tiny_data: Path, tmp_path: Path) -> None:
+def test_trackers_in_a_run(
+    tiny_model: Path, tiny_data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     pytest.importorskip("wandb")
     pytest.importorskip("mlflow")
     out = tmp_path / "run"
@@ -122,6 +124,7 @@ def test_trackers_in_a_run(tiny_model: Path, tiny_data: Path, tmp_path: Path) ->
 
     from mlflow import MlflowClient
 
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")  # MLflow 3's opt-in, as dsft sets it
     client = MlflowClient((out / "mlruns").as_uri())
     (exp,) = [e for e in client.search_experiments() if e.name == "sw"]
     (mrun,) = client.search_runs([exp.experiment_id])
