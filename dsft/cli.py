@@ -205,11 +205,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(unknown or rest)}")
     if rest:
         ns.overrides = [*ns.overrides, *rest]
-    # dsft loads local directories only; never let a library reach for a hub (except the
-    # upload asked for by `dsft export --push-to-hub`).
-    if not getattr(ns, "push_to_hub", None):
-        os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+    # Hub names resolve through the HF cache (dsft/hub.py): downloaded when the Hub is
+    # reachable, read from the cache otherwise; HF_HUB_OFFLINE=1 forbids any network access.
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     try:
         return importlib.import_module(f"dsft.recipes.{ns.recipe}").main(ns)

@@ -13,11 +13,13 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
 import math
 import re
 import types
 import typing
 from dataclasses import dataclass, field
+from datetime import datetime
 from pathlib import Path
 from typing import Any, Literal, get_args, get_origin
 
@@ -60,7 +62,10 @@ class FreezeConfig:
 class ModelConfig:
     """Which pretrained model to fine-tune and how to load it."""
 
-    path: str = ""  # a local directory that AutoModelForCausalLM.from_pretrained can load
+    # A local from_pretrained directory, or a Hugging Face Hub id ("Qwen/Qwen3-0.6B") resolved
+    # through the standard HF cache (HF_HOME / HF_HUB_CACHE; downloaded unless HF_HUB_OFFLINE=1).
+    path: str = ""
+    revision: str = ""  # Hub ids: a branch, tag or commit ("" = main)
     trust_remote_code: bool = False  # never run a model repo's own Python unless asked
     attn_implementation: str = "sdpa"  # "eager", "sdpa" or "flash_attention_2"
     gradient_checkpointing: bool = (
@@ -78,7 +83,8 @@ class ModelConfig:
 class DataConfig:
     """Where the examples come from and how they become token sequences."""
 
-    # Files: .jsonl, .json, .parquet, .csv, or a datasets.save_to_disk directory.
+    # Files: .jsonl, .json, .parquet, .csv, a datasets.save_to_disk directory, or a Hub
+    # dataset id with optional query: "org/name?config=c&split=train&revision=v1".
     path: list[str] = field(default_factory=list)
     # Sampling weight of each path's training examples (one per path; 2.0 = every example
     # twice per epoch, 0.5 = a seeded half). Empty = 1.0 each. Val/test are never reweighted.
@@ -94,6 +100,17 @@ class DataConfig:
     # Which tokens carry loss: every assistant turn, only the last one, or all tokens
     # (prompts too). Raw `text` examples always train on all tokens.
     loss_on: Literal["assistant", "last_assistant", "all"] = "assistant"
+    # Strings that end an assistant turn and are trained with it (e.g. ["<|im_end|>"]);
+    # empty = the special tokens the template writes after an assistant turn, plus EOS.
+    turn_end: list[str] = field(default_factory=list)
+    # Fold a system message into the first user turn (templates without a system role).
+    fold_system: bool = False
+    # Reasoning (reasoning_content / thinking / inline <think>) of assistant turns: "train"
+    # it as the template renders it, or "drop" it from the conversation before rendering.
+    reasoning: Literal["train", "drop"] = "train"
+    # Extra chat-template variables, e.g. {enable_thinking: false, date_string: "26 Jul 2024"}.
+    template_kwargs: dict[str, Any] = field(default_factory=dict)
+    template_date: str = ""  # YYYY-MM-DD returned by the template's strftime_now; "" = today
     max_len: int = 1024  # tokens per example
     # Longer examples: "truncate" keeps the first max_len tokens, "drop" leaves them out.
     truncation: Literal["truncate", "drop"] = "truncate"
@@ -438,7 +455,9 @@ def validate(cfg: Config) -> list[str]:
     p: list[str] = []
     t, d, ds, ev = cfg.train, cfg.data, cfg.deepspeed, cfg.eval
     if not cfg.model.path:
-        p.append("model.path: required; set it to a local from_pretrained directory")
+        p.append("model.path: required; a local from_pretrained directory or a Hub id (org/name)")
+    elif is_hub_id(cfg.model.path):
+        pass  # resolved through the Hub cache when the model loads
     elif not (Path(cfg.model.path) / "config.json").is_file():
         p.append(
             f"model.path: {cfg.model.path!r} has no config.json; point it at a directory "
@@ -546,7 +565,23 @@ COLUMNS = [
     "prompt",
     "completion",
     "text",
+    "tools",
 ]
+# A Hugging Face Hub repository id ("org/name"), for paths that are not local files.
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+(\?[^/]*)?$")
+
+
+_FILE_SUFFIXES = (".jsonl", ".ndjson", ".json", ".csv", ".parquet", ".gz", ".yaml", ".jinja")
+
+
+def is_hub_id(path: str) -> bool:
+    """``path`` names a Hub repository: org/name, not a local path, not a data file name."""
+    repo = path.split("?")[0]
+    return (
+        bool(HUB_ID.match(path))
+        and not repo.lower().endswith(_FILE_SUFFIXES)
+        and not Path(repo).exists()
+    )
 
 
 def has_val_split(d: DataConfig) -> bool:
@@ -564,7 +599,7 @@ def validate_data(d: DataConfig) -> list[str]:
         p.append("data.path: required; give one or more .jsonl/.json/.parquet/.csv files")
     for key in ("path", "val_path", "test_path"):
         for f in getattr(d, key):
-            if not Path(f).exists():
+            if not Path(f).exists() and not is_hub_id(f):
                 p.append(f"data.{key}: {f!r} not found")
     if d.weights and len(d.weights) != len(d.path):
         p.append(
@@ -575,6 +610,20 @@ def validate_data(d: DataConfig) -> list[str]:
     for canon in d.columns:
         if canon not in COLUMNS:
             p.append(f"data.columns: {canon!r} is not a canonical field ({', '.join(COLUMNS)})")
+    if d.template_date:
+        try:
+            datetime.strptime(d.template_date, "%Y-%m-%d")
+        except ValueError:
+            p.append(f"data.template_date: {d.template_date!r} is not a YYYY-MM-DD date")
+    try:
+        json.dumps(d.template_kwargs)
+    except (TypeError, ValueError):
+        p.append(
+            "data.template_kwargs: values must be strings, numbers, booleans, lists or mappings "
+            "(quote dates: date_string: '26 Jul 2024')"
+        )
+    if any(not e for e in d.turn_end):
+        p.append("data.turn_end: empty strings cannot end a turn")
     if d.max_len < 8:
         p.append(f"data.max_len: {d.max_len} is too small; use at least 8 tokens")
     for name in ("val_fraction", "test_fraction"):

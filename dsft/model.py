@@ -11,6 +11,7 @@ import torch
 
 from dsft.config import FreezeConfig, LoraConfig, ModelConfig
 from dsft.errors import ConfigError
+from dsft.hub import model_path
 
 log = logging.getLogger("dsft")
 
@@ -19,7 +20,9 @@ def load_tokenizer(cfg: ModelConfig) -> Any:
     """The model directory's tokenizer; a pad token is borrowed from EOS if missing."""
     from transformers import AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(cfg.path, trust_remote_code=cfg.trust_remote_code)
+    tok = AutoTokenizer.from_pretrained(
+        model_path(cfg.path, cfg.revision), trust_remote_code=cfg.trust_remote_code
+    )
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     # A missing chat template is reported where one is needed (chat data without
@@ -43,7 +46,7 @@ def load_model(
     if quantized:  # exports and chat load the base unquantized (the adapter applies to both)
         extra = {"quantization_config": nf4_config(dtype), "device_map": {"": _cuda_device()}}
     model = AutoModelForCausalLM.from_pretrained(
-        path or cfg.path,
+        path or model_path(cfg.path, cfg.revision),
         dtype=dtype,
         trust_remote_code=cfg.trust_remote_code,
         attn_implementation=cfg.attn_implementation if training else "sdpa",

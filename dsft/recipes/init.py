@@ -23,10 +23,10 @@ import torch
 import yaml
 
 from dsft import planner
-from dsft.config import LoraConfig, ModelConfig, load_config
+from dsft.config import LoraConfig, ModelConfig, is_hub_id, load_config
 from dsft.data.formats import survey
 from dsft.data.tokenize import apply_template, encode
-from dsft.errors import ConfigError
+from dsft.errors import ConfigError, HubError
 from dsft.model import load_tokenizer
 
 # Files that describe a model without its weights (what init reads of a Hub repo).
@@ -37,25 +37,24 @@ CONFIG_FILES = ["config.json", "generation_config.json", "tokenizer*", "special_
 def model_dir(name: str) -> tuple[str, bool]:
     """(a local directory with config.json, whether ``name`` is a Hub id).
 
-    A Hub name is read from the Hugging Face cache or downloaded, config and tokenizer only
-    (HF_HUB_OFFLINE=0 to allow the download; dsft is offline by default)."""
+    A Hub name (``dsft.config.is_hub_id``, as ``model.path`` reads it) is read from the Hugging
+    Face cache or downloaded, config and tokenizer only: unlike training (``dsft.hub``), init
+    needs no weights. HF_HUB_OFFLINE=1 keeps it to the cache."""
     p = Path(name)
     if (p / "config.json").is_file():
         return str(p.resolve()), False
-    if p.exists() or name.count("/") != 1 or name.startswith((".", "/")):
+    if not is_hub_id(name):
         raise ConfigError([f"{name}: no config.json here; give a model directory or a Hub name"])
     from huggingface_hub import snapshot_download
 
     try:
         return snapshot_download(name, allow_patterns=CONFIG_FILES), True
     except Exception as e:  # offline and not cached, unknown repo, gated repo
-        raise ConfigError(
-            [
-                f"{name}: could not read the Hub repo's config and tokenizer ({type(e).__name__}: "
-                f"{e}); with HF_HUB_OFFLINE=1 (dsft's default) it must be in the Hugging Face "
-                f"cache: `hf download {name} --include config.json 'tokenizer*'`, or run with "
-                "HF_HUB_OFFLINE=0"
-            ]
+        first = (str(e).strip().splitlines() or [""])[0][:160]
+        raise HubError(
+            f"{name}: could not read the Hub repo's config and tokenizer ({type(e).__name__}: "
+            f"{first}); with HF_HUB_OFFLINE=1 it must be in the Hugging Face cache "
+            f"(`hf download {name} --include config.json 'tokenizer*'`)"
         ) from None
 
 
@@ -296,8 +295,7 @@ def main(ns: argparse.Namespace) -> int:
     text = "\n".join(header + _emit(tree, {k: v for k, v in notes.items() if v})) + "\n"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(text, encoding="utf-8")
-    if not hub:  # what was written loads and validates as `dsft train` will read it
-        load_config(out)
+    load_config(out)  # what was written loads and validates as `dsft train` will read it
     print(f"wrote {out}: {kind}, lr {rules.lr:g}, max_len {rules.max_len}, {steps} steps")
     if plan.choice is None:
         print(f"warning: nothing fits on {hw.describe()}; see the plan in {out}")

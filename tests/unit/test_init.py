@@ -97,4 +97,4 @@ def test_hub_name_from_the_cache(tmp_path: Path, tiny_model: Path, tiny_data: Pa
     assert yaml.safe_load((tmp_path / "a.yaml").read_text())["model"]["path"] == "someorg/tiny"
     missing = [*cmd[:4], "someorg/absent", str(tiny_data), "-o", str(tmp_path / "b.yaml")]
     bad = subprocess.run(missing, env=env, capture_output=True, text=True)
-    assert bad.returncode == 2 and "could not read the Hub repo" in bad.stderr
+    assert bad.returncode == 2 and "could not read the Hub repo" in bad.stderr, bad.stderr
