@@ -40,6 +40,13 @@ class LoraConfig:
     target_modules: list[str] = field(default_factory=lambda: ["all-linear"])
     # Modules trained in full next to the adapters and saved with them (e.g. ["lm_head"]).
     modules_to_save: list[str] = field(default_factory=list)
+    use_dora: bool = False  # DoRA: weight-decomposed LoRA (adds a magnitude vector per layer)
+    use_rslora: bool = False  # rsLoRA: scale the update by alpha/sqrt(r) instead of alpha/r
+    # Adapter initialisation (peft's init_lora_weights): default (A Kaiming, B zero), gaussian
+    # (A Gaussian, B zero), pissa (A, B from the weight's top singular vectors, the base keeps
+    # the residual; full SVD, not under ZeRO-3), loftq (A, B fit the NF4 quantisation error of
+    # the base; CUDA + bitsandbytes, not under ZeRO-3).
+    init: Literal["default", "gaussian", "pissa", "loftq"] = "default"
 
 
 @dataclass
@@ -65,6 +72,9 @@ class ModelConfig:
         False  # recompute activations in backward: less memory, ~30% slower
     )
     compile: bool = False  # torch.compile the model: faster steps after a slow first one
+    # QLoRA: "nf4" loads the frozen base in 4-bit NF4 through bitsandbytes (bf16 compute) with
+    # LoRA on top. CUDA only; needs model.lora.enabled; exports the adapter only.
+    quantization: Literal["none", "nf4"] = "none"
     lora: LoraConfig = field(default_factory=LoraConfig)
     freeze: FreezeConfig = field(default_factory=FreezeConfig)
 
@@ -222,7 +232,16 @@ class LoggingConfig:
     """What rank 0 reports and where."""
 
     every: int = 10  # optimizer steps between train-loss log lines
-    tensorboard: bool = True
+    # Experiment trackers (rank 0; metrics.jsonl is always written): tensorboard
+    # (<output_dir>/tensorboard), wandb (offline into <output_dir>/wandb unless WANDB_MODE or
+    # WANDB_API_KEY say online), mlflow (MLFLOW_TRACKING_URI, else a file store in
+    # <output_dir>/mlruns). One that is not installed or unreachable is a warning.
+    report_to: list[Literal["tensorboard", "wandb", "mlflow"]] = field(
+        default_factory=lambda: ["tensorboard"]
+    )
+    project: str = "dsft"  # W&B project; MLflow experiment when no group is set
+    run_name: str = ""  # "" = the output_dir's name
+    group: str = ""  # W&B group / MLflow experiment; dsft sweep sets it for its trials
     progress: bool = True
     # Peak dense FLOP/s per GPU, in TFLOP/s, for MFU; 0 = look it up from the GPU's
     # name (bf16/fp16 dense numbers); without a known peak MFU is not logged.
@@ -513,6 +532,22 @@ def validate(cfg: Config) -> list[str]:
     lora = cfg.model.lora
     if lora.enabled and (lora.r < 1 or lora.alpha <= 0 or not 0 <= lora.dropout < 1):
         p.append("model.lora: r >= 1, alpha > 0 and dropout in [0, 1) are required")
+    variants = [k for k in ("use_dora", "use_rslora") if getattr(lora, k)]
+    variants += [f"init={lora.init}"] * (lora.init != "default")
+    variants += [f"model.quantization={cfg.model.quantization}"] * (
+        cfg.model.quantization != "none"
+    )
+    if variants and not lora.enabled:
+        p.append(f"{', '.join(variants)}: LoRA variants need model.lora.enabled=true")
+    if lora.init == "pissa" and cfg.model.quantization != "none":
+        p.append("model.lora.init=pissa: not with a quantized base; use init=loftq for QLoRA")
+    if cfg.model.quantization != "none" and ds.zero_stage == 3:
+        p.append(
+            "model.quantization: a 4-bit base cannot be partitioned by ZeRO-3; use "
+            "deepspeed.zero_stage 0-2 (LoRA's optimizer states are small)"
+        )
+    if len(set(cfg.logging.report_to)) != len(cfg.logging.report_to):
+        p.append(f"logging.report_to: {cfg.logging.report_to} names a tracker twice")
     return p
 
 
