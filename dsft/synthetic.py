@@ -84,9 +84,9 @@ def build_model_dir(
         }
     )
     fields["vocab_size"] = max(fields.get("vocab_size", 0), len(tok))
-    fields.setdefault("max_position_embeddings", 256)
+    fields = {"max_position_embeddings": 256, **fields, **config}
     ids = dict(bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
-    llama = LlamaConfig(**fields, **config, pad_token_id=tok.pad_token_id, **ids)
+    llama = LlamaConfig(**fields, pad_token_id=tok.pad_token_id, **ids)
     torch.manual_seed(seed)
     model = LlamaForCausalLM(llama)
     if dtype is not None:
@@ -130,3 +130,7 @@ def write_tasks(path: str | Path, rows: list[dict[str, str]]) -> None:
     with Path(path).open("w", encoding="utf-8") as f:
         for r in rows:
             f.write(json.dumps(r) + "\n")
+
+
+if __name__ == "__main__":  # `python -m dsft.synthetic`: regenerate the bundled demo dataset
+    write_tasks(DEMO_DATA, generate_tasks())

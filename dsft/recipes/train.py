@@ -54,7 +54,7 @@ from dsft.optim import (
     make_optimizer,
     param_groups,
 )
-from dsft.runtime import check_runtime, resolve_plan, seed_everything
+from dsft.runtime import check_runtime, hardware_name, resolve_plan, seed_everything
 
 log = logging.getLogger("dsft")
 
@@ -184,7 +184,7 @@ def run(cfg: Config) -> dict[str, Any]:
             if reshard
             else "",
         )
-    monitor = Monitor(out, cfg.logging, total_steps, resume_step=start["step"])
+    monitor = Monitor(out, cfg.logging, total_steps, resume_step=start["step"], config=to_dict(cfg))
     dev = distributed.device()
     pad_id = tokenizer.pad_token_id
     evaluator = evaluate.Evaluator(
@@ -206,13 +206,16 @@ def run(cfg: Config) -> dict[str, Any]:
         "params": total_params,
         "trainable_params": trainable_params,
         "frozen_tensors": len(frozen),
+        "hardware": hardware_name(env.world_size),
     }
 
     def keep_if_best(metrics: dict[str, Any], step: int) -> None:
         # The best model so far (by eval.metric) is exported when it appears, so a run
         # that later overfits or dies still leaves it behind.
         if tracker.update(metrics, step) and cfg.eval.save_best and cfg.eval.every:
-            export.export_hf(engine, cfg, out / "best")
+            best = {"metric": tracker.metric, "value": tracker.best, "step": step}
+            card = {**summary, "after": {"val": metrics}, "best": best, "steps": step}
+            export.export_hf(engine, cfg, out / "best", card)
             log.info(
                 "step %d | new best %s %.4f -> %s", step, tracker.metric, tracker.best, out / "best"
             )
@@ -425,7 +428,7 @@ def run(cfg: Config) -> dict[str, Any]:
             checkpoint.save(engine, out, step, run_state(), cfg.checkpoint.keep_last, to_dict(cfg))
         )
     if cfg.checkpoint.export:
-        export.export_hf(engine, cfg, out / "final")
+        export.export_hf(engine, cfg, out / "final", summary)
         summary["export"] = str(out / "final")
     if env.is_main:
         (out / "summary.json").write_text(json.dumps(summary, indent=2, default=str))

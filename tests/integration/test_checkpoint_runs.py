@@ -11,6 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from dsft.distributed import local_launch_argv
+
 from ..conftest import ROOT, base_config, cpu_env, run_dsft, train_rows, weights, write_config
 
 pytestmark = [pytest.mark.slow, pytest.mark.distributed]
@@ -109,8 +111,7 @@ def test_signal_saves_and_exits_then_resumes(
     if nproc == 1:
         cmd = [sys.executable, "-m", "dsft", "train", str(cfg)]
     else:  # torchrun passes SIGTERM on to its workers, as under Slurm
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-               f"--nproc_per_node={nproc}", "-m", "dsft", "train", str(cfg)]  # fmt: skip
+        cmd = local_launch_argv(nproc, ["dsft", "train", str(cfg)])
     proc = subprocess.Popen(cmd, env=cpu_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True, cwd=ROOT)  # fmt: skip
     _wait_for_step(out, 3, proc)

@@ -21,6 +21,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from dsft.config import DataConfig
 from dsft.data import prepare
+from dsft.distributed import local_launch_argv
 from dsft.eval.evaluator import validate
 
 from ..conftest import (
@@ -154,17 +155,7 @@ def test_single_process_matches_two_rank_validation(
 def _launch_cmd(launcher: str, cfg: Path) -> list[str]:
     py = sys.executable
     if launcher == "torchrun":
-        return [
-            py,
-            "-m",
-            "torch.distributed.run",
-            "--standalone",
-            "--nproc_per_node=2",
-            "-m",
-            "dsft",
-            "train",
-            str(cfg),
-        ]
+        return local_launch_argv(2, ["dsft", "train", str(cfg)], python=py)
     if launcher == "deepspeed":
         port = str(29600 + os.getpid() % 1000)  # 29500 clashes between parallel runs
         return [

@@ -9,11 +9,12 @@ waiting ranks give up, exit non-zero, and the launcher takes the hung one down.
 from __future__ import annotations
 
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
+
+from dsft.distributed import local_launch_argv
 
 from ..conftest import ROOT, base_config, cpu_env, train_rows, write_config
 
@@ -34,8 +35,7 @@ def fault_config(model: Path, data: Path, out: Path) -> dict:
 
 
 def _torchrun(cfg: Path, env: dict[str, str], timeout: float) -> tuple[int, str, float]:
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-           "--nproc_per_node=2", "-m", "dsft", "train", str(cfg)]  # fmt: skip
+    cmd = local_launch_argv(2, ["dsft", "train", str(cfg)])
     t0 = time.time()
     proc = subprocess.run(
         cmd, env={**cpu_env(), **env}, capture_output=True, text=True, timeout=timeout, cwd=ROOT

@@ -93,3 +93,23 @@ def test_cli_imports_no_benchmark_and_no_trl() -> None:
     )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def test_readme_layout_names_every_module() -> None:
+    """README "Layout" has a line for every module of dsft/ and benchmarks/ and every
+    top-level folder, so it stays true to the tree."""
+    root = PKG.parent
+    text = (root / "README.md").read_text()
+    block = text[text.index("## Layout") :]
+    block = block[block.index("```") : block.index("```", block.index("```") + 3)]
+    names = {line.split()[0].rstrip("/") for line in block.splitlines()[1:] if line.strip()}
+    files = [
+        p
+        for folder in ("dsft", "benchmarks")
+        for p in (root / folder).rglob("*")
+        if p.suffix in (".py", ".sh") and "__pycache__" not in p.parts
+    ]
+    missing = [str(p.relative_to(root)) for p in files if p.name not in names]
+    folders = {"dsft", "benchmarks", "tests", "slurm", "ds_configs", "data", "eval", "recipes"}
+    missing += sorted(folders - names)
+    assert not missing, f"README Layout lacks: {missing}"
