@@ -147,7 +147,9 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("source", nargs="?", help="model directory (config.json) or a YAML config")
     pl.add_argument("overrides", nargs="*", help="dotted overrides of a YAML config")
     pl.add_argument("--shape", help="a built-in Llama shape: " + ", ".join(_shape_names()))
-    pl.add_argument("--family", action="store_true", help="which built-in Llama sizes fit")
+    pl.add_argument(
+        "--family", action="store_true", help="which built-in Llama sizes fit (the default)"
+    )
     pl.add_argument("--gpus", type=int, help="GPUs per node (default: this machine's)")
     pl.add_argument("--gpu-mem", help="free memory per GPU, e.g. 80GB (default: measured)")
     pl.add_argument("--nodes", type=int, help="nodes (default: from the launcher env, else 1)")
@@ -157,6 +159,10 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--micro-batch", help="N, or auto (default: auto; a config's own value)")
     pl.add_argument("--lora", action="store_true", help="plan for LoRA (model.lora defaults)")
     pl.add_argument("--grad-ckpt", action="store_true", help="activation checkpointing on")
+    pl.add_argument(
+        "--sp", help="sequence-parallel degree N, or auto (default: a config's, else 1)"
+    )
+    pl.add_argument("--tiled", action="store_true", help="tiled MLP and a chunked loss on")
     pl.add_argument("--precision", choices=["fp32", "bf16", "fp16"])
     pl.add_argument("--headroom", type=float, default=0.9, help="usable share of GPU memory")
     pl.add_argument("--tokens", help="training tokens per epoch, e.g. 500M (default: the data)")

@@ -36,10 +36,16 @@ from dsft.data.tokenize import IGNORE_INDEX, Tokenized, tokenize_prompt
 log = logging.getLogger("dsft")
 
 
-def token_stats(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, int, int]:
-    """Summed next-token NLL (a tensor, for backward), correct predictions, target count."""
-    logits = logits[:, :-1].float()
-    target = labels[:, 1:]
+def token_stats(
+    logits: torch.Tensor, labels: torch.Tensor, shifted: bool = False
+) -> tuple[torch.Tensor, int, int]:
+    """Summed next-token NLL (a tensor, for backward), correct predictions, target count.
+
+    ``shifted``: ``labels`` are already the next tokens' (aligned with ``logits``, as a
+    sequence-parallel slice's targets are: dsft.sequence_parallel.shift_labels).
+    """
+    logits = logits.float() if shifted else logits[:, :-1].float()
+    target = labels if shifted else labels[:, 1:]
     mask = target != IGNORE_INDEX
     nll = F.cross_entropy(
         logits.reshape(-1, logits.size(-1)),

@@ -43,6 +43,8 @@ def run_eval(cfg: Config, checkpoint: str, out_dir: str | None = None) -> dict[s
     env = distributed.setup()
     deepspeed = distributed.import_deepspeed()
     check_runtime(cfg)
+    # Evaluation runs whole sequences on every rank (train.sequence_parallel is for training).
+    cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, sequence_parallel=1))
     if kind == "hf":
         # An export is a plain model (a LoRA run exports the adapter merged).
         cfg = dataclasses.replace(
