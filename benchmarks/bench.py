@@ -330,7 +330,7 @@ class Bench:
             "logging": {
                 "every": 1,
                 "progress": False,
-                "tensorboard": False,
+                "report_to": [],
                 "peak_tflops": c["peak_tflops"],
             },
         }

@@ -20,6 +20,12 @@ class DataError(ValueError):
     exit_code = 2
 
 
+class HubError(ValueError):
+    """A Hub name that is neither in the Hugging Face cache nor downloadable (one line)."""
+
+    exit_code = 2
+
+
 class TrainingDiverged(RuntimeError):
     """Too many consecutive steps with a non-finite loss or gradient norm."""
 
@@ -38,4 +44,4 @@ class ExportError(RuntimeError):
     exit_code = 4
 
 
-USER_ERRORS = (ConfigError, DataError, TrainingDiverged, Preempted, ExportError)
+USER_ERRORS = (ConfigError, DataError, HubError, TrainingDiverged, Preempted, ExportError)

@@ -61,25 +61,29 @@ def lockstep_chunks(counts: list[int], vocab: int, lockstep: bool) -> list[int]:
     return [num_chunks(n, vocab) for n in counts]
 
 
-def logits_nll(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Summed next-token NLL of full ``[batch, seq, vocab]`` logits (the plain path)."""
-    logits = logits[:, :-1].float()
+def logits_nll(logits: torch.Tensor, labels: torch.Tensor, shifted: bool = False) -> torch.Tensor:
+    """Summed next-token NLL of full ``[batch, seq, vocab]`` logits (the plain path).
+    ``shifted``: ``labels`` are already aligned with ``logits`` (the next tokens' ids)."""
+    logits = logits.float() if shifted else logits[:, :-1].float()
+    target = labels if shifted else labels[:, 1:]
     return F.cross_entropy(
         logits.reshape(-1, logits.size(-1)),
-        labels[:, 1:].reshape(-1),
+        target.reshape(-1),
         ignore_index=IGNORE_INDEX,
         reduction="sum",
     )
 
 
-def target_index(labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def target_index(labels: torch.Tensor, shifted: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """(flat positions into ``hidden.view(-1, H)``, their next-token ids) of every target.
 
     Position t of a row predicts token t+1, so the targets are ``labels[:, 1:]`` and the
-    predicting positions are t. Call it on the collated CPU batch: the selection size is
-    then known without asking the device (a boolean mask on the device would sync).
+    predicting positions are t; ``shifted`` labels are already those targets, aligned with
+    the positions (dsft.sequence_parallel.shift_labels, a rank's slice of them). Call it on
+    the collated CPU batch: the selection size is then known without asking the device (a
+    boolean mask on the device would sync).
     """
-    target = labels[:, 1:]
+    target = labels if shifted else labels[:, 1:]
     rows, cols = (target != IGNORE_INDEX).nonzero(as_tuple=True)
     return rows * labels.size(1) + cols, target[rows, cols]
 

@@ -18,7 +18,7 @@ from dsft.data.cache import KINDS, TokenStore, build_store, cache_root, cached_s
 from dsft.data.formats import Example, load_examples
 from dsft.data.packing import efficiency, pack
 from dsft.data.split import carve, reweight, split_count
-from dsft.data.tokenize import Tokenized, apply_template
+from dsft.data.tokenize import ChatOptions, Tokenized, apply_template, set_chat_options
 from dsft.errors import DataError
 
 log = logging.getLogger("dsft")
@@ -106,13 +106,24 @@ class Splits:
     packs: list[list[int]] | None = field(default=None)
 
 
-def _stores(paths: list[str], cfg: DataConfig, tokenizer: Any, builder: bool) -> Corpus:
-    settings = {
+def _settings(cfg: DataConfig) -> dict[str, Any]:
+    """Every data setting that changes the tokens (it keys the tokenisation cache)."""
+    return {
         "format": cfg.format,
         "columns": dict(sorted(cfg.columns.items())),
         "loss_on": cfg.loss_on,
         "on_bad_row": cfg.on_bad_row,
+        # how chat rows are rendered and masked (dsft.data.tokenize.ChatOptions)
+        "turn_end": list(cfg.turn_end),
+        "fold_system": cfg.fold_system,
+        "reasoning": cfg.reasoning,
+        "template_kwargs": dict(sorted(cfg.template_kwargs.items())),
+        "template_date": cfg.template_date,
     }
+
+
+def _stores(paths: list[str], cfg: DataConfig, tokenizer: Any, builder: bool) -> Corpus:
+    settings = _settings(cfg)
     if not cfg.cache:
         return Corpus([build_store(p, tokenizer, settings) for p in paths])
     root = cache_root(cfg.cache_dir)
@@ -126,6 +137,7 @@ def prepare(cfg: DataConfig, tokenizer: Any, builder: bool = True) -> Splits:
     node's local rank 0); the others wait for the cache entry.
     """
     apply_template(tokenizer, cfg.template)
+    set_chat_options(tokenizer, ChatOptions.from_settings(_settings(cfg)))
     pool = _stores(cfg.path, cfg, tokenizer, builder)
     n = len(pool)
     n_test = 0 if cfg.test_path else split_count(n, cfg.test_fraction, cfg.test_size)

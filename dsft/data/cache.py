@@ -29,13 +29,14 @@ from typing import Any
 
 import numpy as np
 
+from dsft.config import is_hub_id
 from dsft.data.formats import Example, load_examples
-from dsft.data.tokenize import IGNORE_INDEX, Encoded, Tokenized, encode
+from dsft.data.tokenize import IGNORE_INDEX, ChatOptions, Encoded, Tokenized, encode
 from dsft.errors import DataError
 
 log = logging.getLogger("dsft")
 
-CACHE_VERSION = "1"
+CACHE_VERSION = "2"
 KINDS = (
     "chat",
     "completion",
@@ -92,7 +93,7 @@ class _JsonlExamples(Sequence[Example]):
             self._data = np.memmap(self.path, dtype=np.uint8, mode="r")
         raw = bytes(self._data[int(self.offsets[i]) : int(self.offsets[i + 1])])
         d = json.loads(raw)
-        return Example(d["m"], d["s"], d["k"])
+        return Example(d["m"], d["s"], d["k"], d.get("t"))
 
 
 def _file_digest(path: Path) -> str:
@@ -104,6 +105,14 @@ def _file_digest(path: Path) -> str:
             for block in iter(lambda fh=fh: fh.read(1 << 20), b""):
                 h.update(block)
     return h.hexdigest()
+
+
+def _source_digest(path: str) -> str:
+    if is_hub_id(path):  # a Hub dataset: its snapshot commit and options
+        from dsft.hub import dataset_digest
+
+        return dataset_digest(path)
+    return _file_digest(Path(path))
 
 
 def tokenizer_digest(tokenizer: Any) -> str:
@@ -127,7 +136,7 @@ def cache_root(cache_dir: str) -> Path:
 def entry_key(path: str, tok_digest: str, settings: dict[str, Any]) -> str:
     h = hashlib.sha256()
     h.update(CACHE_VERSION.encode())
-    h.update(_file_digest(Path(path)).encode())
+    h.update(_source_digest(path).encode())
     h.update(tok_digest.encode())
     h.update(json.dumps(settings, sort_keys=True).encode())
     return h.hexdigest()[:32]
@@ -136,15 +145,23 @@ def entry_key(path: str, tok_digest: str, settings: dict[str, Any]) -> str:
 def build_store(path: str, tokenizer: Any, settings: dict[str, Any]) -> TokenStore:
     """Read, normalise and tokenise one file in memory."""
     loaded = load_examples([path], settings["format"], settings["columns"], settings["on_bad_row"])
-    enc = encode(tokenizer, loaded.examples, settings["loss_on"])
+    enc = encode(
+        tokenizer, loaded.examples, settings["loss_on"], options=ChatOptions.from_settings(settings)
+    )
+    # rows the chat template refused (data.on_bad_row=skip) are left out and counted
+    examples = loaded.examples if enc.kept is None else [loaded.examples[i] for i in enc.kept]
+    if not examples:
+        raise DataError(
+            f"{path}: all rows are bad; the first ones:\n  " + "\n  ".join(enc.skipped[:5])
+        )
     return TokenStore(
         Path(path).stem if not Path(path).is_dir() else Path(path).name,
         enc.ids,
         enc.trained,
         enc.offsets,
-        loaded.examples,
-        np.asarray([KINDS.index(e.kind) for e in loaded.examples], dtype=np.uint8),
-        loaded.skipped,
+        examples,
+        np.asarray([KINDS.index(e.kind) for e in examples], dtype=np.uint8),
+        loaded.skipped + enc.skipped,
     )
 
 
@@ -159,7 +176,8 @@ def _write_entry(entry: Path, store: TokenStore) -> None:
     ex_offsets = [0]
     with (tmp / "examples.jsonl").open("wb") as f:
         for ex in store.examples:
-            line = json.dumps({"m": ex.messages, "s": ex.source, "k": ex.kind}).encode() + b"\n"
+            d = {"m": ex.messages, "s": ex.source, "k": ex.kind, "t": ex.tools}
+            line = json.dumps(d).encode() + b"\n"
             f.write(line)
             ex_offsets.append(ex_offsets[-1] + len(line))
     np.save(tmp / "example_offsets.npy", np.asarray(ex_offsets, dtype=np.int64))

@@ -5,10 +5,19 @@ Files (see :mod:`dsft.data.readers`): .jsonl, .json, .csv (each also .gz), .parq
 first match wins, so extra columns such as alpaca's pre-formatted ``text`` do not matter), or
 forced with ``data.format``:
 
-  * chat: ``{"messages": [{"role": "system"|"user"|"assistant", "content": str}, ...]}``;
-    a system message may only come first.
+  * chat: ``{"messages": [{"role": "system"|"user"|"assistant"|"tool", "content": ...}, ...]}``;
+    a system message may only come first ("developer" is read as system, "ipython" and
+    "function" as tool). ``content`` is a string or a list of OpenAI-style parts
+    (``{"type": "text", "text": ...}``, joined; image/audio parts are refused: dsft trains
+    text-only models). An assistant message may carry ``tool_calls`` (``{"function":
+    {"name", "arguments"}}``, arguments an object or a JSON string; content may then be
+    empty) and reasoning (``reasoning_content``, ``thinking`` or ``reasoning``); a tool
+    message may carry ``tool_call_id`` and ``name``. A row's ``tools`` (a list of JSON
+    schemas, or JSON text) is passed to the chat template.
   * sharegpt: ``{"conversations": [{"from": ..., "value": str}, ...]}`` with ``from`` one of
-    system, human (-> user), user, gpt (-> assistant), assistant; role/content keys work too.
+    system, human (-> user), user, gpt (-> assistant), assistant, function_call (-> an
+    assistant tool call; the value is ``{"name", "arguments"}`` JSON), observation or tool
+    (-> tool); role/content keys work too.
   * prompt_completion: ``{"prompt": str, "completion": str}`` -> kind "completion"; or both
     lists of messages (TRL's conversational form) -> kind "chat", prompt then completion.
   * instruction (alpaca): ``{"instruction": str, "input": str (optional), "output": str}``.
@@ -25,6 +34,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -33,8 +43,9 @@ from dsft.config import COLUMNS
 from dsft.data.readers import read_rows
 from dsft.errors import DataError
 
-Message = dict[str, str]
-ROLES = ("system", "user", "assistant")
+Message = dict[str, Any]
+ROLES = ("system", "user", "assistant", "tool")
+CHAT_ROLES = {r: r for r in ROLES} | {"developer": "system", "ipython": "tool", "function": "tool"}
 FORMATS = ("instruction", "chat", "sharegpt", "prompt_completion", "text")
 SHAREGPT_ROLES = {
     "system": "system",
@@ -42,7 +53,13 @@ SHAREGPT_ROLES = {
     "user": "user",
     "gpt": "assistant",
     "assistant": "assistant",
+    "function_call": "function_call",  # an assistant tool call, the value holds its JSON
+    "observation": "tool",
+    "tool": "tool",
 }
+# Content parts dsft cannot train on (text-only models).
+MEDIA_PARTS = ("image", "image_url", "input_image", "audio", "input_audio", "video", "file")
+_SURROGATE = re.compile("[\ud800-\udfff]")
 # (canonical field, format) in detection order.
 _DETECT = (
     ("messages", "chat"),
@@ -80,6 +97,7 @@ class Example:
     # messages are [user=prompt, assistant=completion]); text: raw text, all tokens trained
     # (messages are [assistant=text]).
     kind: str = "chat"
+    tools: list[dict[str, Any]] | None = None  # the row's tool schemas (chat only)
 
     @property
     def dataset(self) -> str:
@@ -180,7 +198,7 @@ class _Normaliser:
         k = self.key(field)
         v = record.get(k)
         if isinstance(v, str):
-            return v
+            return _checked(v, at or f"field {self.label(field)}: ")
         if optional and _missing(v):
             return ""
         if k not in record:
@@ -203,13 +221,8 @@ class _Normaliser:
             raise _BadRow(f"missing field {self.label(field)}")
         msgs = record[k]
         if isinstance(msgs, str) and field in ("messages", "conversations"):
-            try:  # csv cells (and some parquet exports) hold the list as JSON text
-                msgs = json.loads(msgs)
-            except json.JSONDecodeError as e:
-                raise _BadRow(
-                    f"field {self.label(field)}: a string that is not valid JSON "
-                    f"({e.msg} at column {e.colno}); expected a list of messages"
-                ) from None
+            # csv cells (and some parquet exports) hold the list as JSON text
+            msgs = _json_text(msgs, f"field {self.label(field)}", "a list of messages")
         if not isinstance(msgs, list):
             raise _BadRow(
                 f"field {self.label(field)} must be a list of messages, got {_describe(msgs)}"
@@ -233,11 +246,54 @@ class _Normaliser:
             role = roles[role]
             if role == "system" and i > 0:
                 raise _BadRow(f"{at}.{self.key(r_f)}: a system message may only come first")
-            content = self.string(m, c_f, f"{at}: ")
-            if role == "assistant" and not content.strip():
-                raise _BadRow(f"{at}.{self.key(c_f)}: empty assistant response")
-            out.append({"role": role, "content": content})
+            ck = self.key(c_f)
+            if role == "function_call":  # sharegpt: the value is the call's JSON
+                call = m.get(ck)
+                if isinstance(call, str):
+                    call = _json_text(call, f"{at}.{ck}", "a function call object")
+                out.append(
+                    {"role": "assistant", "content": "", "tool_calls": _tool_calls(call, at)}
+                )
+                continue
+            if ck not in m and role not in ("assistant", "tool"):
+                self.string(m, c_f, f"{at}: ")  # the usual "missing field" message
+            content = _content(m.get(ck), f"{at}.{ck}", optional=role in ("assistant", "tool"))
+            msg: Message = {"role": role, "content": content}
+            if role == "assistant":
+                for name in ("reasoning_content", "thinking", "reasoning"):
+                    r = m.get(name)
+                    if isinstance(r, str) and r.strip():
+                        msg["reasoning_content"] = _checked(r, f"{at}.{name}: ")
+                        break
+                calls = m.get("tool_calls")
+                if calls is None and isinstance(m.get("function_call"), dict):  # OpenAI legacy
+                    calls = [m["function_call"]]
+                if calls:
+                    msg["tool_calls"] = _tool_calls(calls, at)
+                if not content.strip() and not msg.get("tool_calls"):
+                    raise _BadRow(f"{at}.{ck}: empty assistant response")
+            elif role == "tool":
+                for name in ("tool_call_id", "name"):
+                    if isinstance(m.get(name), str):
+                        msg[name] = m[name]
+            out.append(msg)
         return out
+
+    def tools(self, record: dict[str, Any]) -> list[dict[str, Any]] | None:
+        """The row's tool schemas (``tools`` field), each as {"type": "function", ...}."""
+        v = record.get(self.key("tools"))
+        if _missing(v) or v == "" or v == []:
+            return None
+        label = f"field {self.label('tools')}"
+        if isinstance(v, str):
+            v = _json_text(v, label, "a list of tool schemas")
+        if isinstance(v, dict):
+            v = [v]
+        if not isinstance(v, list) or not all(isinstance(t, dict) for t in v):
+            raise _BadRow(f"{label} must be a list of JSON schemas (objects), got {_describe(v)}")
+        _checked(json.dumps(v, ensure_ascii=False), f"{label}: ")
+        # Flat function schemas (LLaMA-Factory) become the OpenAI form templates expect.
+        return [t if "type" in t else {"type": "function", "function": t} for t in v]
 
     def conversation(
         self, record: dict[str, Any], field: str, role_f: str, content_f: str, roles: dict[str, str]
@@ -249,7 +305,7 @@ class _Normaliser:
         return out
 
     def chat(self, record: dict[str, Any]) -> list[Message]:
-        return self.conversation(record, "messages", "role", "content", {r: r for r in ROLES})
+        return self.conversation(record, "messages", "role", "content", CHAT_ROLES)
 
     def sharegpt(self, record: dict[str, Any]) -> list[Message]:
         return self.conversation(record, "conversations", "from", "value", SHAREGPT_ROLES)
@@ -257,7 +313,7 @@ class _Normaliser:
     def prompt_completion(self, record: dict[str, Any]) -> tuple[list[Message], str]:
         p, c = record.get(self.key("prompt")), record.get(self.key("completion"))
         if isinstance(p, list) and isinstance(c, list):  # TRL conversational
-            roles = {r: r for r in ROLES}
+            roles = CHAT_ROLES
             prompt = self.message_list(record, "prompt", "role", "content", roles)
             if any(m["role"] == "system" for m in prompt[1:]):
                 raise _BadRow(f"field {self.label('prompt')}: a system message may only come first")
@@ -288,6 +344,96 @@ class _Normaliser:
         return [{"role": "assistant", "content": self.response(record, "text")}]
 
 
+def _checked(s: str, at: str) -> str:
+    """``s``, if it is valid Unicode text (JSON may hold unpaired surrogate escapes)."""
+    bad = _SURROGATE.search(s)
+    if bad:
+        raise _BadRow(
+            f"{at}an unpaired surrogate \\u{ord(bad.group()):04x} (not valid Unicode text)"
+        )
+    return s
+
+
+def _json_text(s: str, label: str, expected: str) -> Any:
+    try:
+        return json.loads(s)
+    except json.JSONDecodeError as e:
+        raise _BadRow(
+            f"{label}: a string that is not valid JSON ({e.msg} at column {e.colno}); "
+            f"expected {expected}"
+        ) from None
+    except RecursionError:
+        raise _BadRow(f"{label}: JSON nested too deeply") from None
+
+
+def _content(v: Any, at: str, optional: bool = False) -> str:
+    """Message content as text: a string, or text parts joined."""
+    if isinstance(v, str):
+        return _checked(v, f"{at}: ")
+    if _missing(v):
+        if optional:
+            return ""
+        raise _BadRow(f"{at}: must be a string or a list of content parts, got null")
+    if isinstance(v, list):
+        texts: list[str] = []
+        for j, part in enumerate(v):
+            where = f"{at}[{j}]"
+            kind = (
+                part.get("type", "text" if "text" in part else None)
+                if isinstance(part, dict)
+                else None
+            )
+            if kind in MEDIA_PARTS or (
+                isinstance(part, dict) and any(k in part for k in MEDIA_PARTS[:-1])
+            ):
+                raise _BadRow(
+                    f"{where}: multimodal data is not supported (a {kind or 'media'} part); "
+                    "dsft fine-tunes text-only models"
+                )
+            if kind != "text" or not isinstance(part.get("text"), str):
+                raise _BadRow(
+                    f'{where}: expected a text part {{"type": "text", "text": ...}}, '
+                    f"got {_describe(part) if not isinstance(part, dict) else repr(kind)}"
+                )
+            texts.append(_checked(part["text"], f"{where}.text: "))
+        return "".join(texts)
+    if isinstance(v, dict) and optional:  # a tool result given as an object
+        return json.dumps(v, ensure_ascii=False)
+    raise _BadRow(f"{at}: must be a string or a list of content parts, got {_describe(v)}")
+
+
+def _tool_calls(v: Any, at: str) -> list[dict[str, Any]]:
+    """Tool calls as {"type": "function", "function": {"name", "arguments"}} (+ "id")."""
+    if isinstance(v, dict):
+        v = [v]
+    if not isinstance(v, list):
+        raise _BadRow(f"{at}.tool_calls must be a list of calls, got {_describe(v)}")
+    out = []
+    for k, tc in enumerate(v):
+        where = f"{at}.tool_calls[{k}]"
+        fn = tc.get("function", tc) if isinstance(tc, dict) else None
+        if not isinstance(fn, dict):
+            raise _BadRow(f'{where}: expected {{"function": {{"name", "arguments"}}}}')
+        name = fn.get("name")
+        if not isinstance(name, str) or not name.strip():
+            raise _BadRow(f"{where}: missing the function name")
+        args = fn.get("arguments", fn.get("parameters", {}))
+        if isinstance(args, str) and args.strip():
+            # Kept as written (DeepSeek's templates concatenate the JSON text, others need
+            # an object): checked only.
+            _json_text(args, f"{where}.arguments", "a JSON object")
+        elif isinstance(args, str):
+            args = {}
+        if _missing(args):
+            args = {}
+        _checked(json.dumps(args, ensure_ascii=False), f"{where}.arguments: ")
+        call: dict[str, Any] = {"type": "function", "function": {"name": name, "arguments": args}}
+        if isinstance(tc, dict) and isinstance(tc.get("id"), str):
+            call["id"] = tc["id"]
+        out.append(call)
+    return out
+
+
 def load_examples(
     paths: list[str],
     fmt: str = "auto",
@@ -313,12 +459,13 @@ def load_examples(
                 if row.error is not None:
                     raise _BadRow(row.error)
                 messages, kind = norm(row.record)
+                tools = norm.tools(row.record) if kind == "chat" else None
             except _BadRow as e:
                 if on_bad_row == "error":
                     raise DataError(f"{row.where}: {e}") from None
                 bad.append(f"{row.where}: {e}")
                 continue
-            examples.append(Example(messages, row.where, kind))
+            examples.append(Example(messages, row.where, kind, tools))
         if len(examples) == n:
             if not bad:
                 raise DataError(f"{path}: no rows (the file is empty)")
@@ -332,3 +479,42 @@ def load_examples(
 def read_jsonl(path: str | Path, fmt: str = "auto") -> list[Example]:
     """The examples of one file (any supported type), failing on the first bad row."""
     return load_examples([str(path)], fmt).examples
+
+
+@dataclass
+class Survey:
+    """What a set of files holds (``dsft init``): rows per format, bad rows, a sample."""
+
+    formats: dict[str, int]  # detected (or forced) format -> rows
+    rows: int  # good rows
+    bad: list[str]  # "file:line: reason" of every bad row
+    sample: list[Example]  # up to ``limit`` good examples, spread over the files
+
+
+def survey(
+    paths: list[str], fmt: str = "auto", columns: dict[str, str] | None = None, limit: int = 2000
+) -> Survey:
+    """Read every row once: count formats and bad rows, keep a sample of examples."""
+    norm = _Normaliser(fmt, dict(columns or {}))
+    formats: dict[str, int] = {}
+    bad: list[str] = []
+    sample: list[Example] = []
+    rows = 0
+    per_file = max(1, limit // max(1, len(paths)))
+    for path in map(str, paths):
+        kept = 0
+        for row in read_rows(path, norm.record_keys):
+            try:
+                if row.error is not None:
+                    raise _BadRow(row.error)
+                messages, kind = norm(row.record)
+                name = norm.fmt if norm.fmt != "auto" else norm.detect(row.record)
+            except _BadRow as e:
+                bad.append(f"{row.where}: {e}")
+                continue
+            formats[name] = formats.get(name, 0) + 1
+            rows += 1
+            if kept < per_file:
+                sample.append(Example(messages, row.where, kind))
+                kept += 1
+    return Survey(formats, rows, bad, sample)

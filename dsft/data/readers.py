@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
 
+from dsft.config import is_hub_id
 from dsft.errors import DataError
 
 SUPPORTED = (
@@ -25,6 +26,16 @@ SUPPORTED = (
     "or a directory written by datasets' save_to_disk"
 )
 _BOM = b"\xef\xbb\xbf"
+# Byte-order marks of encodings dsft does not read (UTF-32 first: its LE mark starts like UTF-16's).
+_OTHER_BOMS = (
+    (b"\xff\xfe\x00\x00", "UTF-32"),
+    (b"\x00\x00\xfe\xff", "UTF-32"),
+    (b"\xff\xfe", "UTF-16"),
+    (b"\xfe\xff", "UTF-16"),
+)
+# The longest line (jsonl) or JSON file read; longer ones are bad rows, not a MemoryError.
+MAX_LINE_BYTES = 1 << 30
+_DEEP = "JSON nested too deeply (deeper than Python's recursion limit)"
 # Long documents in one csv cell are normal for SFT data; the csv module's default limit
 # (128 KiB) would reject them.
 csv.field_size_limit(2**31 - 1)
@@ -45,6 +56,9 @@ def read_rows(path: str, record_keys: Collection[str] = ()) -> Iterator[Row]:
     ``record_keys`` are field names that mark a JSON object as a record rather than a
     wrapper such as ``{"data": [...]}``.
     """
+    if is_hub_id(path):
+        yield from _hub_dataset(path)
+        return
     p = Path(path)
     if p.is_dir():
         yield from _saved_dataset(path)
@@ -63,31 +77,62 @@ def read_rows(path: str, record_keys: Collection[str] = ()) -> Iterator[Row]:
         )
     try:
         with gzip.open(p, "rb") if gz else p.open("rb") as f:
+            head = f.read(4)
+            for bom, name in _OTHER_BOMS:
+                if head.startswith(bom):
+                    raise DataError(
+                        f"{path}: the file is {name}-encoded (byte-order mark); dsft reads UTF-8: "
+                        f"convert it, e.g. iconv -f {name} -t UTF-8"
+                    )
+            f.seek(0)
             if suffix == ".json":
-                yield from _json(path, f.read(), record_keys)
+                data = f.read(MAX_LINE_BYTES + 1)
+                if len(data) > MAX_LINE_BYTES:
+                    raise DataError(
+                        f"{path}: a JSON document over {MAX_LINE_BYTES >> 20} MiB; "
+                        "write one record per line (.jsonl) instead"
+                    )
+                yield from _json(path, data, record_keys)
             elif suffix == ".csv":
                 yield from _csv(path, f)
             else:
-                yield from _jsonl(path, f)
+                yield from _jsonl(path, _bounded_lines(f))
     except (OSError, EOFError) as e:  # a truncated or corrupt .gz
         raise DataError(f"{path}: cannot read ({e})") from None
 
 
-def _no_bom(lines: Iterable[bytes]) -> Iterator[bytes]:
+def _no_bom(lines: Iterable[bytes | None]) -> Iterator[bytes | None]:
     # Editors on Windows start UTF-8 files with a byte-order mark; it is not data.
     for i, raw in enumerate(lines):
-        yield raw.removeprefix(_BOM) if i == 0 else raw
+        yield raw.removeprefix(_BOM) if i == 0 and raw is not None else raw
 
 
 def _utf8_error(e: UnicodeDecodeError, col: int) -> str:
     return f"not valid UTF-8 (byte 0x{e.object[e.start]:02x} at column {col})"
 
 
-def _jsonl(path: str, lines: Iterable[bytes]) -> Iterator[Row]:
+def _bounded_lines(f: BinaryIO) -> Iterator[bytes | None]:
+    """The file's lines; None for a line over MAX_LINE_BYTES (skipped without holding it)."""
+    while True:
+        raw = f.readline(MAX_LINE_BYTES + 1)
+        if not raw:
+            return
+        if len(raw) > MAX_LINE_BYTES and not raw.endswith(b"\n"):
+            while (rest := f.readline(1 << 20)) and not rest.endswith(b"\n"):
+                pass
+            yield None
+            continue
+        yield raw
+
+
+def _jsonl(path: str, lines: Iterable[bytes | None]) -> Iterator[Row]:
     # Bytes, decoded line by line: a bad byte is one bad row, and only "\n" ends a line
     # (str.splitlines would also split on U+2028 inside a JSON string).
     for lineno, raw in enumerate(_no_bom(lines), start=1):
         where = f"{path}:{lineno}"
+        if raw is None:
+            yield Row(where, error=f"a line longer than {MAX_LINE_BYTES >> 20} MiB")
+            continue
         try:
             line = raw.decode("utf-8")
         except UnicodeDecodeError as e:
@@ -100,6 +145,9 @@ def _jsonl(path: str, lines: Iterable[bytes]) -> Iterator[Row]:
         except json.JSONDecodeError as e:
             yield Row(where, error=f"not valid JSON ({e.msg} at column {e.colno})")
             continue
+        except RecursionError:
+            yield Row(where, error=_DEEP)
+            continue
         yield Row(where, record)
 
 
@@ -110,7 +158,7 @@ def _is_json_lines(data: bytes) -> bool:
         return False
     try:
         return isinstance(json.loads(lines[0]), dict)
-    except ValueError:  # JSONDecodeError and UnicodeDecodeError
+    except (ValueError, RecursionError):  # JSONDecodeError and UnicodeDecodeError
         return False
 
 
@@ -133,6 +181,8 @@ def _json(path: str, data: bytes, record_keys: Collection[str]) -> Iterator[Row]
         raise DataError(
             f"{path}:{e.lineno}: not valid JSON ({e.msg} at column {e.colno})"
         ) from None
+    except RecursionError:
+        raise DataError(f"{path}: {_DEEP}") from None
     for i, record in enumerate(_json_records(path, doc, record_keys), start=1):
         yield Row(f"{path}:row {i}", record)
 
@@ -208,6 +258,12 @@ def _parquet(path: str) -> Iterator[Row]:
             yield Row(f"{path}:row {i}", record)
 
 
+def _hub_dataset(path: str) -> Iterator[Row]:
+    from dsft.hub import dataset_rows
+
+    yield from _dataset_rows(path, dataset_rows(path))
+
+
 def _saved_dataset(path: str) -> Iterator[Row]:
     p = Path(path)
     if not ((p / "state.json").exists() or (p / "dataset_dict.json").exists()):
@@ -228,6 +284,10 @@ def _saved_dataset(path: str) -> Iterator[Row]:
                 f"point data.path at one split's directory, e.g. {p / next(iter(ds), 'SPLIT')}"
             )
         ds = ds["train"]
+    yield from _dataset_rows(path, ds)
+
+
+def _dataset_rows(path: str, ds: Any) -> Iterator[Row]:
     i = 0
     for batch in ds.with_format("arrow").iter(batch_size=1024):
         for record in batch.to_pylist():

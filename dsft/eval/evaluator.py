@@ -37,12 +37,19 @@ from dsft.loss import logits_nll
 log = logging.getLogger("dsft")
 
 
-def token_stats(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, int, int]:
-    """Summed next-token NLL (a tensor, for backward), correct predictions, target count."""
-    nll = logits_nll(logits, labels)
-    target = labels[:, 1:]
+def token_stats(
+    logits: torch.Tensor, labels: torch.Tensor, shifted: bool = False
+) -> tuple[torch.Tensor, int, int]:
+    """Summed next-token NLL (a tensor, for backward), correct predictions, target count.
+
+    ``shifted``: ``labels`` are already the next tokens' (aligned with ``logits``, as a
+    sequence-parallel slice's targets are: dsft.sequence_parallel.shift_labels).
+    """
+    nll = logits_nll(logits, labels, shifted)
+    logits = logits if shifted else logits[:, :-1]
+    target = labels if shifted else labels[:, 1:]
     mask = target != IGNORE_INDEX
-    correct = ((logits[:, :-1].argmax(-1) == target) & mask).sum().item()
+    correct = ((logits.argmax(-1) == target) & mask).sum().item()
     return nll, int(correct), int(mask.sum().item())
 
 

@@ -81,8 +81,9 @@ def test_custom_template_file_and_missing_template(tmp_path: Path, tok) -> None:
     t2 = build_tokenizer()
     apply_template(t2, str(f))
     t = tokenize_example(t2, Example(CHAT[1:3], "t:1"), 256)
-    assert t2.decode(t.input_ids) == "user: q1\nassistant: a1\n"
-    assert _trained(t2, t) == "a1\n"
+    # the template writes no turn ending: EOS is appended (and trained) so the model can stop
+    assert t2.decode(t.input_ids) == "user: q1\nassistant: a1\n<|end|>"
+    assert _trained(t2, t) == "a1\n<|end|>"
     t2.chat_template = None
     with pytest.raises(DataError, match=r"no chat template; set data\.template"):
         tokenize_example(t2, Example(CHAT, "t:1"), 256)

@@ -255,8 +255,10 @@ BAD = [
         "d.jsonl:2: expected an object, got a list"),
     bad("unknown role", "d.jsonl", [OK, chat(("user", "q"), ("robot", "a"))],
         "d.jsonl:2: messages[1].role: 'robot' is not one of system, user, assistant"),
-    bad("null content", "d.jsonl", [OK, chat(("user", "q"), ("assistant", None))],
-        "d.jsonl:2: messages[1]: field 'content' must be a string, got null"),
+    bad("null content", "d.jsonl", [OK, chat(("user", None), ("assistant", "a"))],
+        "d.jsonl:2: messages[0].content: must be a string or a list of content parts, got null"),
+    bad("null response", "d.jsonl", [OK, chat(("user", "q"), ("assistant", None))],
+        "d.jsonl:2: messages[1].content: empty assistant response"),
     bad("empty response", "d.jsonl", [OK, chat(("user", ""), ("assistant", " \n"))],
         "d.jsonl:2: messages[1].content: empty assistant response"),
     bad("empty output", "d.jsonl", [OK, {"instruction": "a", "output": ""}],
@@ -366,3 +368,38 @@ def test_skip_still_raises_for_file_problems(tmp_path: Path) -> None:
     for name in ("empty.csv", "missing.jsonl"):
         with pytest.raises(DataError, match=name):
             load_examples([str(tmp_path / name)], on_bad_row="skip")
+
+
+def test_no_traceback_from_pathological_data(tmp_path: Path, monkeypatch) -> None:
+    """Deep nesting, enormous lines, odd encodings, lone surrogates: located messages."""
+    from dsft.data import readers
+
+    ok = '{"instruction": "q", "output": "a"}\n'
+    deep = '{"messages": ' + "[" * 100_000 + "]" * 100_000 + "}\n"
+    (j := tmp_path / "deep.jsonl").write_text(ok + deep)
+    with pytest.raises(DataError, match=r"deep\.jsonl:2: JSON nested too deeply"):
+        load_examples([str(j)])
+    assert (
+        load_examples([str(j)], on_bad_row="skip")
+        .skipped[0]
+        .endswith("nested too deeply (deeper than Python's recursion limit)")
+    )
+    (a := tmp_path / "deep.json").write_text("[" * 100_000 + "]" * 100_000)
+    with pytest.raises(DataError, match=r"deep\.json: JSON nested too deeply"):
+        load_examples([str(a)])
+    monkeypatch.setattr(readers, "MAX_LINE_BYTES", 64)
+    (big := tmp_path / "big.jsonl").write_text(ok + '{"text": "' + "x" * 500 + '"}\n' + ok)
+    loaded = load_examples([str(big)], on_bad_row="skip")
+    assert len(loaded.examples) == 2 and loaded.skipped == [f"{big}:2: a line longer than 0 MiB"]
+    monkeypatch.undo()
+    (u16 := tmp_path / "u16.jsonl").write_bytes(ok.encode("utf-16"))
+    with pytest.raises(DataError, match=r"u16\.jsonl: the file is UTF-16-encoded"):
+        load_examples([str(u16)])
+    (lat := tmp_path / "latin.jsonl").write_bytes(
+        ok.encode() + '{"text": "café"}\n'.encode("latin-1")
+    )
+    with pytest.raises(DataError, match=r"latin\.jsonl:2: not valid UTF-8 \(byte 0xe9"):
+        load_examples([str(lat)])
+    (sur := tmp_path / "sur.jsonl").write_text(ok + '{"instruction": "q\\ud800", "output": "a"}\n')
+    with pytest.raises(DataError, match=r"sur\.jsonl:2: .*unpaired surrogate \\ud800"):
+        load_examples([str(sur)])

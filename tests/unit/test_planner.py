@@ -384,7 +384,7 @@ def test_dsft_plan_table_for_a_shape(capsys) -> None:
     for option in ("ZeRO-0", "ZeRO-1", "ZeRO-3", "ZeRO-3 + optimizer offload"):
         assert f"  {option} " in out
     # train.fused_loss (the default) keeps no logits: ZeRO-2 fits 2 sequences of 4096
-    assert "fused loss: one 0.9 GB chunk" in out
+    assert "fused loss: 1.4 GB per micro-batch" in out  # one chunk + the head gradient
     assert "\n* ZeRO-2 " in out and "* chosen: ZeRO-2, micro-batch 2 × accumulation 4" in out
     assert "time/epoch" in out and "25 min" in out
 
