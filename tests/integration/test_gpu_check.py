@@ -21,12 +21,12 @@ def test_gpu_check_dry_run_writes_every_result(tmp_path: Path) -> None:
     stages = (out / "stages.tsv").read_text() if (out / "stages.tsv").is_file() else ""
     assert proc.returncode == 0, stages + proc.stdout[-4000:] + proc.stderr[-3000:]
     status = dict(line.split("\t")[:2] for line in stages.splitlines())
-    assert {s: status[s] for s in ("pytest", "bench", "profile", "loss_memory")} == dict.fromkeys(
-        ("pytest", "bench", "profile", "loss_memory"), "ok"
-    )
+    stages = ("pytest", "bench", "profile", "loss_memory", "tiling")
+    assert {s: status[s] for s in stages} == dict.fromkeys(stages, "ok")
     for f in ("summary.md", "environment.txt", "pytest.log", "pytest.xml", "bench/bench.md",
               "bench/bench.json", "profile/summary.md", "profile/run/profile/top_kernels.md",
-              "profile/run/profile/trace.json.gz", "loss_memory/loss_memory.md"):  # fmt: skip
+              "profile/run/profile/trace.json.gz", "loss_memory/loss_memory.md",
+              "tiling/tiling.md"):  # fmt: skip
         assert (out / f).is_file(), f
     summary = (out / "summary.md").read_text()
     for system in ("dsft", "dsft-packed", "trl-default", "trl-best"):
