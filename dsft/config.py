@@ -71,7 +71,10 @@ class ModelConfig:
     gradient_checkpointing: bool = (
         False  # recompute activations in backward: less memory, ~30% slower
     )
-    compile: bool = False  # torch.compile the model: faster steps after a slow first one
+    compile: bool = False  # torch.compile the model: faster steps after a slow first one (CUDA)
+    # Fused kernels patched into the model before loading: "liger" = Liger Kernel's
+    # RMSNorm, RoPE and SwiGLU (CUDA, `pip install dsft[gpu]`); "none" = transformers' own.
+    kernels: Literal["none", "liger"] = "none"
     # Long sequences: run each block's MLP over tiles of the sequence and recompute them in
     # backward, so its wide intermediate activations never exist for the whole sequence
     # (DeepSpeed's ALST tiled compute; about one extra MLP forward of time).
@@ -173,6 +176,10 @@ class TrainConfig:
     max_bad_steps: int = 5
     precision: Literal["fp32", "bf16", "fp16"] = "bf16"
     seed: int = 42
+    # Loss from the final hidden states of the target positions only, through the LM head
+    # in gradient-checkpointed chunks: no [batch, seq, vocab] logits (dsft/loss.py).
+    # false = the model's full logits, then cross-entropy (the older, hungrier path).
+    fused_loss: bool = True
     # Sequence parallelism (Ulysses): each sequence / packed row is split across this many
     # ranks, attention exchanges heads for sequence (all-to-all); data-parallel size =
     # ranks / sequence_parallel. Needs heads, KV heads and data.max_len divisible by it.
@@ -255,6 +262,9 @@ class LoggingConfig:
     # Peak dense FLOP/s per GPU, in TFLOP/s, for MFU; 0 = look it up from the GPU's
     # name (bf16/fp16 dense numbers); without a known peak MFU is not logged.
     peak_tflops: float = 0.0
+    # torch.profiler on rank 0 for this many optimizer steps (after 2 unprofiled ones):
+    # <output_dir>/profile/top_kernels.md (the top kernels by time) and trace.json.gz.
+    profile_steps: int = 0
 
 
 @dataclass
@@ -480,6 +490,8 @@ def validate(cfg: Config) -> list[str]:
         p.append("train.micro_batch=auto: needs train.global_batch (the batch to reach)")
     if t.max_steps < 0:
         p.append("train.max_steps: must be >= 0 (0 means: run train.epochs)")
+    if cfg.logging.profile_steps < 0:
+        p.append("logging.profile_steps: must be >= 0 (0 = no profile)")
     if t.global_batch < 0:
         p.append("train.global_batch: must be >= 0 (0 means micro_batch x grad_accum x ranks)")
     if not (t.lr > 0 and math.isfinite(t.lr)):

@@ -384,6 +384,15 @@ def all_reduce_max(value: int) -> int:
     return int(t.item())
 
 
+def all_reduce_max_list(values: list[int]) -> list[int]:
+    """The elementwise largest of an integer list over all ranks (one collective)."""
+    t = torch.tensor(values, dtype=torch.int64)
+    if torch.distributed.is_initialized() and get_world_size() > 1:
+        t = t.to(device())
+        torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
+    return t.tolist()
+
+
 def broadcast_object(obj: Any, src: int = 0) -> Any:
     """Send a picklable object from ``src`` to every rank."""
     if not torch.distributed.is_initialized() or get_world_size() == 1:

@@ -41,6 +41,8 @@ def load_model(
     """
     from transformers import AutoModelForCausalLM
 
+    if cfg.kernels == "liger":
+        apply_liger(path or model_path(cfg.path, cfg.revision), cfg.trust_remote_code)
     extra: dict[str, Any] = {}
     quantized = training and cfg.quantization == "nf4"
     if quantized:  # exports and chat load the base unquantized (the adapter applies to both)
@@ -65,6 +67,38 @@ def load_model(
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.config.use_cache = False
     return model
+
+
+def apply_liger(path: str | Path, trust_remote_code: bool) -> None:
+    """Patch transformers' classes for this model type with Liger's RMSNorm, RoPE and SwiGLU
+    (before loading, so ZeRO-3's partitioned loading builds the patched modules).
+
+    Liger's loss kernels stay off: the chunked loss (dsft/loss.py, train.fused_loss) does
+    that job for any head and under ZeRO-3, and Liger's fused linear cross-entropy would
+    replace the forward that returns the hidden states it needs.
+    """
+    from liger_kernel.transformers.monkey_patch import MODEL_TYPE_TO_APPLY_LIGER_FN
+    from transformers import AutoConfig
+
+    from dsft.errors import ConfigError
+
+    model_type = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code).model_type
+    apply = MODEL_TYPE_TO_APPLY_LIGER_FN.get(model_type)
+    if apply is None:
+        raise ConfigError(
+            [
+                f"model.kernels=liger: Liger has no kernels for model type {model_type!r} "
+                f"(it has: {', '.join(sorted(MODEL_TYPE_TO_APPLY_LIGER_FN))}); use "
+                "model.kernels=none"
+            ]
+        )
+    import inspect
+
+    wanted = dict(rope=True, rms_norm=True, swiglu=True, cross_entropy=False,
+                  fused_linear_cross_entropy=False)  # fmt: skip
+    params = inspect.signature(apply).parameters
+    apply(**{k: v for k, v in wanted.items() if k in params})
+    log.info("model.kernels=liger: Liger RMSNorm/RoPE/SwiGLU patched in for %s", model_type)
 
 
 def build_model(cfg: ModelConfig, dtype: torch.dtype, ds_config: dict[str, Any]) -> torch.nn.Module:

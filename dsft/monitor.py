@@ -311,3 +311,61 @@ def open_trackers(
     if ids:
         ids_path.write_text(json.dumps(ids))
     return out
+
+
+class StepProfiler:
+    """``logging.profile_steps``: a torch.profiler trace of that many optimizer steps (after
+    one skipped and one warm-up step) on rank 0, summarised as the top kernels by device
+    time (CPU time without CUDA) in ``<out>/profile/top_kernels.md``, with the raw
+    Chrome trace next to it (gzip). A no-op when the option is 0 or on other ranks."""
+
+    def __init__(self, out_dir: Path, steps: int):
+        self.prof = None
+        self.folder = out_dir / "profile"
+        if steps <= 0 or not dist.is_main():
+            return
+        import torch
+
+        acts = [torch.profiler.ProfilerActivity.CPU]
+        self.cuda = torch.cuda.is_available()
+        if self.cuda:
+            acts.append(torch.profiler.ProfilerActivity.CUDA)
+        self.steps = steps
+        self.prof = torch.profiler.profile(
+            activities=acts,
+            schedule=torch.profiler.schedule(wait=1, warmup=1, active=steps, repeat=1),
+            on_trace_ready=self._write,
+        )
+        self.prof.start()
+
+    def step(self) -> None:
+        """Call once per optimizer step."""
+        if self.prof is not None:
+            self.prof.step()
+
+    def close(self) -> None:
+        if self.prof is not None:
+            self.prof.stop()
+            self.prof = None
+
+    def _write(self, prof: Any) -> None:
+        import gzip
+        import shutil
+
+        self.folder.mkdir(parents=True, exist_ok=True)
+        key = "self_device_time_total" if self.cuda else "self_cpu_time_total"
+        try:
+            table = prof.key_averages().table(sort_by=key, row_limit=30)
+        except (AttributeError, KeyError):  # older torch: the CUDA name
+            table = prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=30)
+        text = (
+            f"# Top kernels of {self.steps} profiled optimizer steps (rank 0), by "
+            f"{'device' if self.cuda else 'CPU'} self time\n\n```\n{table}\n```\n"
+        )
+        (self.folder / "top_kernels.md").write_text(text)
+        trace = self.folder / "trace.json"
+        prof.export_chrome_trace(str(trace))
+        with trace.open("rb") as src, gzip.open(f"{trace}.gz", "wb") as dst:
+            shutil.copyfileobj(src, dst)
+        trace.unlink()
+        log.info("profile of %d steps: %s", self.steps, self.folder / "top_kernels.md")

@@ -28,11 +28,14 @@ gradient (2 for bf16/fp16, 4 for fp32):
                 seq² scores too: heads/S of them over the whole row); the model states
                 stay partitioned over all N ranks. The tiled MLP keeps none of the MLP's
                 4·ffn-wide activations, only one tile's while it runs (hidden tokens, and
-                its gradient); a chunked loss keeps the logits of one chunk of tokens.
+                its gradient).
+  fused loss    train.fused_loss (dsft/loss.py) keeps no logits per token: once per micro-batch
+                one chunk of them, (b + 12)·vocab per row over dsft.loss.chunk_rows rows, and
+                the head's gradient summed in fp32 (4·vocab·hidden; none with LoRA).
   allowance     1 GiB for the CUDA context, cuBLAS workspace and NCCL (invisible to PyTorch's
                 allocator) plus DeepSpeed's communication buckets.
 
-A plan fits when states + max(micro-batch × per-sequence, step-only bytes) + allowance stays
+A plan fits when states + max(micro-batch × per-sequence + loss, step-only bytes) + allowance stays
 within ``headroom`` (90 %) of the free GPU memory, and the host part within the host RAM.
 """
 
@@ -52,6 +55,7 @@ from dsft.config import Config, FreezeConfig, LoraConfig, batch_plan
 from dsft.ds_config import bucket_sizes
 from dsft.errors import ConfigError
 from dsft.flops import DEFAULT_PEAK_TFLOPS, text_dims, train_flops
+from dsft.loss import chunk_rows
 
 log = logging.getLogger("dsft")
 
@@ -435,15 +439,12 @@ class Workload:
     headroom: float = DEFAULT_HEADROOM  # fraction of free GPU memory a plan may use
     sequence_parallel: int = 1  # ranks sharing each sequence (train.sequence_parallel)
     tiled_mlp: bool = False  # model.tiled_mlp
-    chunked_loss: bool = False  # the loss over chunks of tokens, never the whole row's logits
+    chunked_loss: bool = False  # train.fused_loss: one chunk of logits, never a row's
 
     @property
     def local_seq(self) -> int:
         """Tokens of each sequence on one rank."""
         return -(-self.seq // self.sequence_parallel)
-
-
-LOSS_CHUNK = 1024  # tokens whose logits a chunked loss holds at once (planning figure)
 
 
 def _width(precision: str) -> int:
@@ -524,8 +525,17 @@ def activation_bytes(f: ModelFacts, w: Workload) -> tuple[int, int]:
     act = tokens * per_token
     if w.tiled_mlp and layers:  # one tile of about `hidden` tokens and its gradient
         act += 2 * min(tokens, h) * mlp
-    logits = (b + 12) * f.vocab * (min(tokens, LOSS_CHUNK) if w.chunked_loss else tokens)
+    logits = 0 if w.chunked_loss else (b + 12) * f.vocab * tokens
     return int(act), int(logits)
+
+
+def loss_bytes(f: ModelFacts, w: Workload) -> int:
+    """train.fused_loss's bytes, once per micro-batch (0 without it): one chunk of logits
+    and the LM head's gradient, summed in fp32 over the chunks (dsft/loss.py)."""
+    if not w.chunked_loss:
+        return 0
+    chunk = (_width(w.precision) + 12) * f.vocab * min(chunk_rows(f.vocab), w.local_seq)
+    return chunk + (0 if f.lora else 4 * f.vocab * f.hidden)
 
 
 @dataclass(frozen=True)
@@ -541,11 +551,13 @@ class Estimate:
     host: int  # host RAM bytes per node
     budget: int  # usable bytes per GPU (headroom x free)
     host_budget: int | None  # usable host bytes per node, None = unknown
+    loss: int = 0  # train.fused_loss: its chunk and the head's gradient, per micro-batch
 
     def gpu(self, micro_batch: int) -> int:
         """Peak bytes per GPU at ``micro_batch``: the largest of the forward/backward peak and
         the optimizer step (activations are gone by then)."""
-        return self.states + max(micro_batch * self.per_sequence, self.step_extra) + self.fixed
+        forward_backward = micro_batch * self.per_sequence + self.loss
+        return self.states + max(forward_backward, self.step_extra) + self.fixed
 
     @property
     def host_fits(self) -> bool:
@@ -594,6 +606,7 @@ def estimate(f: ModelFacts, hw: Hardware, w: Workload, o: Option) -> Estimate:
         host=host,
         budget=int(w.headroom * hw.gpu_mem),
         host_budget=int(w.headroom * hw.host_mem) if hw.host_mem else None,
+        loss=loss_bytes(f, w),
     )
     fitting = [m for m in micro_batch_candidates(w, hw.world_size) if est.gpu(m) <= est.budget]
     return dataclasses.replace(est, micro_batch=max(fitting, default=0))
@@ -840,8 +853,7 @@ def resolve(cfg: Config, hw: Hardware, facts: ModelFacts | None = None) -> tuple
             attention=cfg.model.attn_implementation,
             sequence_parallel=sp,
             tiled_mlp=cfg.model.tiled_mlp,
-            # a loss over chunks of tokens (train.fused_loss, where this dsft has it)
-            chunked_loss=bool(getattr(t, "fused_loss", False)),
+            chunked_loss=t.fused_loss,
         )
         plan = choose(facts, hw, work, options)
         if auto_sp and hw.device == "cuda":
@@ -950,7 +962,8 @@ def render_plan(
         f"checkpointing {'on' if w.checkpointing else 'off'}{_long_rows(w)}, "
         f"usable {w.headroom:.0%} of GPU memory",
         f"per sequence{' and rank' if w.sequence_parallel > 1 else ''}: activations {_gb(act)}, "
-        f"logits {_gb(logits)}",
+        f"logits {_gb(logits)}"
+        + (f" (fused loss: {_gb(loss_bytes(f, w))} per micro-batch)" if w.chunked_loss else ""),
         "",
     ]
     head = f"  {'option':<34}{'states/GPU':>11}{'peak/GPU':>10}{'host/node':>11}{'micro':>7}  fits"

@@ -40,6 +40,24 @@ def check_runtime(cfg: Config) -> None:
             "model.attn_implementation=flash_attention_2 needs a CUDA GPU and the "
             "flash-attn package; use sdpa (PyTorch's fused attention) instead"
         )
+    if cfg.model.attn_implementation == "flex_attention" and not cuda:
+        problems.append(
+            "model.attn_implementation=flex_attention needs a CUDA GPU (FlexAttention trains "
+            "through Triton kernels); use sdpa"
+        )
+    if cfg.model.kernels == "liger":
+        if not cuda:
+            problems.append(
+                "model.kernels=liger needs a CUDA GPU (Liger's kernels are Triton); "
+                "use model.kernels=none"
+            )
+        elif importlib.util.find_spec("liger_kernel") is None:
+            problems.append(
+                "model.kernels=liger: the liger-kernel package is not installed; "
+                "pip install 'dsft[gpu]' (or liger-kernel>=0.8), or use model.kernels=none"
+            )
+    if cfg.model.compile and not cuda:
+        log.warning("model.compile on CPU works but is rarely faster; it is meant for CUDA")
     bnb = importlib.util.find_spec("bitsandbytes") is not None
     for what, asked in (
         ("model.quantization=nf4 (QLoRA)", cfg.model.quantization == "nf4"),

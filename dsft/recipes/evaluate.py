@@ -85,6 +85,7 @@ def run_eval(cfg: Config, checkpoint: str, out_dir: str | None = None) -> dict[s
         monitor,
         out,
         synced=cfg.deepspeed.zero_stage == 3 and env.world_size > 1,
+        fused_loss=cfg.train.fused_loss,
     )
     results: dict[str, Any] = {
         "checkpoint": str(checkpoint),

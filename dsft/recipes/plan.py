@@ -56,7 +56,7 @@ def plan(ns: argparse.Namespace) -> int:
         headroom=ns.headroom,
         sequence_parallel=1 if auto_sp else int(sp),
         tiled_mlp=ns.tiled or cfg.model.tiled_mlp,
-        chunked_loss=ns.tiled or bool(getattr(t, "fused_loss", False)),
+        chunked_loss=ns.tiled or t.fused_loss,
     )
     # Long rows (or sequence parallelism asked for): which degree each model needs.
     show_sp = auto_sp or work.sequence_parallel > 1 or work.seq > LONG_SEQ

@@ -17,6 +17,13 @@ divide by grad_accum again, so neither gradient accumulation nor the number of r
 changes the step. With sequence parallelism (dsft/sequence_parallel.py) each rank's
 ``sum_nll`` covers its slice of the rows and the target count is taken once per row,
 by the first rank of its group.
+
+Host syncs: target counts come from the collated CPU batch; the micro-batch losses
+add up on the device; the host waits for the device twice per optimizer step (the
+global target count before the first forward, the global loss and stop flag after
+the step), plus the logging steps' grad norm. With ``train.fused_loss`` (dsft/loss.py)
+no full-vocabulary logits exist: the loss comes from the target positions' hidden
+states through the LM head in chunks (on a sequence-parallel rank: its slice's).
 """
 
 from __future__ import annotations
@@ -34,7 +41,7 @@ from typing import Any
 
 import torch
 
-from dsft import checkpoint, crossval, data, distributed, export, faults
+from dsft import checkpoint, crossval, data, distributed, export, faults, loss
 from dsft import sequence_parallel as seqpar
 from dsft.config import Config, batch_plan, load_config, save_config, to_dict
 from dsft.data.collate import collate
@@ -46,7 +53,7 @@ from dsft.errors import ConfigError, Preempted, TrainingDiverged
 from dsft.eval import evaluator as evaluate
 from dsft.flops import FlopCounter
 from dsft.model import build_model, count_params, freeze, load_tokenizer, torch_dtype
-from dsft.monitor import Monitor
+from dsft.monitor import Monitor, StepProfiler
 from dsft.optim import (
     describe_groups,
     guard_zero0_fp32_step,
@@ -188,8 +195,16 @@ def run(cfg: Config) -> dict[str, Any]:
     dev = distributed.device()
     pad_id = tokenizer.pad_token_id
     evaluator = evaluate.Evaluator(
-        engine, tokenizer, splits, cfg.eval, monitor, out, synced=zero3 and env.world_size > 1
+        engine,
+        tokenizer,
+        splits,
+        cfg.eval,
+        monitor,
+        out,
+        synced=zero3 and env.world_size > 1,
+        fused_loss=cfg.train.fused_loss,
     )
+    head = loss.output_head(engine.module) if cfg.train.fused_loss else None
     tracker = evaluate.BestTracker(cfg.eval.metric, cfg.eval.patience, cfg.eval.min_delta)
     if "best" in start:
         tracker.best, tracker.best_step, tracker.since_best = start["best"]
@@ -234,6 +249,7 @@ def run(cfg: Config) -> dict[str, Any]:
         }
 
     # ---------------------------------------------------------------- loop
+    profiler = StepProfiler(out, cfg.logging.profile_steps)  # logging.profile_steps
     engine.train()
     step, epoch, next_window = start["step"], start["epoch"], start["window"]
     t_start = time.time()
@@ -271,13 +287,14 @@ def run(cfg: Config) -> dict[str, Any]:
                 for b in batches[first : first + plan.grad_accum]
             ]
             # Count the response tokens of the whole global batch before any backward,
-            # so every micro-batch can be weighted by the same global denominator. The
-            # ranks of a sequence-parallel group hold the same rows: the first counts them.
+            # so every micro-batch can be weighted by the same global denominator
+            # (counted on the host, from the CPU tensors: no device sync). The ranks of a
+            # sequence-parallel group hold the same rows: the first counts them.
             local_targets = sum(int((m["labels"][:, 1:] != IGNORE_INDEX).sum()) for m in window)
             local_targets *= sp.rank == 0
             global_targets = distributed.all_reduce_sum([local_targets])[0].item()
             own_norm = None
-            step_nll = 0.0
+            step_nll = torch.zeros((), dtype=torch.float64, device=dev)  # summed on device
             skipped_before = engine.skipped_steps
             for i, micro in enumerate(window):
                 lengths = micro.pop("lengths")  # real tokens per example (for throughput)
@@ -288,26 +305,33 @@ def run(cfg: Config) -> dict[str, Any]:
                 with sp.sharded():  # forward and backward (checkpointing recomputes in it)
                     # No KV cache in training; transformers would also ignore packed-row
                     # boundaries (restarting position_ids) when given one.
-                    logits = engine(**micro, use_cache=False).logits
-                    nll, _, _ = evaluate.token_stats(logits, targets.to(dev), shifted=True)
+                    if head is not None:  # train.fused_loss: no full logits
+                        index, ids = loss.target_index(targets, shifted=True)
+                        nll, _ = loss.fused_nll(engine, head, micro, index.to(dev), ids.to(dev))
+                    else:
+                        logits = engine(**micro, use_cache=False).logits
+                        nll = loss.logits_nll(logits, targets.to(dev), shifted=True)
                     if step + 1 in fault_steps and env.is_main:
                         nll = nll * float("nan")  # test hook: a step whose loss blows up
                     engine.backward(nll * grad_divisor / global_targets, scale_wrt_gas=False)
                 if i == len(window) - 1 and zero0_fp32:
                     own_norm = guard_zero0_fp32_step(engine)
                 engine.step()  # clips and steps only at the accumulation boundary
-                step_nll += nll.item()
+                step_nll += nll.detach().double()
                 if sp.rank == 0:  # a group's rows are counted once
                     tokens_seen += int(lengths.sum())
                     sq_tokens += int((lengths**2).sum())
             step += 1
+            profiler.step()
 
             # A step is bad when its global loss is not finite or DeepSpeed skipped it for
             # non-finite gradients (fp16 overflows are the loss scaler's business). Bad
             # steps update nothing; too many in a row end the run.
-            # One all-reduce gives the global loss and whether any rank was asked to stop.
+            # One all-reduce (and the step's one wait for the device) gives the global loss
+            # and whether any rank was asked to stop.
+            stop = float(distributed.stop_requested() is not None)
             nll_sum, stops = distributed.all_reduce_sum(
-                [step_nll, distributed.stop_requested() is not None]
+                torch.stack([step_nll, torch.tensor(stop, dtype=torch.float64, device=dev)])
             ).tolist()
             step_loss = nll_sum / global_targets
             skipped = engine.skipped_steps > skipped_before
@@ -406,6 +430,7 @@ def run(cfg: Config) -> dict[str, Any]:
             epoch, next_window = epoch + 1, 0
 
     # ---------------------------------------------------------------- finish
+    profiler.close()
     summary["train_seconds"] = round(time.time() - t_start, 2)
     summary["steps"] = step
     train_loss = eval_loss_sum / eval_targets if eval_targets else None

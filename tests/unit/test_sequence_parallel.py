@@ -173,7 +173,8 @@ def test_planner_divides_activations_by_the_degree_and_tiling_cuts_them() -> Non
     assert act4 == act1 // 4 and logits4 == logits1 // 4
     tiled = dataclasses.replace(w, sequence_parallel=4, tiled_mlp=True, chunked_loss=True)
     act_t, logits_t = planner.activation_bytes(f, tiled)
-    assert act_t < act4 and logits_t == logits4 * planner.LOSS_CHUNK // (65536 // 4)
+    # the fused loss keeps no logits per sequence: one chunk per micro-batch (loss_bytes)
+    assert act_t < act4 and logits_t == 0 < planner.loss_bytes(f, tiled) < logits4 // 8
 
 
 def test_smallest_degree_that_fits_and_auto_resolution() -> None:
@@ -196,7 +197,12 @@ def test_smallest_degree_that_fits_and_auto_resolution() -> None:
         data=dataclasses.replace(cfg.data, max_len=131072),
         model=dataclasses.replace(cfg.model, gradient_checkpointing=True),
         train=dataclasses.replace(
-            cfg.train, micro_batch=1, global_batch=8, sequence_parallel="auto"
+            # the full-logits loss, as the Workload above (the fused loss needs fewer ranks)
+            cfg.train,
+            micro_batch=1,
+            global_batch=8,
+            sequence_parallel="auto",
+            fused_loss=False,
         ),
     )
     resolved, record = planner.resolve(cfg, hw, facts=f)
