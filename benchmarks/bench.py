@@ -242,6 +242,7 @@ class Bench:
         )
         self.tokenizer = tok
 
+        import pyarrow as pa
         from datasets import Dataset
 
         from dsft.data.formats import load_examples
@@ -250,12 +251,21 @@ class Bench:
         enc = encode(tok, load_examples([str(self.train_path)], "auto", {}, "error").examples)
         spans = list(zip(enc.offsets[:-1], enc.offsets[1:], strict=True))
         lengths = np.diff(enc.offsets)
-        Dataset.from_dict(
+        table = pa.table(
             {
-                "input_ids": [enc.ids[a:b].tolist() for a, b in spans],
-                "assistant_masks": [enc.trained[a:b].astype(np.int8).tolist() for a, b in spans],
+                "input_ids": pa.array(
+                    [enc.ids[a:b].tolist() for a, b in spans], pa.list_(pa.int64())
+                ),
+                "assistant_masks": pa.array(
+                    [enc.trained[a:b].astype(np.int8).tolist() for a, b in spans],
+                    pa.list_(pa.int8()),
+                ),
             }
-        ).save_to_disk(str(w / "pretokenized"))
+        )
+        # A given fingerprint: Dataset.from_dict would hash the table with dill, which fails
+        # on Python 3.12 with pyarrow 24 ("Can't pickle <class 'MonthDayNano'>"); TRL's own
+        # map calls fall back to random fingerprints when hashing fails.
+        Dataset(table, fingerprint="dsft-bench-pretokenized").save_to_disk(str(w / "pretokenized"))
         self.data_stats = {
             "train_examples": n_train,
             "val_examples": n_val,
@@ -315,11 +325,12 @@ class Bench:
             },
             "deepspeed": {"zero_stage": c["zero_stage"]},
             "eval": {"generate": False, "before_training": False, "micro_batch": 8},
-            "checkpoint": {"save_final": False, "export": True},
+            # the export is what the validation loss is measured on
+            "checkpoint": {"save_final": False, "export": self.ns.val_loss},
             "logging": {
                 "every": 1,
                 "progress": False,
-                "tensorboard": False,
+                "report_to": [],
                 "peak_tflops": c["peak_tflops"],
             },
         }
@@ -402,7 +413,7 @@ class Bench:
         else:
             res = self.run_trl(out, name == "trl-best", self._ds_config(), seed)
         t = time.time()
-        res["val_loss"] = self.val_loss(Path(res["final"]))
+        res["val_loss"] = self.val_loss(Path(res["final"])) if self.ns.val_loss else None
         log(f"{name} {tag}: ran {res['wall_s']:.1f}s, validation {time.time() - t:.1f}s")
         return res
 
@@ -668,7 +679,7 @@ def run(ns: argparse.Namespace) -> int:
             log(
                 f"round {r + 1}/{c['repeats']} {s}: {fig['tokens_per_s']:,.0f} tokens/s, "
                 f"step {fig['step_time']:.3f}s, start {fig['startup_s']:.1f}s, "
-                f"val loss {fig['val_loss']:.4f}"
+                f"val loss {_fmt(fig['val_loss'], '.4f')}"
             )
     result["runs"] = runs
     med: dict[str, dict[str, Any]] = {}
@@ -677,7 +688,7 @@ def run(ns: argparse.Namespace) -> int:
         for k in (*FIGURES, "tokens_per_step"):
             vals = [x[k] for x in rs if x[k] is not None]
             med[s][k] = float(np.median(vals)) if vals else None
-        losses = [x["val_loss"] for x in rs]
+        losses = [x["val_loss"] for x in rs if x["val_loss"] is not None]
         med[s]["val_loss_range"] = [min(losses), max(losses)] if losses else None
     result["medians"] = med
     result["ratios"] = {}
@@ -735,6 +746,12 @@ def add_arguments(b: Any) -> None:
     b.add_argument("--lr", type=float, default=1e-3)
     b.add_argument("--attn", help="attention implementation (default: flash-attn if any, sdpa)")
     b.add_argument("--systems", default=",".join(SYSTEMS), help="comma-separated subset")
+    b.add_argument(
+        "--no-val-loss",
+        dest="val_loss",
+        action="store_false",
+        help="skip exporting each run's weights and measuring their validation loss",
+    )
     b.add_argument(
         "--trl-no-deepspeed", action="store_true", help="run TRL without the DeepSpeed JSON"
     )

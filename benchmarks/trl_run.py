@@ -42,6 +42,16 @@ def main(spec_path: str) -> int:
     spec = json.loads(Path(spec_path).read_text())
     # DeepSpeed's JIT-built ops (CPU: the shm comm op) come from the cache dsft uses.
     os.environ.setdefault("TORCH_EXTENSIONS_DIR", os.path.join(sys.prefix, "torch_extensions"))
+    if "RANK" not in os.environ:
+        # One plain process: say so in torchrun's variables, or DeepSpeed's init_distributed
+        # goes looking for MPI (mpi4py without a libmpi fails there).
+        import socket
+
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", LOCAL_WORLD_SIZE="1",
+                          MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))  # fmt: skip
     from datasets import load_from_disk
     from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
     from trl import SFTConfig, SFTTrainer

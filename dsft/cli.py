@@ -1,7 +1,7 @@
 """``dsft`` command line: parse the arguments and dispatch to a recipe in ``dsft/recipes/``.
 
-Commands: train (incl. k-fold), launch, eval, export, demo, data inspect, sweep, report,
-plan, ds-config, bench. Each runs ``dsft.recipes.<name>.main(ns)``, imported only when its
+Commands: train (incl. k-fold), launch, eval, export, init, chat, demo, data inspect, sweep,
+report, plan, ds-config, bench. Each runs ``dsft.recipes.<name>.main(ns)``, imported only when its
 command runs, so a plain command imports neither another command nor the benchmark (TRL).
 User mistakes (bad config, bad data rows) end with a clear message and exit code 2, never
 a traceback.
@@ -59,7 +59,40 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="LoRA runs: write only the adapter, not the merged model",
     )
+    x.add_argument(
+        "--push-to-hub",
+        metavar="ORG/NAME",
+        help="upload the export (the merged model, or the adapter) and its model card",
+    )
+    x.add_argument("--private", action="store_true", help="with --push-to-hub: a private repo")
     x.set_defaults(recipe="export", overrides=[])
+
+    it = sub.add_parser(
+        "init", help="write a commented config to start from, for a model and data files"
+    )
+    it.add_argument("model", help="model directory (config.json) or Hub name")
+    it.add_argument("data", nargs="+", help="training data files")
+    it.add_argument("--method", choices=("full", "lora"), default="lora", help="default: lora")
+    it.add_argument("--gpus", type=int, help="GPUs per node to plan for (default: this machine's)")
+    it.add_argument("--gpu-mem", help="memory per GPU, e.g. 80GB (default: measured, else 80GB)")
+    it.add_argument("--nodes", type=int, default=1, help="nodes to plan for (default 1)")
+    it.add_argument("-o", "--out", default="config.yaml", help="where to write it (config.yaml)")
+    it.add_argument("--force", action="store_true", help="overwrite an existing file")
+    it.set_defaults(recipe="init", overrides=[])
+
+    ch = sub.add_parser("chat", help="talk to an exported model, adapter or run in the terminal")
+    ch.add_argument("model", help="export dir, LoRA adapter dir, or run dir (best/, else final/)")
+    ch.add_argument("--prompt", help="answer this one message and exit")
+    ch.add_argument("--system", help="system message")
+    ch.add_argument("--max-new-tokens", type=int, default=256)
+    ch.add_argument("--temperature", type=float, default=0.7, help="0 = greedy (default 0.7)")
+    ch.add_argument("--top-p", type=float, default=0.9)
+    ch.add_argument("--top-k", type=int, default=50)
+    ch.add_argument("--seed", type=int, default=0)
+    ch.add_argument("--base", help="an adapter's base model (default: from adapter_config.json)")
+    ch.add_argument("--device", default="auto", help="auto (CUDA if present), cpu or cuda[:N]")
+    ch.add_argument("--trust-remote-code", action="store_true")
+    ch.set_defaults(recipe="chat", overrides=[])
 
     d = sub.add_parser("demo", help="fine-tune a tiny model on the bundled tasks, no download")
     d.add_argument("overrides", nargs="*", help="dotted overrides of the demo config")
@@ -114,7 +147,9 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("source", nargs="?", help="model directory (config.json) or a YAML config")
     pl.add_argument("overrides", nargs="*", help="dotted overrides of a YAML config")
     pl.add_argument("--shape", help="a built-in Llama shape: " + ", ".join(_shape_names()))
-    pl.add_argument("--family", action="store_true", help="which built-in Llama sizes fit")
+    pl.add_argument(
+        "--family", action="store_true", help="which built-in Llama sizes fit (the default)"
+    )
     pl.add_argument("--gpus", type=int, help="GPUs per node (default: this machine's)")
     pl.add_argument("--gpu-mem", help="free memory per GPU, e.g. 80GB (default: measured)")
     pl.add_argument("--nodes", type=int, help="nodes (default: from the launcher env, else 1)")
@@ -124,6 +159,10 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--micro-batch", help="N, or auto (default: auto; a config's own value)")
     pl.add_argument("--lora", action="store_true", help="plan for LoRA (model.lora defaults)")
     pl.add_argument("--grad-ckpt", action="store_true", help="activation checkpointing on")
+    pl.add_argument(
+        "--sp", help="sequence-parallel degree N, or auto (default: a config's, else 1)"
+    )
+    pl.add_argument("--tiled", action="store_true", help="tiled MLP and a chunked loss on")
     pl.add_argument("--precision", choices=["fp32", "bf16", "fp16"])
     pl.add_argument("--headroom", type=float, default=0.9, help="usable share of GPU memory")
     pl.add_argument("--tokens", help="training tokens per epoch, e.g. 500M (default: the data)")

@@ -40,6 +40,13 @@ class LoraConfig:
     target_modules: list[str] = field(default_factory=lambda: ["all-linear"])
     # Modules trained in full next to the adapters and saved with them (e.g. ["lm_head"]).
     modules_to_save: list[str] = field(default_factory=list)
+    use_dora: bool = False  # DoRA: weight-decomposed LoRA (adds a magnitude vector per layer)
+    use_rslora: bool = False  # rsLoRA: scale the update by alpha/sqrt(r) instead of alpha/r
+    # Adapter initialisation (peft's init_lora_weights): default (A Kaiming, B zero), gaussian
+    # (A Gaussian, B zero), pissa (A, B from the weight's top singular vectors, the base keeps
+    # the residual; full SVD, not under ZeRO-3), loftq (A, B fit the NF4 quantisation error of
+    # the base; CUDA + bitsandbytes, not under ZeRO-3).
+    init: Literal["default", "gaussian", "pissa", "loftq"] = "default"
 
 
 @dataclass
@@ -64,7 +71,17 @@ class ModelConfig:
     gradient_checkpointing: bool = (
         False  # recompute activations in backward: less memory, ~30% slower
     )
-    compile: bool = False  # torch.compile the model: faster steps after a slow first one
+    compile: bool = False  # torch.compile the model: faster steps after a slow first one (CUDA)
+    # Fused kernels patched into the model before loading: "liger" = Liger Kernel's
+    # RMSNorm, RoPE and SwiGLU (CUDA, `pip install dsft[gpu]`); "none" = transformers' own.
+    kernels: Literal["none", "liger"] = "none"
+    # Long sequences: run each block's MLP over tiles of the sequence and recompute them in
+    # backward, so its wide intermediate activations never exist for the whole sequence
+    # (DeepSpeed's ALST tiled compute; about one extra MLP forward of time).
+    tiled_mlp: bool = False
+    # QLoRA: "nf4" loads the frozen base in 4-bit NF4 through bitsandbytes (bf16 compute) with
+    # LoRA on top. CUDA only; needs model.lora.enabled; exports the adapter only.
+    quantization: Literal["none", "nf4"] = "none"
     lora: LoraConfig = field(default_factory=LoraConfig)
     freeze: FreezeConfig = field(default_factory=FreezeConfig)
 
@@ -170,6 +187,15 @@ class TrainConfig:
     max_bad_steps: int = 5
     precision: Literal["fp32", "bf16", "fp16"] = "bf16"
     seed: int = 42
+    # Loss from the final hidden states of the target positions only, through the LM head
+    # in gradient-checkpointed chunks: no [batch, seq, vocab] logits (dsft/loss.py).
+    # false = the model's full logits, then cross-entropy (the older, hungrier path).
+    fused_loss: bool = True
+    # Sequence parallelism (Ulysses): each sequence / packed row is split across this many
+    # ranks, attention exchanges heads for sequence (all-to-all); data-parallel size =
+    # ranks / sequence_parallel. Needs heads, KV heads and data.max_len divisible by it.
+    # "auto": the memory planner picks the smallest that fits (1 without CUDA).
+    sequence_parallel: int | Literal["auto"] = 1
 
 
 @dataclass
@@ -238,11 +264,23 @@ class LoggingConfig:
     """What rank 0 reports and where."""
 
     every: int = 10  # optimizer steps between train-loss log lines
-    tensorboard: bool = True
+    # Experiment trackers (rank 0; metrics.jsonl is always written): tensorboard
+    # (<output_dir>/tensorboard), wandb (offline into <output_dir>/wandb unless WANDB_MODE or
+    # WANDB_API_KEY say online), mlflow (MLFLOW_TRACKING_URI, else a file store in
+    # <output_dir>/mlruns). One that is not installed or unreachable is a warning.
+    report_to: list[Literal["tensorboard", "wandb", "mlflow"]] = field(
+        default_factory=lambda: ["tensorboard"]
+    )
+    project: str = "dsft"  # W&B project; MLflow experiment when no group is set
+    run_name: str = ""  # "" = the output_dir's name
+    group: str = ""  # W&B group / MLflow experiment; dsft sweep sets it for its trials
     progress: bool = True
     # Peak dense FLOP/s per GPU, in TFLOP/s, for MFU; 0 = look it up from the GPU's
     # name (bf16/fp16 dense numbers); without a known peak MFU is not logged.
     peak_tflops: float = 0.0
+    # torch.profiler on rank 0 for this many optimizer steps (after 2 unprofiled ones):
+    # <output_dir>/profile/top_kernels.md (the top kernels by time) and trace.json.gz.
+    profile_steps: int = 0
 
 
 @dataclass
@@ -468,6 +506,8 @@ def validate(cfg: Config) -> list[str]:
         p.append("train.micro_batch=auto: needs train.global_batch (the batch to reach)")
     if t.max_steps < 0:
         p.append("train.max_steps: must be >= 0 (0 means: run train.epochs)")
+    if cfg.logging.profile_steps < 0:
+        p.append("logging.profile_steps: must be >= 0 (0 = no profile)")
     if t.global_batch < 0:
         p.append("train.global_batch: must be >= 0 (0 means micro_batch x grad_accum x ranks)")
     if not (t.lr > 0 and math.isfinite(t.lr)):
@@ -526,9 +566,26 @@ def validate(cfg: Config) -> list[str]:
             f"model.attn_implementation: {cfg.model.attn_implementation!r} is not one of "
             f"{', '.join(ATTENTION)}"
         )
+    p.extend(validate_sequence_parallel(cfg))
     lora = cfg.model.lora
     if lora.enabled and (lora.r < 1 or lora.alpha <= 0 or not 0 <= lora.dropout < 1):
         p.append("model.lora: r >= 1, alpha > 0 and dropout in [0, 1) are required")
+    variants = [k for k in ("use_dora", "use_rslora") if getattr(lora, k)]
+    variants += [f"init={lora.init}"] * (lora.init != "default")
+    variants += [f"model.quantization={cfg.model.quantization}"] * (
+        cfg.model.quantization != "none"
+    )
+    if variants and not lora.enabled:
+        p.append(f"{', '.join(variants)}: LoRA variants need model.lora.enabled=true")
+    if lora.init == "pissa" and cfg.model.quantization != "none":
+        p.append("model.lora.init=pissa: not with a quantized base; use init=loftq for QLoRA")
+    if cfg.model.quantization != "none" and ds.zero_stage == 3:
+        p.append(
+            "model.quantization: a 4-bit base cannot be partitioned by ZeRO-3; use "
+            "deepspeed.zero_stage 0-2 (LoRA's optimizer states are small)"
+        )
+    if len(set(cfg.logging.report_to)) != len(cfg.logging.report_to):
+        p.append(f"logging.report_to: {cfg.logging.report_to} names a tracker twice")
     return p
 
 
@@ -644,6 +701,53 @@ def validate_data(d: DataConfig) -> list[str]:
     return p
 
 
+# Attention implementations the Ulysses all-to-all wraps (dsft/sequence_parallel.py).
+SP_ATTENTION = ("sdpa", "eager", "flash_attention_2")
+
+
+def validate_sequence_parallel(cfg: Config) -> list[str]:
+    """``train.sequence_parallel`` against the data length, the attention and the model's
+    head counts (read from its config.json: every rank must own whole heads)."""
+    n = cfg.train.sequence_parallel
+    if n == "auto" or n == 1:
+        return []
+    if n < 1:
+        return ["train.sequence_parallel: must be >= 1 (1 = off) or auto"]
+    p: list[str] = []
+    if cfg.data.max_len % n:
+        p.append(
+            f"data.max_len: {cfg.data.max_len} is not divisible by train.sequence_parallel={n}; "
+            f"use a multiple of {n}, e.g. {cfg.data.max_len // n * n or n}"
+        )
+    if cfg.model.attn_implementation not in SP_ATTENTION:
+        p.append(
+            f"train.sequence_parallel={n}: model.attn_implementation="
+            f"{cfg.model.attn_implementation} is not supported with it; use one of "
+            f"{', '.join(SP_ATTENTION)}"
+        )
+    heads = model_heads(cfg.model.path)
+    for what, count in zip(("attention heads", "key/value heads"), heads, strict=True):
+        if count and count % n:
+            p.append(
+                f"train.sequence_parallel={n}: the model's {count} {what} are not divisible by "
+                f"{n} (each rank attends with whole heads); use a divisor of {count}"
+            )
+    return p
+
+
+def model_heads(path: str) -> tuple[int, int]:
+    """(attention heads, key/value heads) from a model directory's config.json; 0 = unknown."""
+    import json
+
+    try:
+        raw = json.loads((Path(path) / "config.json").read_text())
+    except (OSError, ValueError):
+        return 0, 0
+    text = raw.get("text_config") or raw
+    heads = int(text.get("num_attention_heads") or 0)
+    return heads, int(text.get("num_key_value_heads") or heads)
+
+
 def _regex_problem(where: str, pattern: str) -> list[str]:
     try:
         re.compile(pattern)
@@ -668,31 +772,49 @@ class BatchPlan:
 
     micro_batch: int
     grad_accum: int
-    world_size: int
+    world_size: int  # all ranks
+    sequence_parallel: int = 1  # ranks sharing each sequence (train.sequence_parallel)
+
+    @property
+    def data_parallel(self) -> int:
+        """Ranks that see different sequences: the ranks of one sequence-parallel group see
+        the same micro-batch, each its slice of the sequence."""
+        return self.world_size // self.sequence_parallel
 
     @property
     def global_batch(self) -> int:
-        return self.micro_batch * self.grad_accum * self.world_size
+        return self.micro_batch * self.grad_accum * self.data_parallel
 
 
 def batch_plan(train: TrainConfig, world_size: int) -> BatchPlan:
     """Derive gradient accumulation from ``train.global_batch`` (if set) and the world size.
 
-    global batch = micro-batch x grad-accum x data-parallel size; this is the only
-    place that equation is solved. A micro-batch of "auto" must be resolved by the planner
+    global batch = micro-batch x grad-accum x data-parallel size, where data-parallel size =
+    ranks / train.sequence_parallel; this is the only place that equation is solved. A
+    micro-batch or sequence-parallel degree of "auto" must be resolved by the planner
     (:func:`dsft.planner.resolve`) first.
     """
-    if train.micro_batch == "auto":
-        raise ConfigError(["train.micro_batch=auto: resolve it with dsft.planner.resolve first"])
+    for name in ("micro_batch", "sequence_parallel"):
+        if getattr(train, name) == "auto":
+            raise ConfigError([f"train.{name}=auto: resolve it with dsft.planner.resolve first"])
+    sp = int(train.sequence_parallel)
+    if world_size % sp:
+        raise ConfigError(
+            [
+                f"train.sequence_parallel: {sp} does not divide the {world_size} ranks; run a "
+                f"multiple of {sp} ranks or choose a divisor of {world_size}"
+            ]
+        )
+    dp = world_size // sp
     if train.global_batch <= 0:
-        return BatchPlan(train.micro_batch, train.grad_accum, world_size)
-    per_step = train.micro_batch * world_size
+        return BatchPlan(int(train.micro_batch), train.grad_accum, world_size, sp)
+    per_step = train.micro_batch * dp
     if train.global_batch % per_step:
         raise ConfigError(
             [
                 f"train.global_batch: {train.global_batch} is not a multiple of train.micro_batch "
-                f"({train.micro_batch}) x ranks ({world_size}) = {per_step}; choose a multiple of "
-                f"{per_step} or change the micro-batch"
+                f"({train.micro_batch}) x data-parallel ranks ({dp}) = {per_step}; choose a "
+                f"multiple of {per_step} or change the micro-batch"
             ]
         )
-    return BatchPlan(train.micro_batch, train.global_batch // per_step, world_size)
+    return BatchPlan(train.micro_batch, train.global_batch // per_step, world_size, sp)

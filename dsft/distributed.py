@@ -319,6 +319,48 @@ def wait_for_main() -> None:
         torch.distributed.barrier(group=_long_group)
 
 
+@dataclass(frozen=True)
+class SequenceParallelGroups:
+    """Where this rank sits in a sequence-parallel x data-parallel job.
+
+    Ranks ``[g*N, (g+1)*N)`` form sequence-parallel group ``g`` (neighbours, so that the
+    per-layer all-to-all stays inside a node): they share one micro-batch, each its slice
+    of the sequence. ``g`` is also the rank's data-parallel rank, the index the sampler
+    shards by. ``mpu`` is DeepSpeed's parallel-state object for ``deepspeed.initialize``:
+    ZeRO then partitions over all ranks and averages gradients over the data-parallel ones.
+    """
+
+    size: int  # N, ranks per sequence
+    rank: int  # this rank's slice of the sequence
+    dp_size: int
+    dp_rank: int
+    group: Any = None  # the sequence-parallel process group (None when size is 1)
+    mpu: Any = None
+
+
+def sequence_parallel_groups(size: int) -> SequenceParallelGroups:
+    """Create (collectively, every rank calls it) the sequence-parallel groups of ``size``."""
+    world, rank = get_world_size(), get_rank()
+    if world % size:
+        raise ConfigError([f"train.sequence_parallel: {size} does not divide the {world} ranks"])
+    if size == 1:
+        return SequenceParallelGroups(1, 0, world, rank)
+    from deepspeed.runtime.sequence_parallel import parallel_state_sp as mpu
+
+    # DeepSpeed keeps these groups in module globals; a second run in this process (k-fold
+    # folds) makes them afresh rather than tripping over the first run's.
+    mpu._release_sequence_parallel_groups()
+    mpu.initialize_sequence_parallel(sequence_parallel_size=size)
+    return SequenceParallelGroups(
+        size,
+        mpu.get_sequence_parallel_rank(),
+        world // size,
+        rank // size,
+        mpu.get_sequence_parallel_group(),
+        mpu,
+    )
+
+
 def all_reduce_sum(values: list[float] | torch.Tensor) -> torch.Tensor:
     """Sum a vector of float64 counters over all ranks (exact metric aggregation).
 
@@ -340,6 +382,15 @@ def all_reduce_max(value: int) -> int:
         t = t.to(device())
         torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
     return int(t.item())
+
+
+def all_reduce_max_list(values: list[int]) -> list[int]:
+    """The elementwise largest of an integer list over all ranks (one collective)."""
+    t = torch.tensor(values, dtype=torch.int64)
+    if torch.distributed.is_initialized() and get_world_size() > 1:
+        t = t.to(device())
+        torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
+    return t.tolist()
 
 
 def broadcast_object(obj: Any, src: int = 0) -> Any:

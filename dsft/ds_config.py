@@ -67,7 +67,13 @@ def deepspeed_config(cfg: Config, plan: BatchPlan, hidden: int | None = None) ->
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": True}
     if ds.offload_params:
         zero["offload_param"] = {"device": "cpu", "pin_memory": True}
+    sp = {}
+    if plan.sequence_parallel > 1:
+        # DeepSpeed reads it where it has no mpu (ZeRO-3's zero.Init while the model loads)
+        # to count data-parallel ranks as world / sequence_parallel_size.
+        sp["sequence_parallel_size"] = plan.sequence_parallel
     return {
+        **sp,
         "train_batch_size": plan.global_batch,
         "train_micro_batch_size_per_gpu": plan.micro_batch,
         "gradient_accumulation_steps": plan.grad_accum,

@@ -11,18 +11,23 @@ that differ is an error, never a silent bad export.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
+import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
+import yaml
 
 from dsft import distributed as dist
 from dsft.checkpoint import check_base, consolidate, find, saved_config
-from dsft.config import Config
+from dsft.config import Config, to_dict
+from dsft.data.cache import _file_digest
 from dsft.data.tokenize import apply_template
 from dsft.errors import ExportError
-from dsft.model import apply_lora, freeze, load_model, load_tokenizer
+from dsft.model import apply_lora, freeze, load_model, load_tokenizer, mutates_base
 
 log = logging.getLogger("dsft")
 
@@ -46,11 +51,14 @@ def gather_state_dict(module: torch.nn.Module, zero3: bool) -> dict[str, torch.T
     return sd
 
 
-def export_hf(engine: Any, cfg: Config, out: Path) -> Path | None:
-    """Export the engine's current weights to ``out`` (all ranks call; rank 0 writes)."""
+def export_hf(
+    engine: Any, cfg: Config, out: Path, run: dict[str, Any] | None = None
+) -> Path | None:
+    """Export the engine's current weights to ``out`` (all ranks call; rank 0 writes).
+    ``run``: the run summary so far, for the model card."""
     sd = gather_state_dict(engine.module, cfg.deepspeed.zero_stage == 3)
     if dist.is_main():
-        write_hf(cfg, sd, out)
+        write_hf(cfg, sd, out, run=run)
     dist.wait_for_main()  # rank 0 writes and reloads alone: may take long for big models
     return out if dist.is_main() else None
 
@@ -59,11 +67,13 @@ def export_checkpoint(path: str | Path, out: Path, merged: bool = True) -> Path:
     """``dsft export``: a checkpoint (or run directory) to a Hugging Face directory."""
     dist.configure_accelerator()  # zero_to_fp32 imports deepspeed
     tag_dir = find(path)
+    summary = tag_dir.parent.parent / "summary.json"  # the run's, when it finished
+    run = json.loads(summary.read_text()) if summary.is_file() else {}
+    run.setdefault("steps", json.loads((tag_dir / "dsft_state.json").read_text()).get("step"))
     cfg = saved_config(tag_dir)
-    check_base(
-        tag_dir, cfg.model.path, cfg.model.revision
-    )  # a lean checkpoint takes frozen weights from there
-    write_hf(cfg, consolidate(tag_dir), out, merged=merged)
+    # a lean checkpoint takes its frozen weights from model.path: the same ones?
+    check_base(tag_dir, cfg.model.path, cfg.model.revision)
+    write_hf(cfg, consolidate(tag_dir), out, merged=merged, run=run)
     return out
 
 
@@ -91,18 +101,39 @@ def _logits(model: torch.nn.Module) -> torch.Tensor:
     return model(input_ids=ids).logits.float()
 
 
+# Why a QLoRA run exports its adapter only (logged, and written in the model card).
+QLORA_ADAPTER_ONLY = (
+    "QLoRA trains the adapter against 4-bit NF4 base weights; merging it into the 16-bit base "
+    "gives a model that differs from the one trained (and re-quantising the merge loses the "
+    "adapter's small update), so the adapter is exported alone: load the base (in 4-bit NF4 "
+    "as trained, or in bf16) and apply the adapter with peft"
+)
+
+
 def write_hf(
     cfg: Config, sd: dict[str, torch.Tensor], out: Path, merged: bool = True,
-    max_shard_size: str = "5GB",
+    max_shard_size: str = "5GB", run: dict[str, Any] | None = None,
 ) -> None:  # fmt: skip
     """Save ``sd`` (the run's trained weights) as a verified Hugging Face directory.
 
     Full fine-tuning writes the model; LoRA writes the adapter to ``out/adapter``
     (loadable with peft on the base model) and, when ``merged``, the merged model to
-    ``out``. Costs one CPU copy of the model on the calling rank.
+    ``out``; QLoRA writes the adapter only (:data:`QLORA_ADAPTER_ONLY`). A model card
+    (README.md) goes with either. Costs one CPU copy of the model on the calling rank.
     """
+    if cfg.model.quantization != "none" and merged:
+        log.info("adapter only: %s", QLORA_ADAPTER_ONLY)
+        merged = False
     model = _build(cfg).eval()
     lora = cfg.model.lora.enabled
+    initial = None
+    if lora and mutates_base(cfg.model.lora):
+        # PiSSA/LoftQ: the built model holds the residual base and the initial adapter; keep
+        # that adapter, so the saved one is converted to apply to the base on disk.
+        initial = Path(tempfile.mkdtemp(prefix="dsft-init-adapter-"))
+        model.peft_config["default"].init_lora_weights = True
+        model.save_pretrained(initial / "init")
+        model.peft_config["default"].init_lora_weights = cfg.model.lora.init
     # Only trained parameters must come from the run (LoRA adapters + modules_to_save, or
     # everything model.freeze left trainable); frozen ones are the base on disk, and a
     # lean checkpoint does not hold them.
@@ -115,10 +146,15 @@ def write_hf(
     out.mkdir(parents=True, exist_ok=True)
     reference = _logits(model)
     if lora:
-        model.save_pretrained(out / "adapter")
+        convert = (
+            {"path_initial_model_for_weight_conversion": str(initial / "init")} if initial else {}
+        )
+        model.save_pretrained(out / "adapter", **convert)
         _verify_adapter(cfg, out / "adapter", reference)
         if not merged:
             _tokenizer(cfg).save_pretrained(out / "adapter")
+            write_model_card(cfg, out / "adapter", run, adapter=True)
+            write_model_card(cfg, out, run, adapter=True)
             log.info("exported LoRA adapter: %s", out / "adapter")
             return
         model = model.merge_and_unload()
@@ -128,6 +164,9 @@ def write_hf(
     _tokenizer(cfg).save_pretrained(out)
     again = load_model(cfg.model, dtype, path=out, training=False).eval()
     _compare(reference, _logits(again), f"{out} reloaded", dtype)
+    write_model_card(cfg, out, run)
+    if lora:
+        write_model_card(cfg, out / "adapter", run, adapter=True)
     log.info("exported Hugging Face model: %s (verified by reloading)", out)
 
 
@@ -149,3 +188,139 @@ def _compare(expected: torch.Tensor, got: torch.Tensor, what: str, dtype: torch.
     diff = (expected - got).abs().max().item()
     if diff > tol:
         raise ExportError(f"{what}: logits differ from the trained model by {diff:.3g} > {tol:.3g}")
+
+
+# --------------------------------------------------------------------------- model card
+
+
+def _method(cfg: Config) -> str:
+    lora = cfg.model.lora
+    if not lora.enabled:
+        return "full fine-tuning"
+    name = "QLoRA (4-bit NF4 base)" if cfg.model.quantization != "none" else "LoRA"
+    extras = [x for x, on in (("DoRA", lora.use_dora), ("rsLoRA", lora.use_rslora)) if on]
+    extras += [f"{lora.init} init"] * (lora.init != "default")
+    return f"{name}, r={lora.r}, alpha={lora.alpha}" + "".join(f", {x}" for x in extras)
+
+
+def _sha256(path: Path) -> str:
+    """A file's sha256 (what `sha256sum` prints); a directory (save_to_disk): the sha256 over
+    its files' relative names and contents, in order."""
+    if path.is_dir():
+        return _file_digest(path)
+    with path.open("rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def _data_files(cfg: Config) -> list[tuple[str, str, str]]:
+    """(role, file name, sha256) of every data file; the hash of a missing file is unknown."""
+    rows = []
+    for role, paths in (("train", cfg.data.path), ("val", cfg.data.val_path),
+                        ("test", cfg.data.test_path)):  # fmt: skip
+        for f in paths:
+            p = Path(f)
+            rows.append((role, p.name, _sha256(p) if p.exists() else "(file not found)"))
+    return rows
+
+
+def _metrics_table(run: dict[str, Any]) -> list[str]:
+    after = run.get("after") or {}
+    rows = [
+        f"| {split}/{k} | {v:.4f} |"
+        for split in ("val", "test")
+        for k, v in (after.get(split) or {}).items()
+        if isinstance(v, int | float) and not isinstance(v, bool)
+    ]
+    lines = ["| metric | final |", "|---|---|", *rows] if rows else ["No final metrics recorded."]
+    best = run.get("best")
+    if best:
+        lines += ["", f"Best {best['metric']}: {best['value']:.4f} at step {best['step']}."]
+    return lines
+
+
+def model_card(cfg: Config, run: dict[str, Any] | None = None, adapter: bool = False) -> str:
+    """The README.md of an export: what it is, from which base and data, how it was trained,
+    how well it did, and the resolved config that reproduces it."""
+    run = run or {}
+    base = cfg.model.path
+    local = Path(base).is_dir()
+    front = {"library_name": "peft" if adapter else "transformers", "tags": ["dsft", "sft"]}
+    if not local:  # a Hub name: the Hub links the base model
+        front["base_model"] = base
+    if cfg.model.lora.enabled:
+        front["tags"].append("lora")
+    seconds = run.get("train_seconds")
+    lines = [
+        "---",
+        yaml.safe_dump(front, sort_keys=False).strip(),
+        "---",
+        "",
+        f"# {Path(cfg.output_dir).name}",
+        "",
+        f"Fine-tuned from `{Path(base).name if local else base}` with "
+        f"[dsft](https://github.com) ({_method(cfg)}).",
+    ]
+    if adapter:
+        lines += [
+            "",
+            "This directory holds the LoRA adapter only; load the base model and apply it with "
+            "`peft.PeftModel.from_pretrained(base, path)`.",
+        ]
+        if cfg.model.quantization != "none":
+            lines += ["", f"Why the adapter only: {QLORA_ADAPTER_ONLY}."]
+    lines += ["", "## Data", "", "| split | file | sha256 |", "|---|---|---|"]
+    lines += [f"| {r} | `{n}` | `{h}` |" for r, n, h in _data_files(cfg)]
+    stats = run.get("data") or {}
+    if stats:
+        lines += [
+            "",
+            f"{stats.get('train', '?')} training, {stats.get('val', '?')} validation and "
+            f"{stats.get('test', '?')} test examples; {stats.get('train_tokens', '?')} training "
+            "tokens.",
+        ]
+    lines += ["", "## Results", "", *_metrics_table(run)]
+    lines += ["", "## Training", ""]
+    lines.append(f"- hardware: {run.get('hardware', 'not recorded')}")
+    if run.get("world_size"):
+        lines.append(f"- ranks: {run['world_size']}, global batch {run.get('global_batch')}")
+    if run.get("steps") is not None:
+        lines.append(f"- optimizer steps: {run['steps']}")
+    if seconds is not None:
+        lines.append(f"- training time: {seconds / 60:.1f} min ({seconds:.0f} s)")
+    lines.append(f"- precision: {cfg.train.precision}, ZeRO stage {cfg.deepspeed.zero_stage}")
+    lines += [
+        "",
+        "## Resolved config",
+        "",
+        "```yaml",
+        yaml.safe_dump(to_dict(cfg), sort_keys=False).strip(),
+        "```",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def write_model_card(
+    cfg: Config, out: Path, run: dict[str, Any] | None = None, adapter: bool = False
+) -> Path:
+    path = out / "README.md"
+    path.write_text(model_card(cfg, run, adapter), encoding="utf-8")
+    return path
+
+
+def push_to_hub(folder: Path, repo_id: str, private: bool = False) -> str:
+    """Upload an export (with its model card) to the Hub repo ``repo_id``; returns its URL.
+
+    The token and endpoint are huggingface_hub's own (HF_TOKEN / `hf auth login`,
+    HF_ENDPOINT)."""
+    from huggingface_hub import HfApi
+
+    api = HfApi()
+    url = api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
+    api.upload_folder(
+        folder_path=str(folder),
+        repo_id=repo_id,
+        repo_type="model",
+        commit_message="Upload model fine-tuned with dsft",
+    )
+    return str(url)

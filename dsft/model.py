@@ -10,6 +10,7 @@ from typing import Any
 import torch
 
 from dsft.config import FreezeConfig, LoraConfig, ModelConfig
+from dsft.errors import ConfigError
 from dsft.hub import model_path
 
 log = logging.getLogger("dsft")
@@ -40,16 +41,64 @@ def load_model(
     """
     from transformers import AutoModelForCausalLM
 
+    if cfg.kernels == "liger":
+        apply_liger(path or model_path(cfg.path, cfg.revision), cfg.trust_remote_code)
+    extra: dict[str, Any] = {}
+    quantized = training and cfg.quantization == "nf4"
+    if quantized:  # exports and chat load the base unquantized (the adapter applies to both)
+        extra = {"quantization_config": nf4_config(dtype), "device_map": {"": _cuda_device()}}
     model = AutoModelForCausalLM.from_pretrained(
         path or model_path(cfg.path, cfg.revision),
         dtype=dtype,
         trust_remote_code=cfg.trust_remote_code,
         attn_implementation=cfg.attn_implementation if training else "sdpa",
+        **extra,
     )
+    if quantized:
+        from peft import prepare_model_for_kbit_training
+
+        # fp32 norms and head input, input grads on for checkpointing (peft's QLoRA recipe)
+        model = prepare_model_for_kbit_training(
+            model,
+            use_gradient_checkpointing=cfg.gradient_checkpointing,
+            gradient_checkpointing_kwargs={"use_reentrant": False},
+        )
     if training and cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.config.use_cache = False
     return model
+
+
+def apply_liger(path: str | Path, trust_remote_code: bool) -> None:
+    """Patch transformers' classes for this model type with Liger's RMSNorm, RoPE and SwiGLU
+    (before loading, so ZeRO-3's partitioned loading builds the patched modules).
+
+    Liger's loss kernels stay off: the chunked loss (dsft/loss.py, train.fused_loss) does
+    that job for any head and under ZeRO-3, and Liger's fused linear cross-entropy would
+    replace the forward that returns the hidden states it needs.
+    """
+    from liger_kernel.transformers.monkey_patch import MODEL_TYPE_TO_APPLY_LIGER_FN
+    from transformers import AutoConfig
+
+    from dsft.errors import ConfigError
+
+    model_type = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code).model_type
+    apply = MODEL_TYPE_TO_APPLY_LIGER_FN.get(model_type)
+    if apply is None:
+        raise ConfigError(
+            [
+                f"model.kernels=liger: Liger has no kernels for model type {model_type!r} "
+                f"(it has: {', '.join(sorted(MODEL_TYPE_TO_APPLY_LIGER_FN))}); use "
+                "model.kernels=none"
+            ]
+        )
+    import inspect
+
+    wanted = dict(rope=True, rms_norm=True, swiglu=True, cross_entropy=False,
+                  fused_linear_cross_entropy=False)  # fmt: skip
+    params = inspect.signature(apply).parameters
+    apply(**{k: v for k, v in wanted.items() if k in params})
+    log.info("model.kernels=liger: Liger RMSNorm/RoPE/SwiGLU patched in for %s", model_type)
 
 
 def build_model(cfg: ModelConfig, dtype: torch.dtype, ds_config: dict[str, Any]) -> torch.nn.Module:
@@ -61,6 +110,20 @@ def build_model(cfg: ModelConfig, dtype: torch.dtype, ds_config: dict[str, Any])
         # While this lives, from_pretrained loads under deepspeed.zero.Init, so the
         # weights are partitioned as they load and never whole on one rank.
         hf_zero3 = HfDeepSpeedConfig(ds_config)  # transformers holds a weak reference
+    if hf_zero3 is not None and cfg.quantization != "none":
+        raise ConfigError(
+            [
+                "model.quantization: a 4-bit base cannot be partitioned by ZeRO-3; set "
+                "deepspeed.zero_stage to 0-2 (LoRA's optimizer states are small)"
+            ]
+        )
+    if hf_zero3 is not None and mutates_base(cfg.lora):
+        raise ConfigError(
+            [
+                f"model.lora.init={cfg.lora.init}: needs whole weights (an SVD / quantisation "
+                "of each), which ZeRO-3 partitions; use deepspeed.zero_stage 0-2"
+            ]
+        )
     model = load_model(cfg, dtype)
     if cfg.lora.enabled:
         model = apply_lora(model, cfg.lora)
@@ -76,18 +139,58 @@ def apply_lora(model: torch.nn.Module, cfg: LoraConfig) -> torch.nn.Module:
     from peft import LoraConfig as PeftLoraConfig
     from peft import get_peft_model
 
+    return get_peft_model(model, PeftLoraConfig(**peft_lora_kwargs(cfg)))
+
+
+# model.lora.init -> peft's init_lora_weights
+LORA_INIT = {"default": True, "gaussian": "gaussian", "pissa": "pissa", "loftq": "loftq"}
+
+
+def peft_lora_kwargs(cfg: LoraConfig) -> dict[str, Any]:
+    """peft ``LoraConfig`` arguments of ``model.lora`` (the one mapping from dsft's names)."""
     targets: Any = cfg.target_modules
     if targets == ["all-linear"]:
         targets = "all-linear"
-    peft_cfg = PeftLoraConfig(
+    kwargs: dict[str, Any] = dict(
         r=cfg.r,
         lora_alpha=cfg.alpha,
         lora_dropout=cfg.dropout,
         target_modules=targets,
         modules_to_save=cfg.modules_to_save or None,
         task_type="CAUSAL_LM",
+        use_dora=cfg.use_dora,
+        use_rslora=cfg.use_rslora,
+        init_lora_weights=LORA_INIT[cfg.init],
     )
-    return get_peft_model(model, peft_cfg)
+    if cfg.init == "loftq":
+        from peft import LoftQConfig
+
+        kwargs["loftq_config"] = LoftQConfig(loftq_bits=4, loftq_iter=1)
+    return kwargs
+
+
+def mutates_base(cfg: LoraConfig) -> bool:
+    """PiSSA and LoftQ initialisation rewrite the base weights (the residual / the quantised
+    weight), so the adapter alone applies to that base, not to the one on disk."""
+    return cfg.init in ("pissa", "loftq")
+
+
+def nf4_config(dtype: torch.dtype) -> Any:
+    """bitsandbytes 4-bit NF4 with double quantisation (QLoRA's choice), computing in ``dtype``."""
+    from transformers import BitsAndBytesConfig
+
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=dtype if dtype != torch.float32 else torch.bfloat16,
+    )
+
+
+def _cuda_device() -> int:
+    import os
+
+    return int(os.environ.get("LOCAL_RANK", "0"))
 
 
 # Transformer block index in parameter names: model.layers.3., transformer.h.3., blocks.3.

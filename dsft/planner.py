@@ -23,10 +23,19 @@ gradient (2 for bf16/fp16, 4 for fp32):
                 keep no inputs, each adapted linear keeps its dropped-out input).
   logits        per token (b + 12)·vocab: the logits, and three fp32 tensors alive at once around
                 the loss (upcast or log-softmax output, and the gradient in and out of it).
+  long rows     sequence parallelism over S ranks (train.sequence_parallel) leaves each rank
+                seq/S tokens of every row: activations and logits divide by S (eager's
+                seq² scores too: heads/S of them over the whole row); the model states
+                stay partitioned over all N ranks. The tiled MLP keeps none of the MLP's
+                4·ffn-wide activations, only one tile's while it runs (hidden tokens, and
+                its gradient).
+  fused loss    train.fused_loss (dsft/loss.py) keeps no logits per token: once per micro-batch
+                one chunk of them, (b + 12)·vocab per row over dsft.loss.chunk_rows rows, and
+                the head's gradient summed in fp32 (4·vocab·hidden; none with LoRA).
   allowance     1 GiB for the CUDA context, cuBLAS workspace and NCCL (invisible to PyTorch's
                 allocator) plus DeepSpeed's communication buckets.
 
-A plan fits when states + max(micro-batch × per-sequence, step-only bytes) + allowance stays
+A plan fits when states + max(micro-batch × per-sequence + loss, step-only bytes) + allowance stays
 within ``headroom`` (90 %) of the free GPU memory, and the host part within the host RAM.
 """
 
@@ -46,6 +55,7 @@ from dsft.config import Config, FreezeConfig, LoraConfig, batch_plan
 from dsft.ds_config import bucket_sizes
 from dsft.errors import ConfigError
 from dsft.flops import DEFAULT_PEAK_TFLOPS, text_dims, train_flops
+from dsft.loss import chunk_rows
 
 log = logging.getLogger("dsft")
 
@@ -103,6 +113,7 @@ class ModelFacts:
     lora_max_input: int = 0  # LoRA: the widest of them
     lora_rank_width: int = 0  # LoRA: summed ranks of one block's adapters
     lora_dropout: bool = False
+    kv_heads: int = 0  # key/value heads (0 = as many as attention heads)
     config: Any = field(default=None, compare=False, repr=False)  # the HF config, for re-planning
 
     @property
@@ -198,6 +209,7 @@ def model_facts(
         vocab=int(text.vocab_size),
         heads=heads,
         kv_dim=kv_heads * head_dim,
+        kv_heads=kv_heads,
         ffn=ffn or 4 * hidden,
         activation_layers=layers - max(first, 0) if trainable else 0,
         lora_inputs=sum(lora_inputs),
@@ -425,6 +437,14 @@ class Workload:
     checkpointing: bool = False  # activation (gradient) checkpointing
     attention: str = "sdpa"
     headroom: float = DEFAULT_HEADROOM  # fraction of free GPU memory a plan may use
+    sequence_parallel: int = 1  # ranks sharing each sequence (train.sequence_parallel)
+    tiled_mlp: bool = False  # model.tiled_mlp
+    chunked_loss: bool = False  # train.fused_loss: one chunk of logits, never a row's
+
+    @property
+    def local_seq(self) -> int:
+        """Tokens of each sequence on one rank."""
+        return -(-self.seq // self.sequence_parallel)
 
 
 def _width(precision: str) -> int:
@@ -479,8 +499,10 @@ def comm_buffers(f: ModelFacts, o: Option, precision: str) -> int:
 
 
 def activation_bytes(f: ModelFacts, w: Workload) -> tuple[int, int]:
-    """(activations, logits) bytes of one sequence of ``w.seq`` tokens, kept for backward."""
+    """(activations, logits) bytes of one sequence of ``w.seq`` tokens kept for backward, on
+    each rank (its ``seq / sequence_parallel`` tokens)."""
     b, h, kv, ffn = _width(w.precision), f.hidden, f.kv_dim, f.ffn
+    mlp = (3 if f.lora else 4) * ffn * b  # the MLP's wide activations per token
     if f.lora:
         # Frozen weights need no inputs: norms keep only their fp32 input, the MLP its gate,
         # up and activation outputs. Each adapted linear keeps its dropped-out input (b) and
@@ -493,12 +515,27 @@ def activation_bytes(f: ModelFacts, w: Workload) -> tuple[int, int]:
     block += 4 * f.heads  # attention log-sum-exp (fp32)
     if w.attention == "eager":
         block += (4 + b) * f.heads * w.seq  # the seq x seq scores: fp32 softmax + its copy
+    if w.tiled_mlp:
+        block -= mlp
     layers = f.activation_layers
     # checkpointing: every block's input, and one block's activations while it is recomputed
     per_token = layers * b * h + block if w.checkpointing and layers else layers * block
     per_token += 4 * h + 2 * b * h  # final norm
-    logits = (b + 12) * f.vocab
-    return int(w.seq * per_token), int(w.seq * logits)
+    tokens = w.local_seq
+    act = tokens * per_token
+    if w.tiled_mlp and layers:  # one tile of about `hidden` tokens and its gradient
+        act += 2 * min(tokens, h) * mlp
+    logits = 0 if w.chunked_loss else (b + 12) * f.vocab * tokens
+    return int(act), int(logits)
+
+
+def loss_bytes(f: ModelFacts, w: Workload) -> int:
+    """train.fused_loss's bytes, once per micro-batch (0 without it): one chunk of logits
+    and the LM head's gradient, summed in fp32 over the chunks (dsft/loss.py)."""
+    if not w.chunked_loss:
+        return 0
+    chunk = (_width(w.precision) + 12) * f.vocab * min(chunk_rows(f.vocab), w.local_seq)
+    return chunk + (0 if f.lora else 4 * f.vocab * f.hidden)
 
 
 @dataclass(frozen=True)
@@ -514,11 +551,13 @@ class Estimate:
     host: int  # host RAM bytes per node
     budget: int  # usable bytes per GPU (headroom x free)
     host_budget: int | None  # usable host bytes per node, None = unknown
+    loss: int = 0  # train.fused_loss: its chunk and the head's gradient, per micro-batch
 
     def gpu(self, micro_batch: int) -> int:
         """Peak bytes per GPU at ``micro_batch``: the largest of the forward/backward peak and
         the optimizer step (activations are gone by then)."""
-        return self.states + max(micro_batch * self.per_sequence, self.step_extra) + self.fixed
+        forward_backward = micro_batch * self.per_sequence + self.loss
+        return self.states + max(forward_backward, self.step_extra) + self.fixed
 
     @property
     def host_fits(self) -> bool:
@@ -539,14 +578,15 @@ def micro_batch_candidates(w: Workload, world_size: int) -> list[int]:
     of the global batch, and that share itself (no accumulation at all)."""
     if w.micro_batch is not None:
         return [w.micro_batch]
-    if w.global_batch % world_size:
+    dp = world_size // w.sequence_parallel  # a sequence-parallel group shares its rows
+    if w.global_batch % dp:
         raise ConfigError(
             [
-                f"train.global_batch: {w.global_batch} is not a multiple of the {world_size} "
-                "ranks; choose a multiple"
+                f"train.global_batch: {w.global_batch} is not a multiple of the {dp} "
+                "data-parallel ranks; choose a multiple"
             ]
         )
-    per_rank = w.global_batch // world_size
+    per_rank = w.global_batch // dp
     powers = [2**i for i in range(per_rank.bit_length()) if per_rank % 2**i == 0]
     return sorted({*powers, per_rank}, reverse=True)
 
@@ -566,6 +606,7 @@ def estimate(f: ModelFacts, hw: Hardware, w: Workload, o: Option) -> Estimate:
         host=host,
         budget=int(w.headroom * hw.gpu_mem),
         host_budget=int(w.headroom * hw.host_mem) if hw.host_mem else None,
+        loss=loss_bytes(f, w),
     )
     fitting = [m for m in micro_batch_candidates(w, hw.world_size) if est.gpu(m) <= est.budget]
     return dataclasses.replace(est, micro_batch=max(fitting, default=0))
@@ -590,7 +631,7 @@ class Plan:
 
     @property
     def grad_accum(self) -> int:
-        per_step = self.micro_batch * self.hardware.world_size
+        per_step = self.micro_batch * self.hardware.world_size // self.workload.sequence_parallel
         return self.workload.global_batch // per_step if per_step else 0
 
     def refusal(self) -> str:
@@ -620,6 +661,44 @@ def choose(
     else:
         choice = offloaded[0] if offloaded else None
     return Plan(f, hw, w, estimates, choice)
+
+
+def sp_degrees(f: ModelFacts, hw: Hardware, seq: int) -> list[int]:
+    """Possible sequence-parallel degrees: divisors of the ranks that also divide the
+    attention heads, the key/value heads and the sequence length (each rank owns whole heads
+    and an equal slice)."""
+    kv = f.kv_heads or f.heads
+    return [
+        n
+        for n in range(1, hw.world_size + 1)
+        if hw.world_size % n == 0 and f.heads % n == 0 and kv % n == 0 and seq % n == 0
+    ]
+
+
+def smallest_sp(
+    f: ModelFacts,
+    hw: Hardware,
+    w: Workload,
+    options: Sequence[Option] = ESCALATION,
+    global_batch: Any = None,
+) -> Plan | None:
+    """The plan at the smallest sequence-parallel degree that fits: the first whose choice
+    stays on the GPUs, else the first that fits with offload; None when none does.
+
+    ``global_batch(n)`` gives the global batch at degree ``n`` (default: the workload's).
+    """
+    fallback = None
+    for n in sp_degrees(f, hw, w.seq):
+        wn = dataclasses.replace(w, sequence_parallel=n)
+        if global_batch is not None:
+            wn = dataclasses.replace(wn, global_batch=global_batch(n))
+        plan = choose(f, hw, wn, options)
+        c = plan.choice
+        if c is not None and not (c.option.offload_optimizer or c.option.offload_params):
+            return plan
+        if c is not None and fallback is None:
+            fallback = plan
+    return fallback
 
 
 def refusal_message(plan: Plan) -> str:
@@ -659,6 +738,16 @@ def suggestions(plan: Plan) -> list[str]:
         e = first_fit(f, hw, dataclasses.replace(w, checkpointing=True))
         if e:
             out.append(f"model.gradient_checkpointing=true ({e.option})")
+    for tiled in (False, True):
+        w2 = dataclasses.replace(w, micro_batch=w.micro_batch or 1)
+        if tiled:
+            w2 = dataclasses.replace(w2, tiled_mlp=True, chunked_loss=True)
+        sp = smallest_sp(f, hw, w2, [e.option for e in plan.estimates])
+        n = sp.workload.sequence_parallel if sp else 0
+        if sp and n > w.sequence_parallel:
+            extra = ", model.tiled_mlp=true and a chunked loss" if tiled else ""
+            out.append(f"train.sequence_parallel={n}{extra} ({sp.choice.option})")  # type: ignore[union-attr]
+            break
     seq = w.seq // 2
     while seq >= 256:
         e = first_fit(f, hw, dataclasses.replace(w, seq=seq))
@@ -721,9 +810,12 @@ def resolve(cfg: Config, hw: Hardware, facts: ModelFacts | None = None) -> tuple
     predicts they will not fit. Without CUDA (CPU ranks, gloo) auto means ZeRO-0 on one rank
     and ZeRO-2 on several (ranks of a node share its RAM; ZeRO-2 divides gradients and
     optimizer states between them at the communication cost of plain data parallelism).
+    ``train.sequence_parallel: auto`` takes the smallest degree at which a plan fits on CUDA
+    (with the stage, when that is auto too), 1 without CUDA.
     """
     ds, t = cfg.deepspeed, cfg.train
     auto_stage, auto_micro = ds.zero_stage == "auto", t.micro_batch == "auto"
+    auto_sp = t.sequence_parallel == "auto"
     record: dict[str, Any] = {"hardware": dataclasses.asdict(hw), "warnings": []}
     planned = hw.device == "cuda" or auto_micro
     if planned and facts is None:
@@ -742,21 +834,32 @@ def resolve(cfg: Config, hw: Hardware, facts: ModelFacts | None = None) -> tuple
     else:
         options = [Option(int(ds.zero_stage), ds.offload_optimizer, ds.offload_params)]
     world = hw.world_size
-    global_batch = t.global_batch or (
-        (t.micro_batch if not auto_micro else 0) * t.grad_accum * world
-    )
+
+    def global_batch(sp: int) -> int:
+        return t.global_batch or (t.micro_batch if not auto_micro else 0) * t.grad_accum * (
+            world // sp
+        )
+
+    sp = 1 if auto_sp else int(t.sequence_parallel)
     option, micro = options[0], None if auto_micro else int(t.micro_batch)
     if planned:
         assert facts is not None
         work = Workload(
             seq=cfg.data.max_len,
-            global_batch=global_batch,
+            global_batch=global_batch(sp),
             micro_batch=micro,
             precision=t.precision,
             checkpointing=cfg.model.gradient_checkpointing,
             attention=cfg.model.attn_implementation,
+            sequence_parallel=sp,
+            tiled_mlp=cfg.model.tiled_mlp,
+            chunked_loss=t.fused_loss,
         )
         plan = choose(facts, hw, work, options)
+        if auto_sp and hw.device == "cuda":
+            plan = smallest_sp(facts, hw, work, options, global_batch) or plan
+            sp = plan.workload.sequence_parallel
+            work = plan.workload
         chosen = plan.choice
         if chosen is None and (auto_stage or hw.device == "cpu"):
             if hw.device == "cuda":
@@ -786,7 +889,7 @@ def resolve(cfg: Config, hw: Hardware, facts: ModelFacts | None = None) -> tuple
             offload_optimizer=option.offload_optimizer,
             offload_params=option.offload_params,
         ),
-        train=dataclasses.replace(t, micro_batch=micro),
+        train=dataclasses.replace(t, micro_batch=micro, sequence_parallel=sp),
     )
     bp = batch_plan(resolved.train, world)
     record.update(
@@ -797,6 +900,7 @@ def resolve(cfg: Config, hw: Hardware, facts: ModelFacts | None = None) -> tuple
         micro_batch=bp.micro_batch,
         grad_accum=bp.grad_accum,
         world_size=world,
+        sequence_parallel=bp.sequence_parallel,
         global_batch=bp.global_batch,
     )
     for warning in record["warnings"]:
@@ -855,9 +959,11 @@ def render_plan(
         f"model     {f.describe()}",
         f"hardware  {hw.describe()}",
         f"workload  seq {w.seq}, global batch {w.global_batch}, {w.precision}, activation "
-        f"checkpointing {'on' if w.checkpointing else 'off'}, "
+        f"checkpointing {'on' if w.checkpointing else 'off'}{_long_rows(w)}, "
         f"usable {w.headroom:.0%} of GPU memory",
-        f"per sequence: activations {_gb(act)}, logits {_gb(logits)}",
+        f"per sequence{' and rank' if w.sequence_parallel > 1 else ''}: activations {_gb(act)}, "
+        f"logits {_gb(logits)}"
+        + (f" (fused loss: {_gb(loss_bytes(f, w))} per micro-batch)" if w.chunked_loss else ""),
         "",
     ]
     head = f"  {'option':<34}{'states/GPU':>11}{'peak/GPU':>10}{'host/node':>11}{'micro':>7}  fits"
@@ -879,10 +985,12 @@ def render_plan(
     lines.append("")
     if plan.choice:
         c = plan.choice
+        dp = hw.world_size // w.sequence_parallel
         lines.append(
             f"* chosen: {c.option}, micro-batch {plan.micro_batch} × accumulation "
-            f"{plan.grad_accum} × {hw.world_size} GPUs = global batch {w.global_batch}; "
-            f"predicted peak {_gb(c.peak)} per GPU of {_gb(hw.gpu_mem)}"
+            f"{plan.grad_accum} × {dp} {'data-parallel ranks' if dp != hw.world_size else 'GPUs'}"
+            f" = global batch {w.global_batch}; predicted peak {_gb(c.peak)} per GPU of "
+            f"{_gb(hw.gpu_mem)}"
         )
     else:
         lines.append(plan.refusal())
@@ -891,6 +999,37 @@ def render_plan(
             f"time/epoch: {_count(tokens)} tokens at {mfu:.0%} MFU of {peak_tflops:g} TFLOP/s "
             "per GPU (+: offload steps are host-bound, usually several times slower)"
         )
+    return "\n".join(lines)
+
+
+def _long_rows(w: Workload) -> str:
+    parts = [f"sequence parallel {w.sequence_parallel}"] * (w.sequence_parallel > 1)
+    parts += ["tiled MLP"] * w.tiled_mlp + ["chunked loss"] * w.chunked_loss
+    return "".join(f", {p}" for p in parts)
+
+
+def render_sequence_parallel(facts: list[ModelFacts], hw: Hardware, w: Workload) -> str:
+    """The smallest sequence-parallel degree that fits each model, plain and with tiling
+    (tiled MLP and a chunked loss), at micro-batch 1 (or the workload's)."""
+    w = dataclasses.replace(w, micro_batch=w.micro_batch or 1)
+    plain = dataclasses.replace(w, tiled_mlp=False, chunked_loss=False)
+    tiled = dataclasses.replace(w, tiled_mlp=True, chunked_loss=True)
+    lines = [
+        f"sequence parallelism at seq {w.seq}, micro-batch {w.micro_batch}, activation "
+        f"checkpointing {'on' if w.checkpointing else 'off'}: the smallest degree that fits "
+        f"(train.sequence_parallel) on {hw.describe()}",
+        f"  {'model':<12}{'plain':<52}tiled (model.tiled_mlp + chunked loss)",
+    ]
+
+    def cell(p: Plan | None) -> str:
+        if p is None or p.choice is None:
+            return "does not fit"
+        c = p.choice
+        return f"SP {p.workload.sequence_parallel:<3}{c.option!s:<36}{c.peak / GiB:>5.1f} GB"
+
+    for f in facts:
+        row = cell(smallest_sp(f, hw, plain)), cell(smallest_sp(f, hw, tiled))
+        lines.append(f"  {f.name:<12}{row[0]:<52}{row[1]}")
     return "\n".join(lines)
 
 

@@ -40,10 +40,48 @@ def check_runtime(cfg: Config) -> None:
             "model.attn_implementation=flash_attention_2 needs a CUDA GPU and the "
             "flash-attn package; use sdpa (PyTorch's fused attention) instead"
         )
+    if cfg.model.attn_implementation == "flex_attention" and not cuda:
+        problems.append(
+            "model.attn_implementation=flex_attention needs a CUDA GPU (FlexAttention trains "
+            "through Triton kernels); use sdpa"
+        )
+    if cfg.model.kernels == "liger":
+        if not cuda:
+            problems.append(
+                "model.kernels=liger needs a CUDA GPU (Liger's kernels are Triton); "
+                "use model.kernels=none"
+            )
+        elif importlib.util.find_spec("liger_kernel") is None:
+            problems.append(
+                "model.kernels=liger: the liger-kernel package is not installed; "
+                "pip install 'dsft[gpu]' (or liger-kernel>=0.8), or use model.kernels=none"
+            )
+    if cfg.model.compile and not cuda:
+        log.warning("model.compile on CPU works but is rarely faster; it is meant for CUDA")
+    bnb = importlib.util.find_spec("bitsandbytes") is not None
+    for what, asked in (
+        ("model.quantization=nf4 (QLoRA)", cfg.model.quantization == "nf4"),
+        ("model.lora.init=loftq", cfg.model.lora.init == "loftq"),
+    ):
+        if asked and not (cuda and bnb):
+            problems.append(
+                f"{what} needs a CUDA GPU and the bitsandbytes package (pip install "
+                "'dsft[qlora]'); on this machine use plain LoRA (model.quantization=none, "
+                "model.lora.init=default or pissa)"
+            )
     if problems:
         raise ConfigError(problems)
     if cfg.train.precision == "bf16" and not cuda:
         log.warning("train.precision=bf16 on CPU is correct but much slower than fp32 here")
+
+
+def hardware_name(world_size: int) -> str:
+    """The job's hardware in words (for summaries and model cards)."""
+    if torch.cuda.is_available():
+        name = torch.cuda.get_device_name()
+        mem = torch.cuda.get_device_properties(0).total_memory / 2**30
+        return f"{world_size} × {name} ({mem:.0f} GB)"
+    return f"{world_size} CPU rank{'s' * (world_size > 1)} ({torch.get_num_threads()} threads each)"
 
 
 def resolve_plan(cfg: Config, env: distributed.DistEnv) -> tuple[Config, dict[str, Any]]:

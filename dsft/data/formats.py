@@ -501,3 +501,42 @@ def check_not_empty(path: str, examples: int, bad: list[str]) -> None:
 def read_jsonl(path: str | Path, fmt: str = "auto") -> list[Example]:
     """The examples of one file (any supported type), failing on the first bad row."""
     return load_examples([str(path)], fmt).examples
+
+
+@dataclass
+class Survey:
+    """What a set of files holds (``dsft init``): rows per format, bad rows, a sample."""
+
+    formats: dict[str, int]  # detected (or forced) format -> rows
+    rows: int  # good rows
+    bad: list[str]  # "file:line: reason" of every bad row
+    sample: list[Example]  # up to ``limit`` good examples, spread over the files
+
+
+def survey(
+    paths: list[str], fmt: str = "auto", columns: dict[str, str] | None = None, limit: int = 2000
+) -> Survey:
+    """Read every row once: count formats and bad rows, keep a sample of examples."""
+    norm = _Normaliser(fmt, dict(columns or {}))
+    formats: dict[str, int] = {}
+    bad: list[str] = []
+    sample: list[Example] = []
+    rows = 0
+    per_file = max(1, limit // max(1, len(paths)))
+    for path in map(str, paths):
+        kept = 0
+        for row in read_rows(path, norm.record_keys):
+            try:
+                if row.error is not None:
+                    raise _BadRow(row.error)
+                messages, kind = norm(row.record)
+                name = norm.fmt if norm.fmt != "auto" else norm.detect(row.record)
+            except _BadRow as e:
+                bad.append(f"{row.where}: {e}")
+                continue
+            formats[name] = formats.get(name, 0) + 1
+            rows += 1
+            if kept < per_file:
+                sample.append(Example(messages, row.where, kind))
+                kept += 1
+    return Survey(formats, rows, bad, sample)

@@ -24,29 +24,31 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
 from dsft import distributed as dist
+from dsft import loss
 from dsft.config import EvalConfig
 from dsft.data.collate import collate, collate_prompts
 from dsft.data.formats import Example
 from dsft.data.sampler import eval_shard
 from dsft.data.tokenize import IGNORE_INDEX, Tokenized, tokenize_prompt
+from dsft.loss import logits_nll
 
 log = logging.getLogger("dsft")
 
 
-def token_stats(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, int, int]:
-    """Summed next-token NLL (a tensor, for backward), correct predictions, target count."""
-    logits = logits[:, :-1].float()
-    target = labels[:, 1:]
+def token_stats(
+    logits: torch.Tensor, labels: torch.Tensor, shifted: bool = False
+) -> tuple[torch.Tensor, int, int]:
+    """Summed next-token NLL (a tensor, for backward), correct predictions, target count.
+
+    ``shifted``: ``labels`` are already the next tokens' (aligned with ``logits``, as a
+    sequence-parallel slice's targets are: dsft.sequence_parallel.shift_labels).
+    """
+    nll = logits_nll(logits, labels, shifted)
+    logits = logits if shifted else logits[:, :-1]
+    target = labels if shifted else labels[:, 1:]
     mask = target != IGNORE_INDEX
-    nll = F.cross_entropy(
-        logits.reshape(-1, logits.size(-1)),
-        target.reshape(-1),
-        ignore_index=IGNORE_INDEX,
-        reduction="sum",
-    )
     correct = ((logits.argmax(-1) == target) & mask).sum().item()
     return nll, int(correct), int(mask.sum().item())
 
@@ -59,12 +61,17 @@ def _lockstep_batches(n_local: int, micro_batch: int) -> int:
 
 @torch.no_grad()
 def validate(
-    model: Callable, examples: list[Tokenized], micro_batch: int, pad_id: int
+    model: Callable,
+    examples: list[Tokenized],
+    micro_batch: int,
+    pad_id: int,
+    head: loss.Head | None = None,
 ) -> dict[str, float]:
     """Token-weighted loss, perplexity and token accuracy on response tokens.
 
     With several datasets mixed, the same metrics per dataset appear as
-    ``<name>/loss``, ``<name>/ppl`` and ``<name>/token_acc``.
+    ``<name>/loss``, ``<name>/ppl`` and ``<name>/token_acc``. With ``head`` (the model's
+    LM head, ``train.fused_loss``) no full logits are made: dsft/loss.py.
     """
     if not examples:
         return {}
@@ -77,6 +84,9 @@ def validate(
     for b in range(_lockstep_batches(len(mine), micro_batch)):
         idx = mine[b * micro_batch : (b + 1) * micro_batch]
         batch = collate([examples[i] for i in idx] or [examples[0]], pad_id)
+        if head is not None:
+            _fused_stats(model, head, batch, [col[examples[i].dataset] for i in idx], sums)
+            continue
         batch = {k: v.to(dev) for k, v in batch.items()}
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
         for row, i in enumerate(idx):  # a dummy batch (no idx) contributes nothing
@@ -90,6 +100,29 @@ def validate(
         for n in names:
             out.update({f"{n}/{k}": v for k, v in _ratios(sums[col[n]]).items()})
     return out
+
+
+def _fused_stats(
+    model: Callable, head: loss.Head, batch: dict[str, torch.Tensor], cols: list[int], sums
+) -> None:
+    """Add one batch's per-dataset sums (NLL, correct, targets, examples) from the chunked
+    head; ``cols`` = the dataset column of each real row (none for a dummy batch)."""
+    dev = dist.device()
+    index, targets = loss.target_index(batch["labels"])
+    # ranks agree on the chunk count: under ZeRO-3 every head call gathers collectively
+    (chunks,) = loss.lockstep_chunks([len(targets)], head.vocab, dist.get_world_size() > 1)
+    inputs = {k: batch[k].to(dev) for k in ("input_ids", "attention_mask")}
+    nll, right = loss.fused_nll(
+        model, head, inputs, index.to(dev), targets.to(dev), chunks, per_token=True
+    )
+    assert right is not None
+    rows = index // batch["labels"].size(1)
+    n = batch["labels"].size(0)
+    row_nll = torch.zeros(n, dtype=torch.float64).index_add_(0, rows, nll.double().cpu())
+    row_right = torch.zeros(n, dtype=torch.float64).index_add_(0, rows, right.double().cpu())
+    row_count = torch.bincount(rows, minlength=n).double()
+    for row, c in enumerate(cols):
+        sums[c] += torch.stack([row_nll[row], row_right[row], row_count[row], torch.tensor(1.0)])
 
 
 def _ratios(s: torch.Tensor) -> dict[str, float]:
@@ -272,9 +305,12 @@ class Evaluator:
         monitor: Any,
         out_dir: Path,
         synced: bool,
+        fused_loss: bool = False,
     ):
         self.engine, self.tokenizer, self.splits, self.cfg = engine, tokenizer, splits, cfg
         self.monitor, self.out_dir, self.synced = monitor, out_dir, synced
+        # train.fused_loss: validation losses from the chunked head too (dsft/loss.py)
+        self.head = loss.output_head(self._module()) if fused_loss else None
         self.sample = (
             {"temperature": cfg.temperature, "top_p": cfg.top_p} if cfg.do_sample else None
         )
@@ -294,6 +330,7 @@ class Evaluator:
                 getattr(self.splits, split),
                 self.cfg.micro_batch,
                 self.tokenizer.pad_token_id,
+                self.head,
             )
             if metrics and split == "val" and self.cfg.metric in ("val/exact_match", "val/f1"):
                 metrics.update(self._generate(step, "val", self.splits.val_raw))

@@ -43,6 +43,8 @@ def run_eval(cfg: Config, checkpoint: str, out_dir: str | None = None) -> dict[s
     env = distributed.setup()
     deepspeed = distributed.import_deepspeed()
     check_runtime(cfg)
+    # Evaluation runs whole sequences on every rank (train.sequence_parallel is for training).
+    cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, sequence_parallel=1))
     if kind == "hf":
         # An export is a plain model (a LoRA run exports the adapter merged).
         cfg = dataclasses.replace(
@@ -68,7 +70,13 @@ def run_eval(cfg: Config, checkpoint: str, out_dir: str | None = None) -> dict[s
     out = Path(out_dir or Path(cfg.output_dir) / "eval")
     if env.is_main:
         out.mkdir(parents=True, exist_ok=True)
-    monitor = Monitor(out, dataclasses.replace(cfg.logging, progress=False), 0)
+    # TensorBoard only: an evaluation is not a new W&B / MLflow run of its own.
+    logging_cfg = dataclasses.replace(
+        cfg.logging,
+        progress=False,
+        report_to=[r for r in cfg.logging.report_to if r == "tensorboard"],
+    )
+    monitor = Monitor(out, logging_cfg, 0)
     evaluator = evaluate.Evaluator(
         engine,
         tokenizer,
@@ -77,6 +85,7 @@ def run_eval(cfg: Config, checkpoint: str, out_dir: str | None = None) -> dict[s
         monitor,
         out,
         synced=cfg.deepspeed.zero_stage == 3 and env.world_size > 1,
+        fused_loss=cfg.train.fused_loss,
     )
     results: dict[str, Any] = {
         "checkpoint": str(checkpoint),

@@ -14,6 +14,8 @@ from dsft.ds_config import deepspeed_config
 from dsft.errors import ConfigError
 from dsft.flops import peak_flops
 
+LONG_SEQ = 8192  # from this length on, `dsft plan` also shows the sequence-parallel table
+
 
 def main(ns: argparse.Namespace) -> int:
     return ds_config(ns) if ns.command == "ds-config" else plan(ns)
@@ -21,8 +23,9 @@ def main(ns: argparse.Namespace) -> int:
 
 def plan(ns: argparse.Namespace) -> int:
     """Print every DeepSpeed option's memory for a model on some hardware, and the choice."""
-    if sum(bool(x) for x in (ns.source, ns.shape, ns.family)) != 1:
+    if sum(bool(x) for x in (ns.source, ns.shape, ns.family)) > 1:
         raise ConfigError(["dsft plan: give one of MODEL_DIR_OR_CONFIG, --shape NAME, --family"])
+    ns.family = ns.family or not (ns.source or ns.shape)  # nothing named: the built-in shapes
     cfg, source = Config(), ns.shape or ns.source
     from_yaml = bool(ns.source) and Path(ns.source).suffix in (".yaml", ".yml")
     if from_yaml:
@@ -41,6 +44,8 @@ def plan(ns: argparse.Namespace) -> int:
         global_batch = t.global_batch or micro * t.grad_accum * hw.world_size
     else:
         global_batch = 8 * hw.world_size  # 8 sequences per GPU
+    sp = ns.sp or (t.sequence_parallel if from_yaml else 1)
+    auto_sp = sp == "auto"
     work = planner.Workload(
         seq=ns.seq or cfg.data.max_len,
         global_batch=global_batch,
@@ -49,7 +54,12 @@ def plan(ns: argparse.Namespace) -> int:
         checkpointing=ns.grad_ckpt or cfg.model.gradient_checkpointing,
         attention=cfg.model.attn_implementation,
         headroom=ns.headroom,
+        sequence_parallel=1 if auto_sp else int(sp),
+        tiled_mlp=ns.tiled or cfg.model.tiled_mlp,
+        chunked_loss=ns.tiled or t.fused_loss,
     )
+    # Long rows (or sequence parallelism asked for): which degree each model needs.
+    show_sp = auto_sp or work.sequence_parallel > 1 or work.seq > LONG_SEQ
     tokens = planner.parse_count(ns.tokens) if ns.tokens else None
     if tokens is None and from_yaml:  # the config's training split, tokenised as training does
         from dsft.data import prepare
@@ -65,10 +75,16 @@ def plan(ns: argparse.Namespace) -> int:
             for name in planner.SHAPES
         ]
         print(planner.render_family(plans, tokens, peak, ns.mfu, epochs, ns.budget_hours))
+        if show_sp:
+            print("\n" + planner.render_sequence_parallel([p.facts for p in plans], hw, work))
         return 0
     facts = planner.model_facts(source, lora, cfg.model.freeze, cfg.model.trust_remote_code)
     plan = planner.choose(facts, hw, work)
+    if auto_sp:
+        plan = planner.smallest_sp(facts, hw, work) or plan
     print(planner.render_plan(plan, tokens, peak, ns.mfu))
+    if show_sp or plan.choice is None:
+        print("\n" + planner.render_sequence_parallel([facts], hw, work))
     ds = cfg.deepspeed
     if from_yaml and ds.zero_stage != "auto":
         own = planner.Option(int(ds.zero_stage), ds.offload_optimizer, ds.offload_params)

@@ -138,6 +138,8 @@ def trial_overrides(s: Sweep, settings: dict[str, Any], out: Path) -> list[str]:
         *(_override(k, v) for k, v in s.budget.items()),
         *(_override(k, v) for k, v in settings.items()),
         f"output_dir={out}",
+        # the trials of one sweep are one W&B group / MLflow experiment: the sweep's directory
+        f"logging.group={out.parent.parent.name}",
     ]
 
 

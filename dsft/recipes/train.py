@@ -10,10 +10,20 @@ setup (ranks, config, data, model, resume point, DeepSpeed engine, restored stat
 
 Loss normalisation: the loss of an optimizer step is the sum of the token losses
 of every response token in the global batch divided by the global number of such
-tokens. Each micro-batch therefore contributes ``sum_nll * world / global_tokens``
-(DeepSpeed averages gradients over the ``world`` data-parallel ranks and we tell
-it not to divide by grad_accum again), so neither gradient accumulation nor the
-number of ranks changes the step.
+tokens. Each micro-batch therefore contributes ``sum_nll * D / global_tokens``,
+where D is what DeepSpeed divides the gradients summed over all ranks by (the
+data-parallel size: dsft.sequence_parallel.gradient_divisor), and we tell it not to
+divide by grad_accum again, so neither gradient accumulation nor the number of ranks
+changes the step. With sequence parallelism (dsft/sequence_parallel.py) each rank's
+``sum_nll`` covers its slice of the rows and the target count is taken once per row,
+by the first rank of its group.
+
+Host syncs: target counts come from the collated CPU batch; the micro-batch losses
+add up on the device; the host waits for the device twice per optimizer step (the
+global target count before the first forward, the global loss and stop flag after
+the step), plus the logging steps' grad norm. With ``train.fused_loss`` (dsft/loss.py)
+no full-vocabulary logits exist: the loss comes from the target positions' hidden
+states through the LM head in chunks (on a sequence-parallel rank: its slice's).
 """
 
 from __future__ import annotations
@@ -33,7 +43,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from dsft import checkpoint, crossval, data, distributed, export, faults
+from dsft import checkpoint, crossval, data, distributed, export, faults, loss
+from dsft import sequence_parallel as seqpar
 from dsft.config import Config, batch_plan, load_config, save_config, to_dict
 from dsft.data.collate import collate
 from dsft.data.packing import collate_packed
@@ -44,7 +55,7 @@ from dsft.errors import ConfigError, Preempted, TrainingDiverged
 from dsft.eval import evaluator as evaluate
 from dsft.flops import FlopCounter
 from dsft.model import build_model, count_params, freeze, load_tokenizer, torch_dtype
-from dsft.monitor import Monitor
+from dsft.monitor import Monitor, StepProfiler
 from dsft.optim import (
     describe_groups,
     guard_zero0_fp32_step,
@@ -52,7 +63,7 @@ from dsft.optim import (
     make_optimizer,
     param_groups,
 )
-from dsft.runtime import check_runtime, resolve_plan, seed_everything
+from dsft.runtime import check_runtime, hardware_name, resolve_plan, seed_everything
 
 log = logging.getLogger("dsft")
 
@@ -72,6 +83,9 @@ def run(cfg: Config) -> dict[str, Any]:
     out = Path(cfg.output_dir)
     plan = batch_plan(cfg.train, env.world_size)
     ds_config = deepspeed_config(cfg, plan, decision["hidden"])
+    # train.sequence_parallel: the ranks of a group share each micro-batch (the sampler
+    # deals by data-parallel rank), each computing its slice of the rows.
+    sp_groups = distributed.sequence_parallel_groups(plan.sequence_parallel)
     if env.is_main:
         out.mkdir(parents=True, exist_ok=True)
         save_config(cfg, out / "config.yaml")
@@ -107,11 +121,15 @@ def run(cfg: Config) -> dict[str, Any]:
     frozen = freeze(model, cfg.model.freeze)
     if reshard:  # after freezing: frozen parameters keep model.path's values
         checkpoint.load_weights(model, resume_from, zero3)
+    if cfg.model.tiled_mlp:
+        tiles = seqpar.tiles_for(cfg.data.max_len, plan.sequence_parallel, decision["hidden"])
+        log.info("tiled MLP: %d blocks, %d tiles per row", seqpar.tile_mlp(model, tiles), tiles)
+    sp = seqpar.SequenceParallel(sp_groups, model)
     total_params, trainable_params = count_params(model)
     groups = param_groups(model, cfg.train)
     optimizer = make_optimizer(cfg, groups)
 
-    per_epoch = steps_per_epoch(len(units), plan.micro_batch, env.world_size, plan.grad_accum)
+    per_epoch = steps_per_epoch(len(units), plan.micro_batch, plan.data_parallel, plan.grad_accum)
     if per_epoch == 0:
         raise ConfigError(
             [
@@ -134,22 +152,27 @@ def run(cfg: Config) -> dict[str, Any]:
             for _ in range(start["step"]):
                 scheduler.step()
     engine, optimizer, _, scheduler = deepspeed.initialize(
-        model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config
+        model=model,
+        optimizer=optimizer,
+        lr_scheduler=scheduler,
+        config=ds_config,
+        mpu=sp_groups.mpu,  # sequence parallelism: ZeRO over all ranks, averaging over dp
     )
     if cfg.model.compile:
         engine.compile()  # DeepSpeed wraps torch.compile so its hooks stay in place
     log.info(
-        "model: %s params, %s trainable | ranks %d (%s) | ZeRO-%d | %s | micro-batch %d x "
-        "accum %d x ranks %d = global batch %d | %d steps (%d per epoch)",
+        "model: %s params, %s trainable | ranks %d (%s)%s | ZeRO-%d | %s | micro-batch %d x "
+        "accum %d x data-parallel ranks %d = global batch %d | %d steps (%d per epoch)",
         f"{total_params:,}",
         f"{trainable_params:,}",
         env.world_size,
         env.source,
+        f", sequence parallel {plan.sequence_parallel}" if sp.enabled else "",
         cfg.deepspeed.zero_stage,
         cfg.train.precision,
         plan.micro_batch,
         plan.grad_accum,
-        env.world_size,
+        plan.data_parallel,
         plan.global_batch,
         total_steps,
         per_epoch,
@@ -178,12 +201,20 @@ def run(cfg: Config) -> dict[str, Any]:
             if reshard
             else "",
         )
-    monitor = Monitor(out, cfg.logging, total_steps, resume_step=start["step"])
+    monitor = Monitor(out, cfg.logging, total_steps, resume_step=start["step"], config=to_dict(cfg))
     dev = distributed.device()
     pad_id = tokenizer.pad_token_id
     evaluator = evaluate.Evaluator(
-        engine, tokenizer, splits, cfg.eval, monitor, out, synced=zero3 and env.world_size > 1
+        engine,
+        tokenizer,
+        splits,
+        cfg.eval,
+        monitor,
+        out,
+        synced=zero3 and env.world_size > 1,
+        fused_loss=cfg.train.fused_loss,
     )
+    head = loss.output_head(engine.module) if cfg.train.fused_loss else None
     tracker = evaluate.BestTracker(cfg.eval.metric, cfg.eval.patience, cfg.eval.min_delta)
     if "best" in start:
         tracker.best, tracker.best_step, tracker.since_best = start["best"]
@@ -193,19 +224,23 @@ def run(cfg: Config) -> dict[str, Any]:
     )
     summary: dict[str, Any] = {
         "world_size": env.world_size,
+        "sequence_parallel": plan.sequence_parallel,
         "global_batch": plan.global_batch,
         "total_steps": total_steps,
         "data": splits.stats,
         "params": total_params,
         "trainable_params": trainable_params,
         "frozen_tensors": len(frozen),
+        "hardware": hardware_name(env.world_size),
     }
 
     def keep_if_best(metrics: dict[str, Any], step: int) -> None:
         # The best model so far (by eval.metric) is exported when it appears, so a run
         # that later overfits or dies still leaves it behind.
         if tracker.update(metrics, step) and cfg.eval.save_best and cfg.eval.every:
-            export.export_hf(engine, cfg, out / "best")
+            best = {"metric": tracker.metric, "value": tracker.best, "step": step}
+            card = {**summary, "after": {"val": metrics}, "best": best, "steps": step}
+            export.export_hf(engine, cfg, out / "best", card)
             log.info(
                 "step %d | new best %s %.4f -> %s", step, tracker.metric, tracker.best, out / "best"
             )
@@ -227,6 +262,7 @@ def run(cfg: Config) -> dict[str, Any]:
     # data.mix: samples drawn per source so far (slots [0, upto) of the run), kept up to date
     # at each log line; a pure function of the step, so exact after a resume too.
     mix_seen: dict[str, Any] = {"upto": 0, "count": np.zeros(len(splits.sources), np.int64)}
+    profiler = StepProfiler(out, cfg.logging.profile_steps)  # logging.profile_steps
     engine.train()
     step, epoch, next_window = start["step"], start["epoch"], start["window"]
     t_start = time.time()
@@ -238,6 +274,10 @@ def run(cfg: Config) -> dict[str, Any]:
     bad_steps = bad_in_a_row = 0
     fault_steps = faults.steps("DSFT_FAULT_NAN_STEPS")
     zero0_fp32 = cfg.deepspeed.zero_stage == 0 and cfg.train.precision == "fp32"
+    # DeepSpeed sums the ranks' gradients and divides by this (dp; see gradient_divisor)
+    grad_divisor = seqpar.gradient_divisor(
+        plan.data_parallel, plan.sequence_parallel, cfg.deepspeed.zero_stage
+    )
     stopped_early = False
     saved_step = -1  # the step of the last periodic checkpoint
     while step < total_steps and not stopped_early:
@@ -245,8 +285,8 @@ def run(cfg: Config) -> dict[str, Any]:
         batches = deal(
             len(units),
             plan.micro_batch,
-            env.world_size,
-            env.rank,
+            plan.data_parallel,
+            sp_groups.dp_rank,
             epoch,
             cfg.train.seed,
             cfg.data.shuffle,
@@ -261,37 +301,51 @@ def run(cfg: Config) -> dict[str, Any]:
                 for b in batches[first : first + plan.grad_accum]
             ]
             # Count the response tokens of the whole global batch before any backward,
-            # so every micro-batch can be weighted by the same global denominator.
+            # so every micro-batch can be weighted by the same global denominator
+            # (counted on the host, from the CPU tensors: no device sync). The ranks of a
+            # sequence-parallel group hold the same rows: the first counts them.
             local_targets = sum(int((m["labels"][:, 1:] != IGNORE_INDEX).sum()) for m in window)
+            local_targets *= sp.rank == 0
             global_targets = distributed.all_reduce_sum([local_targets])[0].item()
             own_norm = None
-            step_nll = 0.0
+            step_nll = torch.zeros((), dtype=torch.float64, device=dev)  # summed on device
             skipped_before = engine.skipped_steps
             for i, micro in enumerate(window):
                 lengths = micro.pop("lengths")  # real tokens per example (for throughput)
+                # This rank's slice of the rows (all of them without sequence parallelism)
+                # and its targets, shifted before the split (on the host: no device sync).
+                micro, targets = sp.shard(micro, micro.pop("labels"))
                 micro = {k: v.to(dev) for k, v in micro.items()}
-                labels = micro.pop("labels")
-                # No KV cache in training; transformers would also ignore packed-row
-                # boundaries (restarting position_ids) when given one.
-                logits = engine(**micro, use_cache=False).logits
-                nll, _, _ = evaluate.token_stats(logits, labels)
-                if step + 1 in fault_steps and env.is_main:
-                    nll = nll * float("nan")  # test hook: a step whose loss blows up
-                engine.backward(nll * env.world_size / global_targets, scale_wrt_gas=False)
+                with sp.sharded():  # forward and backward (checkpointing recomputes in it)
+                    # No KV cache in training; transformers would also ignore packed-row
+                    # boundaries (restarting position_ids) when given one.
+                    if head is not None:  # train.fused_loss: no full logits
+                        index, ids = loss.target_index(targets, shifted=True)
+                        nll, _ = loss.fused_nll(engine, head, micro, index.to(dev), ids.to(dev))
+                    else:
+                        logits = engine(**micro, use_cache=False).logits
+                        nll = loss.logits_nll(logits, targets.to(dev), shifted=True)
+                    if step + 1 in fault_steps and env.is_main:
+                        nll = nll * float("nan")  # test hook: a step whose loss blows up
+                    engine.backward(nll * grad_divisor / global_targets, scale_wrt_gas=False)
                 if i == len(window) - 1 and zero0_fp32:
                     own_norm = guard_zero0_fp32_step(engine)
                 engine.step()  # clips and steps only at the accumulation boundary
-                step_nll += nll.item()
-                tokens_seen += int(lengths.sum())
-                sq_tokens += int((lengths**2).sum())
+                step_nll += nll.detach().double()
+                if sp.rank == 0:  # a group's rows are counted once
+                    tokens_seen += int(lengths.sum())
+                    sq_tokens += int((lengths**2).sum())
             step += 1
+            profiler.step()
 
             # A step is bad when its global loss is not finite or DeepSpeed skipped it for
             # non-finite gradients (fp16 overflows are the loss scaler's business). Bad
             # steps update nothing; too many in a row end the run.
-            # One all-reduce gives the global loss and whether any rank was asked to stop.
+            # One all-reduce (and the step's one wait for the device) gives the global loss
+            # and whether any rank was asked to stop.
+            stop = float(distributed.stop_requested() is not None)
             nll_sum, stops = distributed.all_reduce_sum(
-                [step_nll, distributed.stop_requested() is not None]
+                torch.stack([step_nll, torch.tensor(stop, dtype=torch.float64, device=dev)])
             ).tolist()
             step_loss = nll_sum / global_targets
             skipped = engine.skipped_steps > skipped_before
@@ -401,6 +455,7 @@ def run(cfg: Config) -> dict[str, Any]:
             name: {"target": w / sum(cfg.data.mix), "drawn": int(c), "share": round(c / total, 4)}
             for name, w, c in zip(splits.sources, cfg.data.mix, mix_seen["count"], strict=True)
         }
+    profiler.close()
     summary["train_seconds"] = round(time.time() - t_start, 2)
     summary["steps"] = step
     train_loss = eval_loss_sum / eval_targets if eval_targets else None
@@ -423,7 +478,7 @@ def run(cfg: Config) -> dict[str, Any]:
             checkpoint.save(engine, out, step, run_state(), cfg.checkpoint.keep_last, to_dict(cfg))
         )
     if cfg.checkpoint.export:
-        export.export_hf(engine, cfg, out / "final")
+        export.export_hf(engine, cfg, out / "final", summary)
         summary["export"] = str(out / "final")
     if env.is_main:
         (out / "summary.json").write_text(json.dumps(summary, indent=2, default=str))

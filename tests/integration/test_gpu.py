@@ -3,6 +3,7 @@ prediction against the measured peak. Skipped without a GPU."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -96,6 +97,65 @@ def test_planner_predicts_peak_memory_of_a_1b_llama(tmp_path: Path) -> None:
         "relative_error": error,
         "gpu": torch.cuda.get_device_name(),
     }
-    (tmp_path / "memory_check.json").write_text(json.dumps(check, indent=2))
+    # benchmarks/gpu_check.sh collects it from DSFT_CHECK_OUT
+    folder = Path(os.environ.get("DSFT_CHECK_OUT") or tmp_path)
+    (folder / "memory_check.json").write_text(json.dumps(check, indent=2))
     print("planner memory check:", json.dumps(check))
     assert abs(error) < 0.15, check
+
+
+@pytest.mark.parametrize("init", ["default", "loftq"])
+def test_qlora_trains_resumes_and_exports_the_adapter(
+    init: str, tiny_model: Path, tiny_data: Path, tmp_path: Path
+) -> None:
+    """QLoRA (4-bit NF4 base through bitsandbytes, LoRA on top; LoftQ init too): trains, resumes
+    from its checkpoint, and exports the adapter only (merging into a 16-bit base is refused);
+    the trainable count equals peft's on the same quantised model."""
+    pytest.importorskip("bitsandbytes")
+    out = tmp_path / "run"
+    tree = base_config(
+        tiny_model,
+        tiny_data,
+        out,
+        model={"quantization": "nf4", "lora": {"enabled": True, "r": 8, "alpha": 16, "init": init}},
+        train={"precision": "bf16", "max_steps": 4, "lr": 1e-2},
+        deepspeed={"zero_stage": 2},
+        eval={"generate": False, "before_training": False},
+        checkpoint={"export": False},
+        logging={"every": 1},
+    )
+    cfg = write_config(tmp_path / "c.yaml", tree)
+    assert run_dsft(["train", str(cfg)], gpu=True).returncode == 0
+    resumed = run_dsft(["train", str(cfg), "train.max_steps=8", "checkpoint.export=true"], gpu=True)
+    assert resumed.returncode == 0 and "resumed from" in resumed.stdout
+    assert "adapter only" in resumed.stdout + resumed.stderr
+    final = out / "final"
+    assert (final / "adapter" / "adapter_config.json").is_file()
+    assert not (final / "config.json").exists()  # no merged model
+    assert "Why the adapter only" in (final / "README.md").read_text()
+    rows = train_rows(out)
+    assert [r["step"] for r in rows] == list(range(1, 9))
+    assert all(r["loss"] == r["loss"] for r in rows)  # finite
+
+    from peft import LoraConfig as PeftLoraConfig
+    from peft import get_peft_model, prepare_model_for_kbit_training
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    if init == "default":
+        q = BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=torch.bfloat16,
+        )  # fmt: skip
+        base = AutoModelForCausalLM.from_pretrained(tiny_model, quantization_config=q)
+        ref = get_peft_model(
+            prepare_model_for_kbit_training(base),
+            PeftLoraConfig(
+                r=8,
+                lora_alpha=16,
+                lora_dropout=0.05,
+                target_modules="all-linear",
+                task_type="CAUSAL_LM",
+            ),
+        )
+        want = sum(p.numel() for p in ref.parameters() if p.requires_grad)
+        assert read_summary(out)["trainable_params"] == want

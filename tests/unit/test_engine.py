@@ -120,6 +120,35 @@ def test_flash_attention_refused_without_cuda() -> None:
         check_runtime(cfg)
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU refusal")
+def test_gpu_kernel_options_refused_without_cuda() -> None:
+    """model.kernels=liger and flex_attention say why they cannot run here, all at once."""
+    cfg = Config()
+    cfg.model.kernels = "liger"
+    cfg.model.attn_implementation = "flex_attention"
+    with pytest.raises(ConfigError) as e:
+        check_runtime(cfg)
+    text = str(e.value)
+    assert "model.kernels=liger needs a CUDA GPU" in text and "use model.kernels=none" in text
+    assert "flex_attention needs a CUDA GPU" in text
+
+
+def test_liger_refused_when_not_installed(monkeypatch: pytest.MonkeyPatch) -> None:
+    import importlib.util
+
+    from dsft import runtime
+
+    monkeypatch.setattr(runtime.torch.cuda, "is_available", lambda: True)
+    real = importlib.util.find_spec
+    monkeypatch.setattr(
+        runtime.importlib.util, "find_spec", lambda n, *a: None if n == "liger_kernel" else real(n)
+    )
+    cfg = Config()
+    cfg.model.kernels = "liger"
+    with pytest.raises(ConfigError, match=r"pip install 'dsft\[gpu\]'"):
+        check_runtime(cfg)
+
+
 def test_layer_decay_applies_to_lora_adapters(model: torch.nn.Module) -> None:
     from dsft.config import LoraConfig
     from dsft.model import apply_lora

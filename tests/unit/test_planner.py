@@ -381,9 +381,11 @@ def test_dsft_plan_table_for_a_shape(capsys) -> None:
     args = ["plan", "--shape", "llama-7b", "--gpus", "8", "--gpu-mem", "80GB", "--seq", "4096"]
     assert main([*args, "--global-batch", "64", "--tokens", "100M"]) == 0
     out = capsys.readouterr().out
-    for option in ("ZeRO-0", "ZeRO-1", "ZeRO-2", "ZeRO-3 + optimizer offload"):
+    for option in ("ZeRO-0", "ZeRO-1", "ZeRO-3", "ZeRO-3 + optimizer offload"):
         assert f"  {option} " in out
-    assert "\n* ZeRO-3 " in out and "* chosen: ZeRO-3, micro-batch 2 × accumulation 4" in out
+    # train.fused_loss (the default) keeps no logits: ZeRO-2 fits 2 sequences of 4096
+    assert "fused loss: 1.4 GB per micro-batch" in out  # one chunk + the head gradient
+    assert "\n* ZeRO-2 " in out and "* chosen: ZeRO-2, micro-batch 2 × accumulation 4" in out
     assert "time/epoch" in out and "25 min" in out
 
 

@@ -1,0 +1,141 @@
+"""``dsft chat RUN_OR_MODEL``: talk to a fine-tuned model in the terminal.
+
+RUN_OR_MODEL is an exported model directory, a LoRA adapter directory (its
+``adapter_config.json`` names the base, or ``--base`` does), or a run directory (its ``best``
+export when there is one, else ``final``). Each turn is rendered with the model's chat template
+(the one training used: the export saves it) and the answer is streamed as it is generated.
+``--prompt TEXT`` answers once and exits; otherwise ``/reset`` starts a new conversation and
+``/exit`` (or end of input, Ctrl-D) ends it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from dsft.config import ModelConfig
+from dsft.data.tokenize import render
+from dsft.errors import ConfigError
+from dsft.model import load_model, load_tokenizer
+
+
+def locate(path: str, base: str | None = None) -> tuple[Path, Path | None, Path]:
+    """(model to load, adapter to apply or None, tokenizer directory) for RUN_OR_MODEL."""
+    p = Path(path)
+    if not p.is_dir():
+        raise ConfigError([f"{path}: not a directory (give an export, an adapter or a run dir)"])
+    if not ((p / "config.json").is_file() or (p / "adapter_config.json").is_file()):
+        # a run directory: its best export, else its final one (merged, else the adapter)
+        for name in ("best", "final", "final/adapter", "best/adapter"):
+            q = p / name
+            if (q / "config.json").is_file() or (q / "adapter_config.json").is_file():
+                p = q
+                break
+        else:
+            raise ConfigError(
+                [
+                    f"{path}: no model here: expected config.json (an export), "
+                    "adapter_config.json (a LoRA adapter) or a run directory with best/ or final/"
+                ]
+            )
+    if (p / "config.json").is_file() and not (p / "adapter_config.json").is_file():
+        return p, None, p
+    adapter_cfg = json.loads((p / "adapter_config.json").read_text())
+    base_path = base or adapter_cfg.get("base_model_name_or_path") or ""
+    if not base_path:
+        raise ConfigError([f"{p}/adapter_config.json names no base model; pass --base DIR"])
+    # The adapter's own tokenizer (adapter-only exports save it), else the export's next to
+    # it, else the base's: the first one found carries the template training used.
+    tok = next(
+        (d for d in (p, p.parent, Path(base_path)) if (d / "tokenizer_config.json").is_file()),
+        Path(base_path),
+    )
+    return Path(base_path), p, tok
+
+
+def load(ns: argparse.Namespace) -> tuple[Any, Any, torch.device, str]:
+    """The model (with its adapter) on the chosen device, the tokenizer, and what was loaded."""
+    model_dir, adapter, tok_dir = locate(ns.model, ns.base)
+    what = f"{adapter} on {model_dir}" if adapter is not None else str(model_dir)
+    device = torch.device(
+        ns.device if ns.device != "auto" else "cuda" if torch.cuda.is_available() else "cpu"
+    )
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    mcfg = ModelConfig(path=str(model_dir), trust_remote_code=ns.trust_remote_code)
+    model = load_model(mcfg, dtype, training=False)
+    if adapter is not None:
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, str(adapter))
+    tokenizer = load_tokenizer(
+        ModelConfig(path=str(tok_dir), trust_remote_code=mcfg.trust_remote_code)
+    )
+    return model.to(device).eval(), tokenizer, device, what
+
+
+@torch.no_grad()
+def answer(
+    model: Any,
+    tokenizer: Any,
+    messages: list[dict[str, str]],
+    ns: argparse.Namespace,
+    device: torch.device,
+) -> str:
+    """Generate the assistant's reply to ``messages``, printing it token by token."""
+    from transformers import TextStreamer
+
+    text = render(tokenizer, messages, add_generation_prompt=True)
+    ids = tokenizer(text, add_special_tokens=False, return_tensors="pt").to(device)
+    streamer = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
+    sample = ns.temperature > 0
+    kwargs: dict[str, Any] = {"do_sample": sample}
+    if sample:
+        kwargs.update(temperature=ns.temperature, top_p=ns.top_p, top_k=ns.top_k)
+    out = model.generate(
+        **ids,
+        max_new_tokens=ns.max_new_tokens,
+        streamer=streamer,
+        pad_token_id=tokenizer.pad_token_id,
+        **kwargs,
+    )
+    return tokenizer.decode(out[0, ids["input_ids"].shape[1] :], skip_special_tokens=True)
+
+
+def main(ns: argparse.Namespace) -> int:
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()  # generation-config notices would interleave the answer
+    torch.manual_seed(ns.seed)
+    model, tokenizer, device, what = load(ns)
+    system = [{"role": "system", "content": ns.system}] if ns.system else []
+    if ns.prompt is not None:
+        answer(model, tokenizer, [*system, {"role": "user", "content": ns.prompt}], ns, device)
+        return 0
+    interactive = sys.stdin.isatty()
+    if interactive:
+        print(f"chat with {what} on {device} (/reset: new conversation, /exit or Ctrl-D: quit)")
+    messages = list(system)
+    while True:
+        try:
+            line = input("you> " if interactive else "")
+        except EOFError:
+            print()
+            return 0
+        cmd = line.strip()
+        if cmd in ("/exit", "/quit"):
+            return 0
+        if cmd == "/reset":
+            messages = list(system)
+            continue
+        if not cmd:
+            continue
+        messages.append({"role": "user", "content": line})
+        print("assistant> ", end="", flush=True)
+        messages.append(
+            {"role": "assistant", "content": answer(model, tokenizer, messages, ns, device)}
+        )
