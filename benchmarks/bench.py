@@ -611,17 +611,9 @@ def table(result: dict[str, Any]) -> str:
         "the difference.",
     ]
     if prep:
-        notes += [
-            "",
-            "| data preparation (tokenise + template + mask + pack) | examples/s |",
-            "|---|---|",
-            f"| dsft (data.prepare, cache off) | {prep['dsft']:,.0f} |",
-            f"| TRL (Dataset.from_json + SFTTrainer._prepare_dataset) | {prep['trl']:,.0f} |",
-            f"| **dsft / TRL** | {prep['ratio']:.2f}× |",
-            "",
-            f"{prep['examples']} examples, max_len {prep['max_len']}, one process each; "
-            f"identical token ids and labels: {'yes' if prep['tokens_identical'] else 'NO'}.",
-        ]
+        from benchmarks.prep import table as prep_table
+
+        notes += ["", prep_table(prep)]
     return "\n".join(lines + notes)
 
 
@@ -664,8 +656,13 @@ def run(ns: argparse.Namespace) -> int:
         path = write_jsonl(
             bench.work / "prep.jsonl", generate_rows(c["prep_examples"], 7, c["scale"])
         )
+        from dsft.data.cache import usable_cores
+
+        workers = tuple(
+            sorted({int(x) for x in (ns.prep_workers or f"1,{usable_cores()}").split(",")})
+        )
         result["prep"] = run_prep(
-            path, bench.tokenizer, c["max_len"], ns.prep_repeats or 1, lambda m: log(m)
+            path, bench.tokenizer, c["max_len"], ns.prep_repeats or 1, lambda m: log(m), workers
         )
     runs: dict[str, list[dict[str, Any]]] = {s: [] for s in systems}
     if ns.warmup:
@@ -735,6 +732,9 @@ def add_arguments(b: Any) -> None:
     b.add_argument("--no-warmup", dest="warmup", action="store_false", help="skip warm-up runs")
     b.add_argument("--prep-examples", type=int, help="data-prep benchmark size (0 = skip)")
     b.add_argument("--prep-repeats", type=int, default=1)
+    b.add_argument(
+        "--prep-workers", help="data.workers settings for the prep part (default: 1,<cores>)"
+    )
     b.add_argument("--peak-tflops", type=float, help="peak TFLOP/s per device for MFU")
     b.add_argument("--nproc", type=int, help="ranks per system")
     b.add_argument("--micro-batch", type=int, help="sequences per micro-batch (padded modes)")

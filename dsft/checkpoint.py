@@ -4,10 +4,18 @@ A checkpoint ``<output_dir>/checkpoints/step_N`` holds DeepSpeed's model, optimi
 and LR-scheduler states (every rank's shard), the run position (step, epoch, next
 batch window, best-metric tracker), every rank's RNG state, the resolved config and
 the dsft / DeepSpeed / torch versions (``dsft_state.json``).
+
+Lean checkpoints: frozen parameters (the LoRA base model, ``model.freeze``) are left out
+(DeepSpeed's ``exclude_frozen_parameters``) unless ``checkpoint.save_frozen``. They never
+change, so resume and export take them from ``model.path``; the checkpoint records a
+fingerprint of its weight files (:func:`base_fingerprint`) and a resume or export onto
+other base weights is refused.
 """
 
 from __future__ import annotations
 
+import functools
+import hashlib
 import json
 import logging
 import os
@@ -62,6 +70,91 @@ def restore_rng(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+# Files whose bytes are the model's weights (what a lean checkpoint relies on).
+WEIGHT_GLOBS = ("*.safetensors", "*.bin", "*.pt", "*.pth")
+_EDGE = 1 << 20  # bytes hashed at each end of a weight file
+
+
+@functools.lru_cache(maxsize=8)
+def base_fingerprint(model_path: str) -> dict[str, Any]:
+    """A cheap identity of the weights in ``model_path``: per weight file its name, size
+    and a SHA-256 of its first and last MiB (the safetensors header, which lists every
+    tensor's name, shape and offset, and the values at both ends); plus the Hub revision
+    when the directory is a Hub cache snapshot (``.../snapshots/<revision>``)."""
+    root = Path(model_path)
+    files: dict[str, Any] = {}
+    for f in sorted({p for g in WEIGHT_GLOBS for p in root.glob(g)}):
+        size = f.stat().st_size
+        h = hashlib.sha256()
+        with f.open("rb") as fh:
+            h.update(fh.read(_EDGE))
+            if size > _EDGE:
+                fh.seek(max(size - _EDGE, _EDGE))
+                h.update(fh.read())
+        files[f.name] = {"size": size, "sha256_edges": h.hexdigest()}
+    revision = root.name if root.parent.name == "snapshots" else None
+    return {"files": files, "revision": revision}
+
+
+def _weights_dir(path: str, revision: str = "") -> str:
+    """The local directory of ``model.path`` (a Hub name's snapshot), resolved."""
+    from dsft.hub import model_path
+
+    return str(Path(model_path(path, revision)).resolve())
+
+
+def check_base(tag_dir: Path, model_path: str, revision: str = "") -> None:
+    """Refuse to resume or export a lean checkpoint onto other base weights than its own."""
+    meta = _meta(tag_dir)
+    saved = meta.get("base")
+    if not meta.get("frozen_excluded") or saved is None:
+        return  # the checkpoint holds every weight itself
+    now = base_fingerprint(_weights_dir(model_path, revision))
+    if now["files"] == saved["files"]:
+        return
+    changed = sorted(
+        set(saved["files"]) ^ set(now["files"])
+        | {
+            k
+            for k in set(saved["files"]) & set(now["files"])
+            if saved["files"][k] != now["files"][k]
+        }
+    )
+    raise ConfigError(
+        [
+            f"model.path={model_path!r}: its weights differ from those {tag_dir} was trained on "
+            f"(saved from {saved.get('path')!r}; differing files: {', '.join(changed)}). The "
+            "checkpoint holds only the trained parameters (frozen ones are read from "
+            "model.path), so it cannot be resumed or exported onto other base weights: point "
+            "model.path at the original weights, or start afresh (checkpoint.resume=false or "
+            "another output_dir)"
+        ]
+    )
+
+
+def _drop_tied_frozen(engine: Any) -> None:
+    """Make ``exclude_frozen_parameters`` drop every name of a frozen tensor.
+
+    DeepSpeed drops the names ``named_parameters()`` yields, which lists a tied weight
+    once: the tied head (``lm_head.weight`` = the embedding, vocabulary x hidden) stayed
+    in lean checkpoints. Wraps the engine's ``module_state_dict`` once.
+    """
+    if getattr(engine, "_dsft_lean_sd", False):
+        return
+    original = engine.module_state_dict
+
+    def module_state_dict(*args: Any, exclude_frozen_parameters: bool = False, **kw: Any) -> Any:
+        sd = original(*args, exclude_frozen_parameters=exclude_frozen_parameters, **kw)
+        if exclude_frozen_parameters:
+            for name, p in engine.module.named_parameters(remove_duplicate=False):
+                if not p.requires_grad:
+                    sd.pop(name, None)
+        return sd
+
+    engine.module_state_dict = module_state_dict
+    engine._dsft_lean_sd = True
+
+
 def save(
     engine: Any,
     out: Path,
@@ -83,7 +176,13 @@ def save(
     if dist.is_main():  # leftovers of a save that was killed half-way
         shutil.rmtree(tmp, ignore_errors=True)
     dist.barrier()
-    engine.save_checkpoint(str(tmp), tag=tag, client_state=state, save_latest=False)
+    ckpt_cfg = (config or {}).get("checkpoint", {})
+    lean = not ckpt_cfg.get("save_frozen", False)
+    frozen = any(not p.requires_grad for p in engine.module.parameters())
+    _drop_tied_frozen(engine)
+    engine.save_checkpoint(
+        str(tmp), tag=tag, client_state=state, save_latest=False, exclude_frozen_parameters=lean
+    )
     # DeepSpeed's client_state is written by rank 0 only; RNG streams differ per rank.
     torch.save(rng_state(), tmp / tag / f"rng_rank{dist.get_rank()}.pt")
     faults.kill_if("DSFT_FAULT_KILL_IN_SAVE", step, dist.get_rank())  # test: a torn save
@@ -100,7 +199,13 @@ def save(
             "deepspeed_version": deepspeed.__version__,
             "torch_version": torch.__version__,
             "world_size": dist.get_world_size(),
+            # frozen parameters left out: resume/export read them from model.path
+            "frozen_excluded": lean and frozen,
         }
+        model_cfg = (config or {}).get("model") or {}
+        if lean and frozen and model_cfg.get("path"):
+            weights = _weights_dir(model_cfg["path"], model_cfg.get("revision", ""))
+            meta["base"] = {**base_fingerprint(weights), "path": model_cfg["path"]}
         (tmp / tag / "dsft_state.json").write_text(json.dumps(meta, indent=2, default=str))
         if (root / tag).exists():
             shutil.rmtree(root / tag)
@@ -185,7 +290,8 @@ def load_weights(model: torch.nn.Module, path: Path, zero3: bool) -> None:
     """Load a checkpoint's consolidated fp32 weights into a model not yet in an engine."""
     sd = consolidate(path)
     deepspeed = dist.import_deepspeed()
-    missing = [n for n, p in model.named_parameters() if n not in sd]
+    # Frozen parameters keep the values loaded from model.path (a lean checkpoint has none).
+    missing = [n for n, p in model.named_parameters() if n not in sd and p.requires_grad]
     if missing:
         raise ConfigError(
             [
@@ -194,6 +300,8 @@ def load_weights(model: torch.nn.Module, path: Path, zero3: bool) -> None:
             ]
         )
     for name, p in model.named_parameters():
+        if name not in sd:
+            continue
         # Under ZeRO-3 each parameter is a shard: gather it, set it, re-partition.
         with deepspeed.zero.GatheredParameters([p], modifier_rank=0, enabled=zero3):
             if not zero3 or dist.is_main():
@@ -210,7 +318,14 @@ def read_state(path: Path) -> dict[str, Any]:
 def load(engine: Any, path: Path) -> dict[str, Any]:
     """Restore model, optimizer, scheduler and this rank's RNG; returns the run state."""
     t0 = time.time()
-    _, state = engine.load_checkpoint(str(path.parent), tag=path.name)
+    # A lean checkpoint lacks the frozen parameters: the engine keeps those it was built
+    # with (model.path, checked by check_base); every other tensor must be there.
+    lean = bool(_meta(path).get("frozen_excluded"))
+    load_path, state = engine.load_checkpoint(
+        str(path.parent), tag=path.name, load_module_strict=not lean
+    )
+    if load_path is None:
+        raise ConfigError([f"{path}: DeepSpeed could not load this checkpoint"])
     log.info("checkpoint loaded: %s in %.2f s", path, time.time() - t0)
     _restore_rank_rng(path)
     return state

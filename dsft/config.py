@@ -96,6 +96,11 @@ class DataConfig:
     # Sampling weight of each path's training examples (one per path; 2.0 = every example
     # twice per epoch, 0.5 = a seeded half). Empty = 1.0 each. Val/test are never reweighted.
     weights: list[float] = field(default_factory=list)
+    # Draw training samples from the paths in these proportions over the whole run (one
+    # per path, normalised; e.g. [0.7, 0.3]): seeded, exact on resume, counts per source
+    # in the metrics and summary. An epoch stays len(train) samples; a source that runs
+    # out starts over in a new order. Instead of `weights`. Empty = off.
+    mix: list[float] = field(default_factory=list)
     format: Literal["auto", "instruction", "chat", "sharegpt", "prompt_completion", "text"] = "auto"
     # Your column name for a canonical one, e.g. {instruction: question, output: answer};
     # canonical names: instruction input output messages role content conversations
@@ -143,6 +148,12 @@ class DataConfig:
     # Tokenised data is cached, keyed by file contents + tokenizer + template + settings.
     cache: bool = True
     cache_dir: str = ""  # default: $DSFT_CACHE or ~/.cache/dsft
+    # Processes that tokenise (each node's local rank 0 forks them); 0 = the node's usable
+    # cores (CPU affinity). The cache entry is the same bytes for any number of workers.
+    workers: int = 0
+    # Seconds a rank waits for another rank or node to finish tokenising before it stops
+    # with a message naming who holds the work; 0 = wait for ever.
+    wait_timeout: float = 7200.0
 
 
 @dataclass
@@ -241,6 +252,11 @@ class CheckpointConfig:
     # warning before the time limit), also requeue the job (`scontrol requeue
     # $SLURM_JOB_ID`) so that it resumes by itself. SIGTERM (scancel) never requeues.
     requeue: bool = False
+    # Also store frozen parameters (the LoRA base, model.freeze) in every checkpoint. Off:
+    # a checkpoint holds the trained parameters, their optimizer states and the run state;
+    # resume and export reload the frozen weights from model.path, after checking that its
+    # weight files are the ones the run started from.
+    save_frozen: bool = False
 
 
 @dataclass
@@ -623,6 +639,22 @@ def validate_data(d: DataConfig) -> list[str]:
         for f in getattr(d, key):
             if not Path(f).exists() and not is_hub_id(f):
                 p.append(f"data.{key}: {f!r} not found")
+    if d.mix:
+        if len(d.mix) != len(d.path):
+            p.append(
+                f"data.mix: {len(d.mix)} proportions for {len(d.path)} paths; give one per path"
+            )
+        if any(w < 0 for w in d.mix) or not any(w > 0 for w in d.mix):
+            p.append("data.mix: proportions must be >= 0 and at least one > 0")
+        if d.weights:
+            p.append(
+                "data.mix and data.weights: use one (mix: proportions of the samples drawn; "
+                "weights: repeat or subsample each file per epoch)"
+            )
+    if d.workers < 0:
+        p.append(f"data.workers: {d.workers} must be >= 0 (0 = the node's usable cores)")
+    if d.wait_timeout < 0:
+        p.append(f"data.wait_timeout: {d.wait_timeout} must be >= 0 (0 = wait for ever)")
     if d.weights and len(d.weights) != len(d.path):
         p.append(
             f"data.weights: {len(d.weights)} weights for {len(d.path)} paths; give one per path"

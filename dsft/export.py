@@ -22,12 +22,12 @@ import torch
 import yaml
 
 from dsft import distributed as dist
-from dsft.checkpoint import consolidate, find, saved_config
+from dsft.checkpoint import check_base, consolidate, find, saved_config
 from dsft.config import Config, to_dict
 from dsft.data.cache import _file_digest
 from dsft.data.tokenize import apply_template
 from dsft.errors import ExportError
-from dsft.model import apply_lora, load_model, load_tokenizer, mutates_base
+from dsft.model import apply_lora, freeze, load_model, load_tokenizer, mutates_base
 
 log = logging.getLogger("dsft")
 
@@ -70,13 +70,20 @@ def export_checkpoint(path: str | Path, out: Path, merged: bool = True) -> Path:
     summary = tag_dir.parent.parent / "summary.json"  # the run's, when it finished
     run = json.loads(summary.read_text()) if summary.is_file() else {}
     run.setdefault("steps", json.loads((tag_dir / "dsft_state.json").read_text()).get("step"))
-    write_hf(saved_config(tag_dir), consolidate(tag_dir), out, merged=merged, run=run)
+    cfg = saved_config(tag_dir)
+    # a lean checkpoint takes its frozen weights from model.path: the same ones?
+    check_base(tag_dir, cfg.model.path, cfg.model.revision)
+    write_hf(cfg, consolidate(tag_dir), out, merged=merged, run=run)
     return out
 
 
 def _build(cfg: Config) -> torch.nn.Module:
+    """The run's model as training built it: base weights from model.path, LoRA, and the
+    model.freeze parameters frozen (they keep model.path's values)."""
     model = load_model(cfg.model, torch.float32, training=False)
-    return apply_lora(model, cfg.model.lora) if cfg.model.lora.enabled else model
+    model = apply_lora(model, cfg.model.lora) if cfg.model.lora.enabled else model
+    freeze(model, cfg.model.freeze)
+    return model
 
 
 @torch.no_grad()
@@ -127,8 +134,10 @@ def write_hf(
         model.peft_config["default"].init_lora_weights = True
         model.save_pretrained(initial / "init")
         model.peft_config["default"].init_lora_weights = cfg.model.lora.init
-    # LoRA trains only the adapters (+ modules_to_save); the rest is the base on disk.
-    expected = {n for n, p in model.named_parameters() if p.requires_grad or not lora}
+    # Only trained parameters must come from the run (LoRA adapters + modules_to_save, or
+    # everything model.freeze left trainable); frozen ones are the base on disk, and a
+    # lean checkpoint does not hold them.
+    expected = {n for n, p in model.named_parameters() if p.requires_grad}
     missing = sorted(expected - set(sd))
     if missing:
         raise ExportError(f"{len(missing)} trained tensors are missing, e.g. {missing[:3]}")

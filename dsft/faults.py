@@ -5,6 +5,7 @@ DSFT_FAULT_KILL_AT_STEP=5    rank 0 SIGKILLs itself after step 5 (and its checkp
 DSFT_FAULT_KILL_IN_SAVE=6    rank 0 SIGKILLs itself in the middle of saving step 6
 DSFT_FAULT_HANG_AT_STEP=3    rank 0 stops responding after step 3 (sleeps for ever)
 DSFT_FAULT_RANK=1            the kill and hang hooks hit this rank instead of rank 0
+DSFT_FAULT_SLOW_CHUNK=0.1    every tokenised data chunk takes this many seconds longer
 They exist so the tests can prove recovery on the real code path; unset, they do nothing.
 """
 
@@ -37,3 +38,10 @@ def hang_if(name: str, step: int, rank: int) -> None:
         print(f"fault: rank {rank} hangs after step {step}", file=sys.stderr, flush=True)
         while True:
             time.sleep(3600)
+
+
+def delay(name: str) -> None:
+    """Sleep the seconds given in ``name`` (e.g. to make two builders overlap)."""
+    seconds = float(os.environ.get(name, "0") or 0)
+    if seconds > 0:
+        time.sleep(seconds)

@@ -5,12 +5,24 @@ vocabulary, special tokens and chat template) and every setting that changes the
 tokens (format, columns, loss_on, bad-row policy). Truncation is applied when an
 example is read, so ``data.max_len`` changes reuse the entry.
 
-In a multi-rank job each node's local rank 0 tries to take the entry's lock file
-(``O_CREAT | O_EXCL``): the winner tokenises into a temporary directory and
-renames it into place (atomic), everyone else polls for the finished entry. No
-collective is involved, so a long tokenisation cannot hit a NCCL/gloo timeout; a
-builder that fails leaves an ``.error`` file whose message the waiters raise, and
-a lock whose process is gone (same host) is taken over.
+Building streams: a file is cut into chunks (byte ranges of a JSON-lines file, found
+by one newline-counting pass; runs of ``chunk_rows`` rows for other types), each chunk
+is read, normalised, tokenised and written as a *part* by one of ``data.workers``
+forked processes, and the parts are concatenated into the entry's flat arrays with
+plain file writes. Memory stays bounded by the chunk size and the number in flight,
+whatever the file's size, and the entry is the same bytes for any number of workers
+or nodes (parts are per chunk, and concatenated in chunk order).
+
+Several builders share the work through the file system only: each node's local
+rank 0 claims chunks one at a time (``O_CREAT | O_EXCL`` on ``<key>.parts/NNNNNN.claim``)
+and skips those already done or claimed, so nodes that share the cache directory
+each tokenise a share of the file, and nodes that do not share it each build all
+of it, with no configuration. The builder that finds every part present takes the
+entry lock, merges and renames the entry into place (atomic); the other ranks poll
+for it. No collective is involved, so a long tokenisation cannot hit a NCCL/gloo
+timeout. A builder that fails leaves an ``.error`` file whose message the others
+raise; a claim or lock whose process is gone (same host) is taken over; a wait past
+``data.wait_timeout`` ends with a message naming what is awaited and who holds it.
 """
 
 from __future__ import annotations
@@ -18,19 +30,24 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import multiprocessing as mp
 import os
 import shutil
 import socket
+import tempfile
 import time
-from collections.abc import Sequence
+from collections import deque
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from dsft import faults
 from dsft.config import is_hub_id
-from dsft.data.formats import Example, load_examples
+from dsft.data.formats import Example, check_not_empty, examples_of, normaliser
+from dsft.data.readers import line_ranges, read_range, read_rows, splittable
 from dsft.data.tokenize import IGNORE_INDEX, ChatOptions, Encoded, Tokenized, encode
 from dsft.errors import DataError
 
@@ -61,14 +78,33 @@ class TokenStore:
 
     @property
     def lengths(self) -> np.ndarray:
-        return np.diff(self.offsets)
+        """Tokens per example (int32 while that fits: 4 bytes per example)."""
+        d = np.diff(self.offsets)
+        return d.astype(np.int32) if not len(d) or d.max() < 2**31 else d
 
-    def targets(self, max_len: int) -> np.ndarray:
-        """Per example: tokens carrying loss within the first ``max_len`` (position 0 excluded)."""
-        cs = np.concatenate([[0], np.cumsum(self.trained, dtype=np.int64)])
-        start = self.offsets[:-1]
-        end = np.minimum(self.offsets[1:], start + max_len)
-        return np.maximum(cs[end] - cs[np.minimum(start + 1, end)], 0)
+    def targets(self, max_len: int, block: int = 1 << 20) -> np.ndarray:
+        """Per example: tokens carrying loss within the first ``max_len`` (position 0 excluded).
+
+        One pass over ``trained`` in blocks of about ``block`` tokens, read with file reads
+        rather than through the memory map, so memory stays bounded and the pass does not
+        leave the whole array resident.
+        """
+        n = len(self)
+        out = np.zeros(n, dtype=np.int32 if max_len < 2**31 else np.int64)
+        a = 0
+        while a < n:
+            # the examples whose tokens fit the block (at least one)
+            b = int(np.searchsorted(self.offsets, self.offsets[a] + block, side="right")) - 1
+            b = min(max(b, a + 1), n)
+            lo, hi = int(self.offsets[a]), int(self.offsets[b])
+            trained = _read_slice(self.trained, lo, hi)
+            cs = np.zeros(hi - lo + 1, dtype=np.int64)
+            np.cumsum(trained, out=cs[1:])
+            start = self.offsets[a:b] - lo
+            end = np.minimum(self.offsets[a + 1 : b + 1] - lo, start + max_len)
+            out[a:b] = np.maximum(cs[end] - cs[np.minimum(start + 1, end)], 0)
+            a = b
+        return out
 
     def item(self, i: int, max_len: int) -> Tokenized:
         a, b = int(self.offsets[i]), int(self.offsets[i + 1])
@@ -82,15 +118,15 @@ class _JsonlExamples(Sequence[Example]):
     """Normalised examples stored one JSON line each, read on demand by index."""
 
     def __init__(self, path: Path, offsets: np.ndarray) -> None:
-        self.path, self.offsets = path, offsets
-        self._data: np.ndarray | None = None
+        # Mapped now: a store built in a temporary directory (data.cache=false) stays
+        # readable after the directory is removed.
+        self.offsets = offsets
+        self._data = np.memmap(path, dtype=np.uint8, mode="r")
 
     def __len__(self) -> int:
         return len(self.offsets) - 1
 
     def __getitem__(self, i: int) -> Example:  # type: ignore[override]
-        if self._data is None:
-            self._data = np.memmap(self.path, dtype=np.uint8, mode="r")
         raw = bytes(self._data[int(self.offsets[i]) : int(self.offsets[i + 1])])
         d = json.loads(raw)
         return Example(d["m"], d["s"], d["k"], d.get("t"))
@@ -142,51 +178,390 @@ def entry_key(path: str, tok_digest: str, settings: dict[str, Any]) -> str:
     return h.hexdigest()[:32]
 
 
-def build_store(path: str, tokenizer: Any, settings: dict[str, Any]) -> TokenStore:
-    """Read, normalise and tokenise one file in memory."""
-    loaded = load_examples([path], settings["format"], settings["columns"], settings["on_bad_row"])
-    enc = encode(
-        tokenizer, loaded.examples, settings["loss_on"], options=ChatOptions.from_settings(settings)
-    )
-    # rows the chat template refused (data.on_bad_row=skip) are left out and counted
-    examples = loaded.examples if enc.kept is None else [loaded.examples[i] for i in enc.kept]
-    if not examples:
-        raise DataError(
-            f"{path}: all rows are bad; the first ones:\n  " + "\n  ".join(enc.skipped[:5])
+def _read_slice(arr: np.ndarray, lo: int, hi: int) -> np.ndarray:
+    """``arr[lo:hi]``; for a memory-mapped .npy, by a file read that leaves no mapped pages."""
+    if isinstance(arr, np.memmap) and arr.filename is not None and arr.ndim == 1:
+        try:
+            return np.fromfile(
+                arr.filename, dtype=arr.dtype, count=hi - lo, offset=arr.offset + lo * arr.itemsize
+            )
+        except FileNotFoundError:  # data.cache=false: the file is gone, the map is not
+            pass
+    return np.asarray(arr[lo:hi])
+
+
+@dataclass
+class BuildOptions:
+    """How an entry is built (none of it changes the entry's bytes)."""
+
+    workers: int = 1  # tokenising processes (1 = in this process)
+    chunk_bytes: int = 1 << 20  # a JSON-lines chunk: a byte range of about this size
+    chunk_rows: int = 2000  # other file types: rows per chunk
+    wait_timeout: float = 0.0  # seconds to wait for another builder; 0 = for ever
+
+
+def usable_cores() -> int:
+    """The cores this process may run on (its CPU affinity, as set by Slurm or taskset)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+def _store_name(path: str) -> str:
+    return Path(path).stem if not Path(path).is_dir() else Path(path).name
+
+
+# ------------------------------------------------------------------ chunks and parts
+# What a tokenising worker needs, set in the builder before it forks the workers (so it
+# is inherited, not pickled) and read by _encode_chunk in this process or a worker.
+_JOB: dict[str, Any] = {}
+
+
+def _tasks(path: str, record_keys: Any, opts: BuildOptions) -> Iterator[tuple[int, tuple]]:
+    """The file's chunks as ``(k, task)``, the same on every node for the same file."""
+    if splittable(path):
+        for k, (a, b, line) in enumerate(line_ranges(path, opts.chunk_bytes)):
+            yield k, ("range", path, a, b, line)
+        return
+    rows: list[Any] = []
+    k = 0
+    for row in read_rows(path, record_keys):
+        rows.append(row)
+        if len(rows) == opts.chunk_rows:
+            yield k, ("rows", path, rows)
+            k, rows = k + 1, []
+    if rows or k == 0:
+        yield k, ("rows", path, rows)
+
+
+def _part(parts: Path, k: int) -> Path:
+    return parts / f"{k:06d}"
+
+
+def _encode_chunk(k: int, task: tuple) -> tuple[str, Any]:
+    """Read, normalise, tokenise one chunk and write it as part ``k``: ("ok", examples) or
+    ("error", message)."""
+    tokenizer, settings, norm, parts = (_JOB[x] for x in ("tokenizer", "settings", "norm", "parts"))
+    kind, path, *rest = task
+    try:
+        rows = read_range(path, *rest) if kind == "range" else rest[0]
+        examples: list[Example] = []
+        bad: list[str] = []
+        for item in examples_of(rows, norm, settings["on_bad_row"]):
+            if isinstance(item, str):
+                bad.append(item)
+            else:
+                examples.append(item)
+        enc = encode(
+            tokenizer, examples, settings["loss_on"], options=ChatOptions.from_settings(settings)
         )
-    return TokenStore(
-        Path(path).stem if not Path(path).is_dir() else Path(path).name,
-        enc.ids,
-        enc.trained,
-        enc.offsets,
-        examples,
-        np.asarray([KINDS.index(e.kind) for e in examples], dtype=np.uint8),
-        loaded.skipped + enc.skipped,
+    except DataError as e:
+        return "error", str(e)
+    faults.delay("DSFT_FAULT_SLOW_CHUNK")  # test hook: builders on two "nodes" overlap
+    # rows the chat template refused (data.on_bad_row=skip) are left out and counted
+    if enc.kept is not None:
+        examples = [examples[i] for i in enc.kept]
+    bad += enc.skipped
+    lines = [
+        json.dumps({"m": ex.messages, "s": ex.source, "k": ex.kind, "t": ex.tools}).encode() + b"\n"
+        for ex in examples
+    ]
+    out = _part(parts, k)
+    tmp = out.with_name(f"{out.name}.tmp-{socket.gethostname()}-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    np.save(tmp / "ids.npy", enc.ids)
+    np.save(tmp / "trained.npy", enc.trained)
+    np.save(tmp / "lengths.npy", np.diff(enc.offsets))
+    np.save(tmp / "kinds.npy", np.asarray([KINDS.index(e.kind) for e in examples], np.uint8))
+    np.save(tmp / "exlen.npy", np.asarray([len(x) for x in lines], dtype=np.int64))
+    (tmp / "examples.jsonl").write_bytes(b"".join(lines))
+    meta = {"n": len(examples), "tokens": len(enc.ids), "bytes": sum(map(len, lines))}
+    (tmp / "meta.json").write_text(json.dumps({**meta, "skipped": bad}))
+    try:
+        os.replace(tmp, out)
+    except OSError:  # another builder wrote it first (after taking over a claim): equal
+        shutil.rmtree(tmp, ignore_errors=True)
+    return "ok", len(examples)
+
+
+class _Runner:
+    """Runs chunks in forked worker processes, a bounded number in flight, results in
+    chunk order (so the first bad row in file order is the one reported); or in this
+    process with one worker or a single chunk."""
+
+    def __init__(self, workers: int, on_done: Any) -> None:
+        self.workers, self.on_done = workers, on_done
+        self.pool: Any = None
+        self.first: tuple[int, tuple] | None = None  # held until a second chunk shows up
+        self.pending: deque[tuple[int, Any]] = deque()
+        self.env: str | None = None  # TOKENIZERS_PARALLELISM before the workers
+
+    def submit(self, k: int, task: tuple) -> None:
+        if self.workers <= 1:
+            self.on_done(k, _encode_chunk(k, task))
+            return
+        if self.pool is None:
+            if self.first is None:
+                self.first = (k, task)
+                return
+            # one thread per worker; also keeps tokenizers' fork warning quiet (restored
+            # in close: the parent's own later tokenising keeps its threads)
+            self.env = os.environ.get("TOKENIZERS_PARALLELISM")
+            os.environ["TOKENIZERS_PARALLELISM"] = "false"
+            self.pool = mp.get_context("fork").Pool(self.workers)
+            self.pending.append((self.first[0], self.pool.apply_async(_encode_chunk, self.first)))
+            self.first = None
+        self.pending.append((k, self.pool.apply_async(_encode_chunk, (k, task))))
+        while len(self.pending) > 2 * self.workers:
+            self._collect()
+
+    def _collect(self) -> None:
+        k, res = self.pending.popleft()
+        self.on_done(k, res.get())
+
+    def finish(self) -> None:
+        if self.first is not None:
+            self.on_done(self.first[0], _encode_chunk(*self.first))
+            self.first = None
+        while self.pending:
+            self._collect()
+
+    def close(self) -> None:
+        if self.pool is not None:
+            self.pool.terminate()
+            self.pool.join()
+            if self.env is None:
+                os.environ.pop("TOKENIZERS_PARALLELISM", None)
+            else:
+                os.environ["TOKENIZERS_PARALLELISM"] = self.env
+
+
+def _fork_ok() -> bool:
+    return "fork" in mp.get_all_start_methods()
+
+
+def _owner(path: Path) -> str:
+    try:
+        return path.read_text() or "?"
+    except OSError:
+        return "?"
+
+
+def _take(lock: Path) -> bool:
+    """Create ``lock`` (host:pid) if nobody holds it; a lock whose process died is taken over."""
+    for _ in range(2):
+        try:
+            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:
+            if not _lock_is_stale(lock):
+                return False
+            lock.unlink(missing_ok=True)
+            continue
+        except FileNotFoundError:  # the parts directory is gone: the entry was just merged
+            return False
+        with os.fdopen(fd, "w") as f:
+            f.write(f"{socket.gethostname()}:{os.getpid()}")
+        return True
+    return False
+
+
+class _Timeout(DataError):
+    """Waited too long for another builder (not recorded as the entry's error)."""
+
+
+class _Waiter:
+    """Sleeps between polls, logs once a minute, and gives up after ``timeout`` seconds."""
+
+    def __init__(self, path: str, timeout: float) -> None:
+        self.path, self.timeout, self.t0, self.last = path, timeout, time.time(), time.time()
+
+    @property
+    def waited(self) -> float:
+        return time.time() - self.t0
+
+    def sleep(self, doing: Any) -> None:
+        time.sleep(0.2)
+        if time.time() - self.last >= 60:
+            self.last = time.time()
+            log.info("data: waiting %.0fs for %s: %s", self.waited, self.path, doing())
+        if self.timeout and self.waited > self.timeout:
+            raise _Timeout(
+                f"{self.path}: waited {self.waited:.0f}s (data.wait_timeout) for the tokenised "
+                f"cache entry; {doing()}. If that process is gone (a crashed node), delete the "
+                "file named to let this rank take the work over, or raise data.wait_timeout"
+            )
+
+
+def _progress(entry: Path) -> str:
+    """Who is doing what for ``entry`` (for the waiting messages)."""
+    parts = entry.with_name(entry.name + ".parts")
+    lock = entry.with_suffix(".lock")
+    if lock.exists():
+        return f"{_owner(lock)} is merging it (lock {lock})"
+    claims = sorted(parts.glob("*.claim")) if parts.is_dir() else []
+    done = len([p for p in parts.iterdir() if p.name.isdigit()]) if parts.is_dir() else 0
+    if not claims:
+        return f"no builder has started yet (parts in {parts})"
+    return (
+        f"{done} chunks done, {len(claims)} being tokenised, e.g. chunk {claims[0].stem} by "
+        f"{_owner(claims[0])} (claim {claims[0]})"
     )
 
 
-def _write_entry(entry: Path, store: TokenStore) -> None:
+def _abandoned(entry: Path) -> bool:
+    """A claim or merge lock of a process that died on this host, with no entry yet."""
+    parts = entry.with_name(entry.name + ".parts")
+    locks = [entry.with_suffix(".lock"), *(parts.glob("*.claim") if parts.is_dir() else [])]
+    return any(p.exists() and _lock_is_stale(p) for p in locks)
+
+
+def _build(
+    path: str, tokenizer: Any, settings: dict[str, Any], entry: Path, opts: BuildOptions
+) -> None:
+    """Tokenise ``path`` into ``entry`` (sharing chunks with other builders); returns once the
+    entry is complete, whoever finished it."""
+    parts = entry.with_name(entry.name + ".parts")
+    error = entry.with_suffix(".error")
+    lock = entry.with_suffix(".lock")
+    norm = normaliser(settings["format"], settings["columns"], settings["on_bad_row"])
+    _JOB.update(tokenizer=tokenizer, settings=settings, norm=norm, parts=parts)
+    t0 = time.time()
+    built = examples = 0
+    waiter = _Waiter(path, opts.wait_timeout)
+    try:
+        while not (entry / "meta.json").is_file():
+            if error.is_file():
+                raise DataError(error.read_text())
+            parts.mkdir(parents=True, exist_ok=True)
+            n = 0
+
+            def done(k: int, result: tuple[str, Any]) -> None:
+                nonlocal built, examples
+                if result[0] == "error":
+                    raise DataError(result[1])
+                built, examples = built + 1, examples + result[1]
+                (parts / f"{k:06d}.claim").unlink(missing_ok=True)
+
+            runner = _Runner(opts.workers if _fork_ok() else 1, done)
+            try:
+                for k, task in _tasks(path, norm.record_keys, opts):
+                    n = k + 1
+                    if _part(parts, k).is_dir() or not _take(parts / f"{k:06d}.claim"):
+                        continue
+                    runner.submit(k, task)
+                runner.finish()
+            finally:
+                runner.close()
+            # Every chunk is done or claimed by another builder: wait for theirs, take
+            # over any whose builder died here, then one builder merges.
+            while not (entry / "meta.json").is_file():
+                if error.is_file():
+                    raise DataError(error.read_text())
+                missing = [k for k in range(n) if not _part(parts, k).is_dir()]
+                if not missing:
+                    if _take(lock):
+                        try:
+                            if not (entry / "meta.json").is_file():
+                                _merge(path, entry, parts, n)
+                        finally:
+                            lock.unlink(missing_ok=True)
+                        shutil.rmtree(parts, ignore_errors=True)
+                    elif _lock_is_stale(lock):
+                        lock.unlink(missing_ok=True)
+                    waiter.sleep(lambda: _progress(entry))
+                    continue
+                claim = parts / f"{missing[0]:06d}.claim"
+                if not claim.exists() or _lock_is_stale(claim):
+                    if _part(parts, missing[0]).is_dir():
+                        continue  # finished between the two looks
+                    break  # abandoned: claim and build it (back to the chunk loop)
+                waiter.sleep(lambda: _progress(entry))
+    except DataError as e:
+        if not isinstance(e, _Timeout) and not error.exists():
+            error.write_text(str(e))  # every waiting rank raises the same message
+        raise
+    if built:
+        log.info(
+            "data: tokenised %s: %d examples in %d chunks here in %.1fs (%d workers) -> %s",
+            path, examples, built, time.time() - t0, opts.workers, entry,
+        )  # fmt: skip
+
+
+def _npy(f: Any, dtype: Any, n: int) -> None:
+    """Write the header of a 1-d .npy array of ``n`` items (its data follows)."""
+    descr = np.lib.format.dtype_to_descr(np.dtype(dtype))
+    np.lib.format.write_array_header_1_0(f, {"descr": descr, "fortran_order": False, "shape": (n,)})
+
+
+def _merge(path: str, entry: Path, parts: Path, n: int) -> None:
+    """Concatenate parts ``0..n-1`` into the entry's arrays, one part in memory at a time."""
+    metas = [json.loads((_part(parts, k) / "meta.json").read_text()) for k in range(n)]
+    skipped = [r for m in metas for r in m["skipped"]]
+    count = sum(m["n"] for m in metas)
+    check_not_empty(path, count, skipped)
+    tokens = sum(m["tokens"] for m in metas)
     tmp = entry.with_name(f"{entry.name}.tmp-{socket.gethostname()}-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    np.save(tmp / "ids.npy", store.ids)
-    np.save(tmp / "trained.npy", store.trained)
-    np.save(tmp / "offsets.npy", store.offsets)
-    np.save(tmp / "kinds.npy", store.kinds)
-    ex_offsets = [0]
-    with (tmp / "examples.jsonl").open("wb") as f:
-        for ex in store.examples:
-            d = {"m": ex.messages, "s": ex.source, "k": ex.kind, "t": ex.tools}
-            line = json.dumps(d).encode() + b"\n"
-            f.write(line)
-            ex_offsets.append(ex_offsets[-1] + len(line))
-    np.save(tmp / "example_offsets.npy", np.asarray(ex_offsets, dtype=np.int64))
+    files = {
+        "ids": (np.int32, tokens),
+        "trained": (np.bool_, tokens),
+        "offsets": (np.int64, count + 1),
+        "kinds": (np.uint8, count),
+        "example_offsets": (np.int64, count + 1),
+    }
+    out = {name: (tmp / f"{name}.npy").open("wb") for name in files}
+    try:
+        for name, (dtype, size) in files.items():
+            _npy(out[name], dtype, size)
+        np.zeros(1, np.int64).tofile(out["offsets"])
+        np.zeros(1, np.int64).tofile(out["example_offsets"])
+        at_token = at_byte = 0
+        with (tmp / "examples.jsonl").open("wb") as ex:
+            for k in range(n):
+                d = _part(parts, k)
+                np.load(d / "ids.npy").astype(np.int32, copy=False).tofile(out["ids"])
+                np.load(d / "trained.npy").astype(np.bool_, copy=False).tofile(out["trained"])
+                np.load(d / "kinds.npy").tofile(out["kinds"])
+                lengths = np.load(d / "lengths.npy").astype(np.int64)
+                (at_token + np.cumsum(lengths)).tofile(out["offsets"])
+                exlen = np.load(d / "exlen.npy")
+                (at_byte + np.cumsum(exlen)).tofile(out["example_offsets"])
+                at_token += int(lengths.sum())
+                at_byte += int(exlen.sum())
+                with (d / "examples.jsonl").open("rb") as src:
+                    shutil.copyfileobj(src, ex, 1 << 20)
+    finally:
+        for f in out.values():
+            f.close()
     # meta.json last: its presence marks a complete entry (also inside the rename).
-    (tmp / "meta.json").write_text(json.dumps({"name": store.name, "skipped": store.skipped}))
+    meta = {"name": _store_name(path), "skipped": skipped}
+    (tmp / "meta.json").write_text(json.dumps(meta))
     try:
         os.replace(tmp, entry)
     except OSError:  # another builder got there first (shared file system): theirs is equal
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def fresh_store(
+    path: str, tokenizer: Any, settings: dict[str, Any], opts: BuildOptions
+) -> TokenStore:
+    """Tokenise one file without the cache (data.cache=false): built in a temporary
+    directory, memory-mapped, and the directory removed (the maps stay readable)."""
+    tmp = Path(tempfile.mkdtemp(prefix="dsft-prep-"))
+    try:
+        entry = tmp / "entry"
+        _build(path, tokenizer, settings, entry, opts)
+        return _read_entry(entry)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def build_store(path: str, tokenizer: Any, settings: dict[str, Any]) -> TokenStore:
+    """Tokenise one file without the cache, in this process (one worker)."""
+    return fresh_store(path, tokenizer, settings, BuildOptions())
 
 
 def _read_entry(entry: Path) -> TokenStore:
@@ -196,7 +571,9 @@ def _read_entry(entry: Path) -> TokenStore:
         np.load(entry / "trained.npy", mmap_mode="r"),
         np.load(entry / "offsets.npy"),
     )
-    examples = _JsonlExamples(entry / "examples.jsonl", np.load(entry / "example_offsets.npy"))
+    # mapped: only the examples generation reads (validation, test) are ever touched
+    offsets = np.load(entry / "example_offsets.npy", mmap_mode="r")
+    examples = _JsonlExamples(entry / "examples.jsonl", offsets)
     kinds = np.load(entry / "kinds.npy")
     return TokenStore(
         meta["name"], enc.ids, enc.trained, enc.offsets, examples, kinds, meta["skipped"]
@@ -220,49 +597,27 @@ def _lock_is_stale(lock: Path) -> bool:
 
 
 def cached_store(
-    path: str, tokenizer: Any, settings: dict[str, Any], root: Path, builder: bool
+    path: str,
+    tokenizer: Any,
+    settings: dict[str, Any],
+    root: Path,
+    builder: bool,
+    opts: BuildOptions | None = None,
 ) -> TokenStore:
-    """The file's tokenised store from the cache, building it if this rank may."""
+    """The file's tokenised store from the cache, building (a share of) it if this rank may."""
+    opts = opts or BuildOptions()
     key = entry_key(path, tokenizer_digest(tokenizer), settings)
     entry = root / key
-    lock, error = entry.with_suffix(".lock"), entry.with_suffix(".error")
-    waited = 0.0
-    while True:
-        if (entry / "meta.json").is_file():
-            return _read_entry(entry)
+    error = entry.with_suffix(".error")
+    waiter = _Waiter(path, opts.wait_timeout)
+    while not builder and not (entry / "meta.json").is_file():
         if error.is_file():
             raise DataError(error.read_text())
-        # a waiter takes over a lock whose builder died (checked after a grace period)
-        stale = (builder or waited > 10) and _lock_is_stale(lock)
-        if builder or stale:
-            if stale:
-                lock.unlink(missing_ok=True)
-            try:
-                root.mkdir(parents=True, exist_ok=True)
-                fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-            except FileExistsError:
-                builder = False  # someone else builds it
-            else:
-                with os.fdopen(fd, "w") as f:
-                    f.write(f"{socket.gethostname()}:{os.getpid()}")
-                try:
-                    t0 = time.time()
-                    store = build_store(path, tokenizer, settings)
-                    _write_entry(entry, store)
-                    log.info(
-                        "data: tokenised %s (%d examples) in %.1fs -> cache %s",
-                        path,
-                        len(store),
-                        time.time() - t0,
-                        entry,
-                    )
-                    return _read_entry(entry)
-                except DataError as e:
-                    error.write_text(str(e))  # the waiting ranks raise the same message
-                    raise
-                finally:
-                    lock.unlink(missing_ok=True)
-        time.sleep(0.2)
-        waited += 0.2
-        if int(waited * 5) % 300 == 0:  # once a minute
-            log.info("data: waiting for another rank to tokenise %s (%s)", path, entry)
+        # a waiter takes over work whose builder died here (after a grace period)
+        builder = waiter.waited > 10 and _abandoned(entry)
+        if not builder:
+            waiter.sleep(lambda: _progress(entry))
+    if builder:  # returns at once when the entry exists
+        root.mkdir(parents=True, exist_ok=True)
+        _build(path, tokenizer, settings, entry, opts)
+    return _read_entry(entry)

@@ -35,12 +35,13 @@ from __future__ import annotations
 import json
 import math
 import re
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from dsft.config import COLUMNS
-from dsft.data.readers import read_rows
+from dsft.data.readers import Row, read_rows
 from dsft.errors import DataError
 
 Message = dict[str, Any]
@@ -446,34 +447,55 @@ def load_examples(
     lists them in :attr:`Loaded.skipped`. A missing, empty or unreadable file raises either
     way, and so does a file whose rows are all bad.
     """
-    if on_bad_row not in ("error", "skip"):
-        raise DataError(f"data.on_bad_row: {on_bad_row!r} is not one of error, skip")
-    norm = _Normaliser(fmt, dict(columns or {}))
+    norm = normaliser(fmt, columns, on_bad_row)
     examples: list[Example] = []
     skipped: list[str] = []
     for path in map(str, paths):
         n = len(examples)
         bad: list[str] = []
-        for row in read_rows(path, norm.record_keys):
-            try:
-                if row.error is not None:
-                    raise _BadRow(row.error)
-                messages, kind = norm(row.record)
-                tools = norm.tools(row.record) if kind == "chat" else None
-            except _BadRow as e:
-                if on_bad_row == "error":
-                    raise DataError(f"{row.where}: {e}") from None
-                bad.append(f"{row.where}: {e}")
-                continue
-            examples.append(Example(messages, row.where, kind, tools))
-        if len(examples) == n:
-            if not bad:
-                raise DataError(f"{path}: no rows (the file is empty)")
-            raise DataError(
-                f"{path}: all {len(bad)} rows are bad; the first ones:\n  " + "\n  ".join(bad[:5])
-            )
+        for item in examples_of(read_rows(path, norm.record_keys), norm, on_bad_row):
+            if isinstance(item, str):
+                bad.append(item)
+            else:
+                examples.append(item)
+        check_not_empty(path, len(examples) - n, bad)
         skipped.extend(bad)
     return Loaded(examples, skipped)
+
+
+def normaliser(fmt: str, columns: dict[str, str] | None, on_bad_row: str) -> _Normaliser:
+    """The record normaliser for ``data.format`` / ``data.columns`` (settings checked here)."""
+    if on_bad_row not in ("error", "skip"):
+        raise DataError(f"data.on_bad_row: {on_bad_row!r} is not one of error, skip")
+    return _Normaliser(fmt, dict(columns or {}))
+
+
+def examples_of(rows: Iterable[Row], norm: _Normaliser, on_bad_row: str) -> Iterator[Example | str]:
+    """The examples of ``rows`` in order, streamed; a bad row raises (``on_bad_row="error"``)
+    or comes back as its ``"file:line: reason"`` string (``"skip"``)."""
+    for row in rows:
+        try:
+            if row.error is not None:
+                raise _BadRow(row.error)
+            messages, kind = norm(row.record)
+            tools = norm.tools(row.record) if kind == "chat" else None
+        except _BadRow as e:
+            if on_bad_row == "error":
+                raise DataError(f"{row.where}: {e}") from None
+            yield f"{row.where}: {e}"
+            continue
+        yield Example(messages, row.where, kind, tools)
+
+
+def check_not_empty(path: str, examples: int, bad: list[str]) -> None:
+    """A file that gave no example is an error, whatever the bad-row policy."""
+    if examples:
+        return
+    if not bad:
+        raise DataError(f"{path}: no rows (the file is empty)")
+    raise DataError(
+        f"{path}: all {len(bad)} rows are bad; the first ones:\n  " + "\n  ".join(bad[:5])
+    )
 
 
 def read_jsonl(path: str | Path, fmt: str = "auto") -> list[Example]:

@@ -77,13 +77,7 @@ def read_rows(path: str, record_keys: Collection[str] = ()) -> Iterator[Row]:
         )
     try:
         with gzip.open(p, "rb") if gz else p.open("rb") as f:
-            head = f.read(4)
-            for bom, name in _OTHER_BOMS:
-                if head.startswith(bom):
-                    raise DataError(
-                        f"{path}: the file is {name}-encoded (byte-order mark); dsft reads UTF-8: "
-                        f"convert it, e.g. iconv -f {name} -t UTF-8"
-                    )
+            _check_encoding(path, f.read(4))
             f.seek(0)
             if suffix == ".json":
                 data = f.read(MAX_LINE_BYTES + 1)
@@ -99,6 +93,15 @@ def read_rows(path: str, record_keys: Collection[str] = ()) -> Iterator[Row]:
                 yield from _jsonl(path, _bounded_lines(f))
     except (OSError, EOFError) as e:  # a truncated or corrupt .gz
         raise DataError(f"{path}: cannot read ({e})") from None
+
+
+def _check_encoding(path: str, head: bytes) -> None:
+    for bom, name in _OTHER_BOMS:
+        if head.startswith(bom):
+            raise DataError(
+                f"{path}: the file is {name}-encoded (byte-order mark); dsft reads UTF-8: "
+                f"convert it, e.g. iconv -f {name} -t UTF-8"
+            )
 
 
 def _no_bom(lines: Iterable[bytes | None]) -> Iterator[bytes | None]:
@@ -125,10 +128,13 @@ def _bounded_lines(f: BinaryIO) -> Iterator[bytes | None]:
         yield raw
 
 
-def _jsonl(path: str, lines: Iterable[bytes | None]) -> Iterator[Row]:
+def _jsonl(
+    path: str, lines: Iterable[bytes | None], first: int = 1, bom: bool = True
+) -> Iterator[Row]:
     # Bytes, decoded line by line: a bad byte is one bad row, and only "\n" ends a line
-    # (str.splitlines would also split on U+2028 inside a JSON string).
-    for lineno, raw in enumerate(_no_bom(lines), start=1):
+    # (str.splitlines would also split on U+2028 inside a JSON string). ``first``: the
+    # line number of the first line (a byte range of a file starts mid-way).
+    for lineno, raw in enumerate(_no_bom(lines) if bom else lines, start=first):
         where = f"{path}:{lineno}"
         if raw is None:
             yield Row(where, error=f"a line longer than {MAX_LINE_BYTES >> 20} MiB")
@@ -149,6 +155,51 @@ def _jsonl(path: str, lines: Iterable[bytes | None]) -> Iterator[Row]:
             yield Row(where, error=_DEEP)
             continue
         yield Row(where, record)
+
+
+def splittable(path: str) -> bool:
+    """Whether ``path`` can be cut into byte ranges read independently (plain JSON lines)."""
+    p = Path(path)
+    return p.is_file() and p.suffix.lower() in (".jsonl", ".ndjson")
+
+
+def line_ranges(path: str, size: int) -> list[tuple[int, int, int]]:
+    """``(start, end, first line)`` byte ranges of about ``size`` bytes, each ending after a
+    newline, covering the file. One streaming pass that counts newlines (I/O bound)."""
+    ranges: list[tuple[int, int, int]] = []
+    start, start_line = 0, 1
+    pos, line = 0, 1  # the byte offset and line number at the start of ``block``
+    with open(path, "rb") as f:
+        _check_encoding(path, f.read(4))
+        f.seek(0)
+        for block in iter(lambda: f.read(1 << 22), b""):
+            while start + size < pos + len(block):
+                cut = block.find(b"\n", max(start + size - pos, 0))
+                if cut < 0:
+                    break  # the line goes on into the next block
+                end = pos + cut + 1
+                ranges.append((start, end, start_line))
+                start, start_line = end, line + block.count(b"\n", 0, cut + 1)
+            pos, line = pos + len(block), line + block.count(b"\n")
+    if pos > start or not ranges:
+        ranges.append((start, pos, start_line))
+    return ranges
+
+
+def read_range(path: str, start: int, end: int, first_line: int) -> Iterator[Row]:
+    """The rows of the JSON-lines byte range ``[start, end)`` (see :func:`line_ranges`)."""
+
+    def lines(f: BinaryIO) -> Iterator[bytes | None]:
+        if f.tell() >= end:
+            return
+        for raw in _bounded_lines(f):
+            yield raw
+            if f.tell() >= end:
+                return
+
+    with open(path, "rb") as f:
+        f.seek(start)
+        yield from _jsonl(path, lines(f), first_line, bom=start == 0)
 
 
 def _is_json_lines(data: bytes) -> bool:

@@ -29,6 +29,7 @@ states through the LM head in chunks (on a sequence-parallel rank: its slice's).
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import logging
 import math
@@ -39,6 +40,7 @@ import warnings
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from dsft import checkpoint, crossval, data, distributed, export, faults, loss
@@ -46,7 +48,7 @@ from dsft import sequence_parallel as seqpar
 from dsft.config import Config, batch_plan, load_config, save_config, to_dict
 from dsft.data.collate import collate
 from dsft.data.packing import collate_packed
-from dsft.data.sampler import steps_per_epoch, train_batches
+from dsft.data.sampler import Mixer, mixed_batches, steps_per_epoch, train_batches
 from dsft.data.tokenize import IGNORE_INDEX
 from dsft.ds_config import deepspeed_config
 from dsft.errors import ConfigError, Preempted, TrainingDiverged
@@ -99,18 +101,26 @@ def run(cfg: Config) -> dict[str, Any]:
     log.info("data: %s", splits.stats)
     # The sampler deals out units: examples, or packed rows of examples (data.packing).
     units = splits.packs or [[i] for i in range(len(splits.train))]
+    # data.mix: units drawn from the files in fixed proportions (else: each epoch a permutation)
+    mixer = (
+        Mixer(splits.unit_source, cfg.data.mix, cfg.train.seed, cfg.data.shuffle)
+        if cfg.data.mix
+        else None
+    )
 
     model = build_model(cfg.model, torch_dtype(cfg.train.precision), ds_config)
     # Resume from the latest complete checkpoint (or the one asked for). One saved on
     # another number of ranks or ZeRO stage cannot be loaded by DeepSpeed: its weights
     # are consolidated and loaded here, before the engine exists; moments start afresh.
     resume_from = checkpoint.resume_point(out, cfg.checkpoint.resume, cfg.checkpoint.resume_from)
+    if resume_from is not None:  # a lean checkpoint needs the base weights it was trained on
+        checkpoint.check_base(resume_from, cfg.model.path, cfg.model.revision)
     reshard = resume_from is not None and checkpoint.needs_reshard(
         resume_from, env.world_size, cfg.deepspeed.zero_stage
     )
-    if reshard:
-        checkpoint.load_weights(model, resume_from, zero3)
     frozen = freeze(model, cfg.model.freeze)
+    if reshard:  # after freezing: frozen parameters keep model.path's values
+        checkpoint.load_weights(model, resume_from, zero3)
     if cfg.model.tiled_mlp:
         tiles = seqpar.tiles_for(cfg.data.max_len, plan.sequence_parallel, decision["hidden"])
         log.info("tiled MLP: %d blocks, %d tiles per row", seqpar.tile_mlp(model, tiles), tiles)
@@ -249,6 +259,9 @@ def run(cfg: Config) -> dict[str, Any]:
         }
 
     # ---------------------------------------------------------------- loop
+    # data.mix: samples drawn per source so far (slots [0, upto) of the run), kept up to date
+    # at each log line; a pure function of the step, so exact after a resume too.
+    mix_seen: dict[str, Any] = {"upto": 0, "count": np.zeros(len(splits.sources), np.int64)}
     profiler = StepProfiler(out, cfg.logging.profile_steps)  # logging.profile_steps
     engine.train()
     step, epoch, next_window = start["step"], start["epoch"], start["window"]
@@ -268,7 +281,8 @@ def run(cfg: Config) -> dict[str, Any]:
     stopped_early = False
     saved_step = -1  # the step of the last periodic checkpoint
     while step < total_steps and not stopped_early:
-        batches = train_batches(
+        deal = functools.partial(mixed_batches, mixer) if mixer is not None else train_batches
+        batches = deal(
             len(units),
             plan.micro_batch,
             plan.data_parallel,
@@ -379,6 +393,10 @@ def run(cfg: Config) -> dict[str, Any]:
                     "bad_steps": bad_steps,
                     **flops.scalars(tokens_total, sq_total, step_seconds),
                 }
+                if mixer is not None:
+                    scalars.update(
+                        mix_report(mixer, mix_seen, splits.sources, step * plan.global_batch)
+                    )
                 if cfg.train.precision == "fp16":
                     scalars["loss_scale"] = float(getattr(engine.optimizer, "cur_scale", "nan"))
                 if torch.cuda.is_available():
@@ -430,6 +448,13 @@ def run(cfg: Config) -> dict[str, Any]:
             epoch, next_window = epoch + 1, 0
 
     # ---------------------------------------------------------------- finish
+    if mixer is not None:
+        mix_report(mixer, mix_seen, splits.sources, step * plan.global_batch)
+        total = max(int(mix_seen["count"].sum()), 1)
+        summary["mix"] = {
+            name: {"target": w / sum(cfg.data.mix), "drawn": int(c), "share": round(c / total, 4)}
+            for name, w, c in zip(splits.sources, cfg.data.mix, mix_seen["count"], strict=True)
+        }
     profiler.close()
     summary["train_seconds"] = round(time.time() - t_start, 2)
     summary["steps"] = step
@@ -459,6 +484,16 @@ def run(cfg: Config) -> dict[str, Any]:
         (out / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
     distributed.barrier()
     return summary
+
+
+def mix_report(
+    mixer: Mixer, seen: dict[str, Any], sources: list[str], upto: int
+) -> dict[str, float]:
+    """data.mix: the samples (units) drawn from each source in the run's first ``upto``
+    slots, as ``mix/<source>`` scalars (counted from where ``seen`` was left)."""
+    seen["count"] += mixer.counts(seen["upto"], upto)
+    seen["upto"] = upto
+    return {f"mix/{name}": int(c) for name, c in zip(sources, seen["count"], strict=True)}
 
 
 def micro_batch(
