@@ -51,7 +51,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from dsft.config import Config, FreezeConfig, LoraConfig, batch_plan
+from dsft.config import Config, FreezeConfig, LoraConfig, batch_shape
 from dsft.ds_config import bucket_sizes
 from dsft.errors import ConfigError
 from dsft.flops import DEFAULT_PEAK_TFLOPS, text_config, text_dims, train_flops
@@ -891,7 +891,7 @@ def resolve(cfg: Config, hw: Hardware, facts: ModelFacts | None = None) -> tuple
         ),
         train=dataclasses.replace(t, micro_batch=micro, sequence_parallel=sp),
     )
-    bp = batch_plan(resolved.train, world)
+    bp = batch_shape(resolved.train, world)
     record.update(
         decided_by="config" if not auto_stage else "planner" if hw.device == "cuda" else "cpu",
         zero_stage=option.stage,
