@@ -420,11 +420,11 @@ class Bench:
     def _ds_config(self) -> Path:
         if getattr(self, "ds_config", None) is None:  # TRL first: have dsft write its JSON
             self.ds_config = self.work / "ds_config.json"
-            from dsft.config import batch_plan, load_config
+            from dsft.config import batch_shape, load_config
             from dsft.ds_config import deepspeed_config
 
             cfg = load_config(self._dsft_config(self.work / "runs" / "plan", False))
-            plan = batch_plan(cfg.train, self.cfg["nproc"])
+            plan = batch_shape(cfg.train, self.cfg["nproc"])
             self.ds_config.write_text(json.dumps(deepspeed_config(cfg, plan), indent=2))
         return self.ds_config
 

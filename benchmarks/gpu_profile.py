@@ -72,7 +72,7 @@ def main(argv: list[str] | None = None) -> int:
         "deepspeed": {"zero_stage": 0 if ns.dry_run else 2},
         "eval": {"before_training": False, "generate": False, "micro_batch": 2},
         "checkpoint": {"save_final": False, "export": False},
-        "logging": {"every": 1, "progress": False, "tensorboard": False,
+        "logging": {"every": 1, "progress": False, "report_to": [],
                     "profile_steps": ns.steps},
     }  # fmt: skip
     cfg = out / "profile.yaml"

@@ -87,7 +87,7 @@ def run_point(work: Path, model: Path, seq: int, sp: int, tiled: bool, steps: in
         "deepspeed": {"zero_stage": 2},
         "eval": {"generate": False, "before_training": False},
         "checkpoint": {"save_final": False, "export": False},
-        "logging": {"every": 1, "progress": False, "tensorboard": False},
+        "logging": {"every": 1, "progress": False, "report_to": []},
     }
     path = d / "config.yaml"
     path.write_text(yaml.safe_dump(cfg, sort_keys=False))

@@ -767,7 +767,7 @@ def save_config(cfg: Config, path: str | Path) -> None:
 
 
 @dataclass(frozen=True)
-class BatchPlan:
+class BatchShape:
     """Batch geometry of one optimizer step; derived once, used everywhere."""
 
     micro_batch: int
@@ -786,7 +786,7 @@ class BatchPlan:
         return self.micro_batch * self.grad_accum * self.data_parallel
 
 
-def batch_plan(train: TrainConfig, world_size: int) -> BatchPlan:
+def batch_shape(train: TrainConfig, world_size: int) -> BatchShape:
     """Derive gradient accumulation from ``train.global_batch`` (if set) and the world size.
 
     global batch = micro-batch x grad-accum x data-parallel size, where data-parallel size =
@@ -807,7 +807,7 @@ def batch_plan(train: TrainConfig, world_size: int) -> BatchPlan:
         )
     dp = world_size // sp
     if train.global_batch <= 0:
-        return BatchPlan(int(train.micro_batch), train.grad_accum, world_size, sp)
+        return BatchShape(int(train.micro_batch), train.grad_accum, world_size, sp)
     per_step = train.micro_batch * dp
     if train.global_batch % per_step:
         raise ConfigError(
@@ -817,4 +817,4 @@ def batch_plan(train: TrainConfig, world_size: int) -> BatchPlan:
                 f"multiple of {per_step} or change the micro-batch"
             ]
         )
-    return BatchPlan(train.micro_batch, train.global_batch // per_step, world_size, sp)
+    return BatchShape(train.micro_batch, train.global_batch // per_step, world_size, sp)

@@ -68,11 +68,17 @@ def train_flops(
     return float(dense + attention)
 
 
+def text_config(model_config: Any) -> Any:
+    """The language model's part of a Hugging Face config (multimodal configs nest it; a
+    plain causal LM's config is its own). The one home of this fallback: the planner, sequence
+    parallelism and the FLOP counter read shapes through it."""
+    get = getattr(model_config, "get_text_config", None)
+    return (get() if get else None) or model_config
+
+
 def text_dims(model_config: Any) -> tuple[int, int]:
-    """(layers, hidden size) of a Hugging Face config; multimodal configs hold the language
-    model's in their text config. (0, 0) when the config has neither."""
-    text = model_config.get_text_config() if hasattr(model_config, "get_text_config") else None
-    text = text or model_config
+    """(layers, hidden size) of a Hugging Face config. (0, 0) when it has neither."""
+    text = text_config(model_config)
     layers = getattr(text, "num_hidden_layers", 0) or 0
     return int(layers), int(getattr(text, "hidden_size", 0) or 0)
 

@@ -51,10 +51,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from dsft.config import Config, FreezeConfig, LoraConfig, batch_plan
+from dsft.config import Config, FreezeConfig, LoraConfig, batch_shape
 from dsft.ds_config import bucket_sizes
 from dsft.errors import ConfigError
-from dsft.flops import DEFAULT_PEAK_TFLOPS, text_dims, train_flops
+from dsft.flops import DEFAULT_PEAK_TFLOPS, text_config, text_dims, train_flops
 from dsft.loss import chunk_rows
 
 log = logging.getLogger("dsft")
@@ -178,7 +178,7 @@ def model_facts(
     total, trainable = dsft_model.count_params(model)
     largest = max(sum(p.numel() for p in m.parameters(recurse=False)) for m in model.modules())
 
-    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    text = text_config(config)
     hidden = int(text.hidden_size)
     layers = int(text.num_hidden_layers)
     heads = int(text.num_attention_heads)
@@ -891,7 +891,7 @@ def resolve(cfg: Config, hw: Hardware, facts: ModelFacts | None = None) -> tuple
         ),
         train=dataclasses.replace(t, micro_batch=micro, sequence_parallel=sp),
     )
-    bp = batch_plan(resolved.train, world)
+    bp = batch_shape(resolved.train, world)
     record.update(
         decided_by="config" if not auto_stage else "planner" if hw.device == "cuda" else "cpu",
         zero_stage=option.stage,

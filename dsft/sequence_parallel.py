@@ -45,6 +45,7 @@ import torch.nn.functional as F
 from dsft.data.tokenize import IGNORE_INDEX
 from dsft.distributed import SequenceParallelGroups
 from dsft.errors import ConfigError
+from dsft.flops import text_config
 
 ATTENTION = "dsft_ulysses"  # the attention name the model runs under while sharded
 
@@ -65,7 +66,7 @@ class SequenceParallel:
         config = _hf_config(model)
         self.config = config
         self.core = config._attn_implementation
-        text = config.get_text_config() if hasattr(config, "get_text_config") else config
+        text = text_config(config)
         self.heads = int(text.num_attention_heads)
         self.kv_heads = int(getattr(text, "num_key_value_heads", None) or self.heads)
         self.head_dim = int(getattr(text, "head_dim", None) or text.hidden_size // self.heads)

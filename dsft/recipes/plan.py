@@ -9,7 +9,7 @@ import json
 from pathlib import Path
 
 from dsft import planner
-from dsft.config import Config, batch_plan, load_config
+from dsft.config import Config, batch_shape, load_config
 from dsft.ds_config import deepspeed_config
 from dsft.errors import ConfigError
 from dsft.flops import peak_flops
@@ -102,5 +102,7 @@ def ds_config(ns: argparse.Namespace) -> int:
     hidden = decision.get("model", {}).get("hidden") or planner.hidden_size(
         cfg.model.path, cfg.model.trust_remote_code
     )
-    print(json.dumps(deepspeed_config(cfg, batch_plan(cfg.train, ns.world_size), hidden), indent=2))
+    print(
+        json.dumps(deepspeed_config(cfg, batch_shape(cfg.train, ns.world_size), hidden), indent=2)
+    )
     return 0

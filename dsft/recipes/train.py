@@ -45,7 +45,7 @@ import torch
 
 from dsft import checkpoint, crossval, data, distributed, export, faults, loss
 from dsft import sequence_parallel as seqpar
-from dsft.config import Config, batch_plan, load_config, save_config, to_dict
+from dsft.config import Config, batch_shape, load_config, save_config, to_dict
 from dsft.data.collate import collate
 from dsft.data.packing import collate_packed
 from dsft.data.sampler import Mixer, mixed_batches, steps_per_epoch, train_batches
@@ -81,11 +81,11 @@ def run(cfg: Config) -> dict[str, Any]:
     # the resolved config (saved, checkpointed, and what every later decision reads).
     cfg, decision = resolve_plan(cfg, env)
     out = Path(cfg.output_dir)
-    plan = batch_plan(cfg.train, env.world_size)
-    ds_config = deepspeed_config(cfg, plan, decision["hidden"])
+    shape = batch_shape(cfg.train, env.world_size)
+    ds_config = deepspeed_config(cfg, shape, decision["hidden"])
     # train.sequence_parallel: the ranks of a group share each micro-batch (the sampler
     # deals by data-parallel rank), each computing its slice of the rows.
-    sp_groups = distributed.sequence_parallel_groups(plan.sequence_parallel)
+    sp_groups = distributed.sequence_parallel_groups(shape.sequence_parallel)
     if env.is_main:
         out.mkdir(parents=True, exist_ok=True)
         save_config(cfg, out / "config.yaml")
@@ -122,19 +122,21 @@ def run(cfg: Config) -> dict[str, Any]:
     if reshard:  # after freezing: frozen parameters keep model.path's values
         checkpoint.load_weights(model, resume_from, zero3)
     if cfg.model.tiled_mlp:
-        tiles = seqpar.tiles_for(cfg.data.max_len, plan.sequence_parallel, decision["hidden"])
+        tiles = seqpar.tiles_for(cfg.data.max_len, shape.sequence_parallel, decision["hidden"])
         log.info("tiled MLP: %d blocks, %d tiles per row", seqpar.tile_mlp(model, tiles), tiles)
     sp = seqpar.SequenceParallel(sp_groups, model)
     total_params, trainable_params = count_params(model)
     groups = param_groups(model, cfg.train)
     optimizer = make_optimizer(cfg, groups)
 
-    per_epoch = steps_per_epoch(len(units), plan.micro_batch, plan.data_parallel, plan.grad_accum)
+    per_epoch = steps_per_epoch(
+        len(units), shape.micro_batch, shape.data_parallel, shape.grad_accum
+    )
     if per_epoch == 0:
         raise ConfigError(
             [
                 f"train: {len(units)} training {'rows' if splits.packs else 'examples'} do not "
-                f"fill one global batch of {plan.global_batch}; lower train.micro_batch or "
+                f"fill one global batch of {shape.global_batch}; lower train.micro_batch or "
                 "train.grad_accum"
             ]
         )
@@ -167,13 +169,13 @@ def run(cfg: Config) -> dict[str, Any]:
         f"{trainable_params:,}",
         env.world_size,
         env.source,
-        f", sequence parallel {plan.sequence_parallel}" if sp.enabled else "",
+        f", sequence parallel {shape.sequence_parallel}" if sp.enabled else "",
         cfg.deepspeed.zero_stage,
         cfg.train.precision,
-        plan.micro_batch,
-        plan.grad_accum,
-        plan.data_parallel,
-        plan.global_batch,
+        shape.micro_batch,
+        shape.grad_accum,
+        shape.data_parallel,
+        shape.global_batch,
         total_steps,
         per_epoch,
     )
@@ -186,11 +188,11 @@ def run(cfg: Config) -> dict[str, Any]:
     if resume_from is not None:
         if not reshard:
             start = checkpoint.load(engine, resume_from)
-        saved_batch = start.get("global_batch", plan.global_batch)
-        if saved_batch != plan.global_batch:
+        saved_batch = start.get("global_batch", shape.global_batch)
+        if saved_batch != shape.global_batch:
             # Same examples consumed, counted in the new global batches (rounded down:
             # at most one global batch of the epoch is seen twice).
-            start["window"] = start["window"] * saved_batch // plan.global_batch
+            start["window"] = start["window"] * saved_batch // shape.global_batch
         log.info(
             "resumed from %s: step %d, epoch %d%s",
             resume_from,
@@ -224,8 +226,8 @@ def run(cfg: Config) -> dict[str, Any]:
     )
     summary: dict[str, Any] = {
         "world_size": env.world_size,
-        "sequence_parallel": plan.sequence_parallel,
-        "global_batch": plan.global_batch,
+        "sequence_parallel": shape.sequence_parallel,
+        "global_batch": shape.global_batch,
         "total_steps": total_steps,
         "data": splits.stats,
         "params": total_params,
@@ -254,7 +256,7 @@ def run(cfg: Config) -> dict[str, Any]:
             "step": step,
             "epoch": epoch,
             "window": next_window,
-            "global_batch": plan.global_batch,
+            "global_batch": shape.global_batch,
             "best": [tracker.best, tracker.best_step, tracker.since_best],
         }
 
@@ -276,7 +278,7 @@ def run(cfg: Config) -> dict[str, Any]:
     zero0_fp32 = cfg.deepspeed.zero_stage == 0 and cfg.train.precision == "fp32"
     # DeepSpeed sums the ranks' gradients and divides by this (dp; see gradient_divisor)
     grad_divisor = seqpar.gradient_divisor(
-        plan.data_parallel, plan.sequence_parallel, cfg.deepspeed.zero_stage
+        shape.data_parallel, shape.sequence_parallel, cfg.deepspeed.zero_stage
     )
     stopped_early = False
     saved_step = -1  # the step of the last periodic checkpoint
@@ -284,21 +286,21 @@ def run(cfg: Config) -> dict[str, Any]:
         deal = functools.partial(mixed_batches, mixer) if mixer is not None else train_batches
         batches = deal(
             len(units),
-            plan.micro_batch,
-            plan.data_parallel,
+            shape.micro_batch,
+            shape.data_parallel,
             sp_groups.dp_rank,
             epoch,
             cfg.train.seed,
             cfg.data.shuffle,
-            plan.grad_accum,
+            shape.grad_accum,
         )
         # a resumed epoch starts at the window after the checkpoint's step
-        for first in range(next_window * plan.grad_accum, len(batches), plan.grad_accum):
-            next_window = first // plan.grad_accum + 1
+        for first in range(next_window * shape.grad_accum, len(batches), shape.grad_accum):
+            next_window = first // shape.grad_accum + 1
             t_step = time.time()
             window = [
                 micro_batch(splits, units, b, pad_id)
-                for b in batches[first : first + plan.grad_accum]
+                for b in batches[first : first + shape.grad_accum]
             ]
             # Count the response tokens of the whole global batch before any backward,
             # so every micro-batch can be weighted by the same global denominator
@@ -395,7 +397,7 @@ def run(cfg: Config) -> dict[str, Any]:
                 }
                 if mixer is not None:
                     scalars.update(
-                        mix_report(mixer, mix_seen, splits.sources, step * plan.global_batch)
+                        mix_report(mixer, mix_seen, splits.sources, step * shape.global_batch)
                     )
                 if cfg.train.precision == "fp16":
                     scalars["loss_scale"] = float(getattr(engine.optimizer, "cur_scale", "nan"))
@@ -449,7 +451,7 @@ def run(cfg: Config) -> dict[str, Any]:
 
     # ---------------------------------------------------------------- finish
     if mixer is not None:
-        mix_report(mixer, mix_seen, splits.sources, step * plan.global_batch)
+        mix_report(mixer, mix_seen, splits.sources, step * shape.global_batch)
         total = max(int(mix_seen["count"].sum()), 1)
         summary["mix"] = {
             name: {"target": w / sum(cfg.data.mix), "drawn": int(c), "share": round(c / total, 4)}

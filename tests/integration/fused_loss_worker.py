@@ -20,7 +20,7 @@ import torch
 import yaml
 
 from dsft import distributed, loss
-from dsft.config import batch_plan, load_config
+from dsft.config import batch_shape, load_config
 from dsft.data.collate import collate
 from dsft.data.packing import collate_packed
 from dsft.data.tokenize import Tokenized
@@ -58,7 +58,7 @@ def run_case(deepspeed, tmp: Path, model_dir: str, data: str, stage: int, varian
     cfg_path = tmp / f"c{env.rank}.yaml"
     cfg_path.write_text(yaml.safe_dump(tree))
     cfg = load_config(cfg_path, [])
-    ds_config = deepspeed_config(cfg, batch_plan(cfg.train, env.world_size), 32)
+    ds_config = deepspeed_config(cfg, batch_shape(cfg.train, env.world_size), 32)
     exs = examples(env.rank, env.world_size)
     batch = collate_packed([exs[:3], exs[3:]], 0) if packed else collate(exs, 0)
     batch.pop("lengths")

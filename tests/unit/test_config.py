@@ -10,7 +10,7 @@ from dsft.config import (
     Config,
     ConfigError,
     TrainConfig,
-    batch_plan,
+    batch_shape,
     load_config,
     parse_overrides,
     save_config,
@@ -124,12 +124,12 @@ def test_parse_overrides_nested() -> None:
 
 def test_batch_plan_derives_accumulation_once() -> None:
     t = TrainConfig(micro_batch=4, grad_accum=3)
-    assert batch_plan(t, 2).global_batch == 24
+    assert batch_shape(t, 2).global_batch == 24
     t = TrainConfig(micro_batch=4, global_batch=64)
-    p = batch_plan(t, 2)
+    p = batch_shape(t, 2)
     assert (p.micro_batch, p.grad_accum, p.world_size, p.global_batch) == (4, 8, 2, 64)
     with pytest.raises(ConfigError, match="not a multiple"):
-        batch_plan(TrainConfig(micro_batch=4, global_batch=20), 3)
+        batch_shape(TrainConfig(micro_batch=4, global_batch=20), 3)
 
 
 def test_defaults_live_in_dataclasses() -> None:

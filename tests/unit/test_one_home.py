@@ -123,5 +123,5 @@ def test_facts_live_once() -> None:
     assert single_node == ["dsft/distributed.py"]
     assert where(r"2048, 16, 8192, 32, 8, 128256") == ["dsft/planner.py"]  # the Llama 3.2 1B shape
     assert where(r"def build_model_dir") == ["dsft/synthetic.py"]
-    assert where(r"get_text_config") == ["dsft/flops.py", "dsft/planner.py"]
+    assert where(r"get_text_config") == ["dsft/flops.py"]
     assert PEAK_TFLOPS["H100"] == PEAK_TFLOPS["H200"] == 989.0

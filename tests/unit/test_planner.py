@@ -363,15 +363,15 @@ def test_ds_config_resolves_auto(tiny_model: Path, tiny_data: Path, tmp_path, ca
 
 
 def test_batch_plan_refuses_unresolved_auto(tiny_model: Path, tiny_data: Path, tmp_path) -> None:
-    from dsft.config import batch_plan
+    from dsft.config import batch_shape
     from dsft.ds_config import deepspeed_config
 
     cfg = _cfg(tiny_model, tiny_data, tmp_path, train={"micro_batch": "auto", "global_batch": 8})
     with pytest.raises(ConfigError, match="resolve"):
-        batch_plan(cfg.train, 1)
+        batch_shape(cfg.train, 1)
     fixed = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, micro_batch=4))
     with pytest.raises(ValueError, match="resolve"):
-        deepspeed_config(fixed, batch_plan(fixed.train, 1))
+        deepspeed_config(fixed, batch_shape(fixed.train, 1))
 
 
 # --------------------------------------------------------------------------- dsft plan

@@ -13,7 +13,7 @@ import torch
 
 from dsft import planner
 from dsft import sequence_parallel as seqpar
-from dsft.config import Config, TrainConfig, batch_plan, load_config
+from dsft.config import Config, TrainConfig, batch_shape, load_config
 from dsft.data.tokenize import IGNORE_INDEX
 from dsft.distributed import SequenceParallelGroups
 from dsft.errors import ConfigError
@@ -72,14 +72,14 @@ def test_config_refuses_kv_heads_not_divisible(tmp_path: Path, tiny_data: Path) 
 
 def test_batch_geometry_counts_data_parallel_ranks_only() -> None:
     t = TrainConfig(micro_batch=4, grad_accum=1, sequence_parallel=2)
-    p = batch_plan(t, 4)
+    p = batch_shape(t, 4)
     assert (p.data_parallel, p.global_batch) == (2, 8)
-    p = batch_plan(dataclasses.replace(t, global_batch=16), 4)
+    p = batch_shape(dataclasses.replace(t, global_batch=16), 4)
     assert (p.grad_accum, p.global_batch, p.sequence_parallel) == (2, 16, 2)
     with pytest.raises(ConfigError, match="does not divide the 3 ranks"):
-        batch_plan(t, 3)
+        batch_shape(t, 3)
     with pytest.raises(ConfigError, match="resolve it"):
-        batch_plan(dataclasses.replace(t, sequence_parallel="auto"), 4)
+        batch_shape(dataclasses.replace(t, sequence_parallel="auto"), 4)
 
 
 def test_deepspeed_divides_by_data_parallel_ranks_except_zero3() -> None:
