@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -11,7 +10,7 @@ from pathlib import Path
 from dsft.cli import main
 from dsft.ds_config import presets
 
-from ..conftest import ROOT, base_config, write_config
+from ..conftest import ROOT, base_config, cpu_env, write_config
 
 
 def test_bad_config_exits_2_with_all_problems(tmp_path: Path, capsys) -> None:
@@ -33,7 +32,9 @@ def test_bad_data_row_names_file_and_line(tiny_model: Path, tmp_path: Path) -> N
         capture_output=True,
         text=True,
         timeout=300,
-        env={**os.environ, "DS_ACCELERATOR": "cpu"},
+        # A stale rendezvous address in the shell (TEST-NET, unroutable) must not stall a
+        # plain process: one rank rendezvouses in memory, it never dials MASTER_ADDR.
+        env={**cpu_env(), "MASTER_ADDR": "192.0.2.1", "MASTER_PORT": "9"},
     )
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert f"{data}:2: missing field 'output'" in proc.stderr
