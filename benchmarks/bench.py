@@ -641,7 +641,13 @@ def run(ns: argparse.Namespace) -> int:
 
     datasets.disable_progress_bars()
     result: dict[str, Any] = {
-        "settings": {**c, "mode": ns.mode, "dry_run": ns.dry_run, "lr": ns.lr},
+        "settings": {
+            **c,
+            "mode": ns.mode,
+            "dry_run": ns.dry_run,
+            "lr": ns.lr,
+            "val_loss": ns.val_loss,
+        },
         "cuda": bench.cuda,
         "environment": environment(bench.cuda),
         "mfu_formula": MFU_FORMULA,

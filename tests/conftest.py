@@ -97,7 +97,8 @@ def base_config(model_dir: Path, data_path: Path, out: Path, **sections: dict[st
         },
         "train": {
             "max_steps": 12,
-            # tiny vocabularies on a CPU: the plain loss (fused-loss tests set it themselves)
+            # the plain loss, the reference the equivalence tests compare against (the
+            # fused-loss tests set it themselves)
             "fused_loss": False,
             "micro_batch": 4,
             "grad_accum": 2,

@@ -117,10 +117,11 @@ def _bench(tmp_path: Path, *args: str) -> tuple[dict, str]:
 
 
 def _check_figures(result: dict, mfu: bool) -> None:
+    skipped = {"val_loss"} if not result["settings"].get("val_loss", True) else set()
     for s in SYSTEMS:
         m = result["medians"][s]
         for k in FIGURES:
-            if k == "mfu" and not mfu:
+            if (k == "mfu" and not mfu) or k in skipped:
                 continue
             assert isinstance(m[k], float) and math.isfinite(m[k]), (s, k, m[k])
         assert m["tokens_per_s"] > 0 and m["startup_s"] > 0 and m["peak_mem_gb"] > 0
@@ -149,14 +150,3 @@ def test_cpu_bench_end_to_end(tmp_path: Path) -> None:
     assert prep["dsft"] > 0 and prep["trl"] > 0 and prep["tokens_identical"]
     assert "| **dsft / trl-default** |" in out and "×" in out and "MFU = (6·N·T" in out
     assert (tmp_path / "b" / "bench.md").read_text().strip() == result["table"].strip()
-
-
-@pytest.mark.slow
-def test_gpu_dry_run_on_cpu(tmp_path: Path) -> None:
-    pytest.importorskip("trl")
-    result, out = _bench(tmp_path, "--mode", "gpu", "--dry-run", "--no-warmup")
-    _check_figures(result, mfu=True)
-    s = result["settings"]
-    assert s["dry_run"] and s["preset"] == "tiny" and s["precision"] == "bf16" and s["nproc"] == 1
-    assert s["peak_tflops"] == 989.0
-    assert "gpu mode (dry run)" in out

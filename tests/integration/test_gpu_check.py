@@ -1,14 +1,17 @@
 """benchmarks/gpu_check.sh --dry-run: every stage of the GPU check on the CPU with tiny shapes,
-each writing its result files into the one output folder."""
+each writing its result files into the one output folder. Its bench stage is also the test of
+``dsft bench --mode gpu --dry-run`` (the GPU defaults, measured on the CPU)."""
 
 from __future__ import annotations
 
+import json
 import subprocess
 from pathlib import Path
 
 import pytest
 
 from ..conftest import ROOT, cpu_env
+from .test_bench import _check_figures
 
 pytestmark = pytest.mark.slow
 
@@ -33,3 +36,10 @@ def test_gpu_check_dry_run_writes_every_result(tmp_path: Path) -> None:
         assert f"| {system} |" in summary
     assert "fused / full" in summary and "Top kernels" in summary
     assert not list(out.rglob("*.safetensors"))  # weights are not results
+    # the bench stage ran the GPU mode's defaults (bf16, one rank, H100 peak) on the CPU
+    result = json.loads((out / "bench" / "bench.json").read_text())
+    _check_figures(result, mfu=True)
+    s = result["settings"]
+    assert s["dry_run"] and s["preset"] == "tiny" and s["precision"] == "bf16" and s["nproc"] == 1
+    assert s["peak_tflops"] == 989.0
+    assert "gpu mode (dry run)" in (out / "bench.log").read_text()
