@@ -6,7 +6,7 @@ Hub is reachable, read from the cache when it is not or when ``HF_HUB_OFFLINE=1`
 is neither cached nor reachable is a one-line HubError (exit 2).
 
 In a multi-rank job one process per node (local rank 0) downloads; the others wait for it,
-polling a lock file next to the cache as the tokenisation cache does (dsft/data/cache.py), so a
+polling a lock file next to the cache (dsft/locks.py, as the tokenisation cache does), so a
 long download never runs into a collective's timeout.
 
 Dataset names take options as a query: ``org/name?config=c&split=train&revision=v1``.
@@ -16,14 +16,13 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import os
-import socket
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs
 
+from dsft import locks
 from dsft.config import is_hub_id
 from dsft.errors import ConfigError, DataError, HubError
 
@@ -107,33 +106,15 @@ def _is_builder() -> bool:
     return discover().local_rank == 0
 
 
-def _lock_is_stale(lock: Path) -> bool:
-    try:
-        host, pid = lock.read_text().split(":")
-        if host != socket.gethostname():
-            return False
-        os.kill(int(pid), 0)
-    except ProcessLookupError:
-        return True
-    except (OSError, ValueError):
-        return False
-    return False
-
-
 def snapshot(repo: str, repo_type: str = "model", revision: str | None = None) -> str:
     """The local snapshot directory of a Hub repository (see the module docstring)."""
     name = f"{repo_type}s--{repo.replace('/', '--')}--{revision or 'main'}"
-    locks = _cache_dir() / ".dsft-locks"
-    lock, error = locks / f"{name}.lock", locks / f"{name}.error"
+    lock_dir = _cache_dir() / ".dsft-locks"
+    lock, error = lock_dir / f"{name}.lock", lock_dir / f"{name}.error"
     if _is_builder():
-        locks.mkdir(parents=True, exist_ok=True)
-        try:
-            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-        except FileExistsError:
-            fd = None  # another node's builder on a shared cache: wait for it like the others
-        if fd is not None:
-            with os.fdopen(fd, "w") as f:
-                f.write(f"{socket.gethostname()}:{os.getpid()}")
+        lock_dir.mkdir(parents=True, exist_ok=True)
+        # held: another node's builder on a shared cache; wait for it like the others
+        if locks.create(lock):
             error.unlink(missing_ok=True)
             try:
                 return _download(repo, repo_type, revision, local_only=False)
@@ -143,7 +124,7 @@ def snapshot(repo: str, repo_type: str = "model", revision: str | None = None) -
             finally:
                 lock.unlink(missing_ok=True)
     waited = 0.0
-    while lock.exists() and not _lock_is_stale(lock):
+    while lock.exists() and not locks.is_stale(lock):
         time.sleep(0.2)
         waited += 0.2
         if int(waited * 5) % 300 == 0:  # once a minute

@@ -21,7 +21,7 @@ of it, with no configuration. The builder that finds every part present takes th
 entry lock, merges and renames the entry into place (atomic); the other ranks poll
 for it. No collective is involved, so a long tokenisation cannot hit a NCCL/gloo
 timeout. A builder that fails leaves an ``.error`` file whose message the others
-raise; a claim or lock whose process is gone (same host) is taken over; a wait past
+raise; a claim or lock whose process is gone (same host) is taken over (dsft.locks); a wait past
 ``data.wait_timeout`` ends with a message naming what is awaited and who holds it.
 """
 
@@ -44,7 +44,7 @@ from typing import Any
 
 import numpy as np
 
-from dsft import faults
+from dsft import faults, locks
 from dsft.config import is_hub_id
 from dsft.data.formats import Example, check_not_empty, examples_of, normaliser
 from dsft.data.readers import line_ranges, read_range, read_rows, splittable
@@ -342,31 +342,6 @@ def _fork_ok() -> bool:
     return "fork" in mp.get_all_start_methods()
 
 
-def _owner(path: Path) -> str:
-    try:
-        return path.read_text() or "?"
-    except OSError:
-        return "?"
-
-
-def _take(lock: Path) -> bool:
-    """Create ``lock`` (host:pid) if nobody holds it; a lock whose process died is taken over."""
-    for _ in range(2):
-        try:
-            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-        except FileExistsError:
-            if not _lock_is_stale(lock):
-                return False
-            lock.unlink(missing_ok=True)
-            continue
-        except FileNotFoundError:  # the parts directory is gone: the entry was just merged
-            return False
-        with os.fdopen(fd, "w") as f:
-            f.write(f"{socket.gethostname()}:{os.getpid()}")
-        return True
-    return False
-
-
 class _Timeout(DataError):
     """Waited too long for another builder (not recorded as the entry's error)."""
 
@@ -399,22 +374,22 @@ def _progress(entry: Path) -> str:
     parts = entry.with_name(entry.name + ".parts")
     lock = entry.with_suffix(".lock")
     if lock.exists():
-        return f"{_owner(lock)} is merging it (lock {lock})"
+        return f"{locks.owner(lock)} is merging it (lock {lock})"
     claims = sorted(parts.glob("*.claim")) if parts.is_dir() else []
     done = len([p for p in parts.iterdir() if p.name.isdigit()]) if parts.is_dir() else 0
     if not claims:
         return f"no builder has started yet (parts in {parts})"
     return (
         f"{done} chunks done, {len(claims)} being tokenised, e.g. chunk {claims[0].stem} by "
-        f"{_owner(claims[0])} (claim {claims[0]})"
+        f"{locks.owner(claims[0])} (claim {claims[0]})"
     )
 
 
 def _abandoned(entry: Path) -> bool:
     """A claim or merge lock of a process that died on this host, with no entry yet."""
     parts = entry.with_name(entry.name + ".parts")
-    locks = [entry.with_suffix(".lock"), *(parts.glob("*.claim") if parts.is_dir() else [])]
-    return any(p.exists() and _lock_is_stale(p) for p in locks)
+    held = [entry.with_suffix(".lock"), *(parts.glob("*.claim") if parts.is_dir() else [])]
+    return any(p.exists() and locks.is_stale(p) for p in held)
 
 
 def _build(
@@ -448,7 +423,7 @@ def _build(
             try:
                 for k, task in _tasks(path, norm.record_keys, opts):
                     n = k + 1
-                    if _part(parts, k).is_dir() or not _take(parts / f"{k:06d}.claim"):
+                    if _part(parts, k).is_dir() or not locks.take(parts / f"{k:06d}.claim"):
                         continue
                     runner.submit(k, task)
                 runner.finish()
@@ -461,19 +436,19 @@ def _build(
                     raise DataError(error.read_text())
                 missing = [k for k in range(n) if not _part(parts, k).is_dir()]
                 if not missing:
-                    if _take(lock):
+                    if locks.take(lock):
                         try:
                             if not (entry / "meta.json").is_file():
                                 _merge(path, entry, parts, n)
                         finally:
                             lock.unlink(missing_ok=True)
                         shutil.rmtree(parts, ignore_errors=True)
-                    elif _lock_is_stale(lock):
+                    elif locks.is_stale(lock):
                         lock.unlink(missing_ok=True)
                     waiter.sleep(lambda: _progress(entry))
                     continue
                 claim = parts / f"{missing[0]:06d}.claim"
-                if not claim.exists() or _lock_is_stale(claim):
+                if not claim.exists() or locks.is_stale(claim):
                     if _part(parts, missing[0]).is_dir():
                         continue  # finished between the two looks
                     break  # abandoned: claim and build it (back to the chunk loop)
@@ -578,22 +553,6 @@ def _read_entry(entry: Path) -> TokenStore:
     return TokenStore(
         meta["name"], enc.ids, enc.trained, enc.offsets, examples, kinds, meta["skipped"]
     )
-
-
-def _lock_is_stale(lock: Path) -> bool:
-    try:
-        host, pid = lock.read_text().split(":")
-    except (OSError, ValueError):
-        return False  # being written right now
-    if host != socket.gethostname():
-        return False  # cannot tell; the other node's builder finishes or leaves .error
-    try:
-        os.kill(int(pid), 0)
-    except ProcessLookupError:
-        return True
-    except (PermissionError, ValueError):
-        return False
-    return False
 
 
 def cached_store(
