@@ -228,15 +228,14 @@ def setup() -> DistEnv:
         torch.cuda.set_device(d.local_rank % torch.cuda.device_count())
     deepspeed = import_deepspeed()
     timeout = dist_timeout()
-    if d.world_size == 1 and not torch.distributed.is_initialized():
-        # One process needs no rendezvous: an in-memory store opens no port, so a stale
-        # MASTER_ADDR/MASTER_PORT in the shell (or a port taken between choosing it and
-        # binding it) cannot stall a plain `dsft train`. DeepSpeed adopts the group.
-        torch.distributed.init_process_group(
-            backend, store=torch.distributed.HashStore(), rank=0, world_size=1, timeout=timeout
-        )
-        deepspeed.init_distributed(dist_backend=backend, timeout=timeout)
-    elif not torch.distributed.is_initialized():
+    if not torch.distributed.is_initialized():
+        if d.world_size == 1:
+            # One process needs no rendezvous: an in-memory store opens no port, so a stale
+            # MASTER_ADDR/MASTER_PORT in the shell (or a port taken between choosing it and
+            # binding it) cannot stall a plain `dsft train`. DeepSpeed adopts the group.
+            torch.distributed.init_process_group(
+                backend, store=torch.distributed.HashStore(), rank=0, world_size=1, timeout=timeout
+            )
         deepspeed.init_distributed(
             dist_backend=backend,
             auto_mpi_discovery=False,

@@ -282,8 +282,8 @@ def run(cfg: Config) -> dict[str, Any]:
     )
     stopped_early = False
     saved_step = -1  # the step of the last periodic checkpoint
+    deal = functools.partial(mixed_batches, mixer) if mixer is not None else train_batches
     while step < total_steps and not stopped_early:
-        deal = functools.partial(mixed_batches, mixer) if mixer is not None else train_batches
         batches = deal(
             len(units),
             shape.micro_batch,
