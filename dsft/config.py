@@ -56,6 +56,8 @@ class FreezeConfig:
     embeddings: bool = False  # the input embeddings (a head tied to them stays frozen too)
     bottom_layers: int = 0  # the first N transformer blocks
     patterns: list[str] = field(default_factory=list)  # regexes searched in parameter names
+    vision: bool = True  # a multimodal model's vision (or audio) tower; false trains it
+    projector: bool = True  # a multimodal model's projector (tower -> LM); false trains it
 
 
 @dataclass
