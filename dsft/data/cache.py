@@ -408,7 +408,7 @@ def _build(
     try:
         while not (entry / "meta.json").is_file():
             if error.is_file():
-                raise DataError(error.read_text())
+                raise DataError(_read_error(error, path))
             parts.mkdir(parents=True, exist_ok=True)
             n = 0
 
@@ -433,7 +433,7 @@ def _build(
             # over any whose builder died here, then one builder merges.
             while not (entry / "meta.json").is_file():
                 if error.is_file():
-                    raise DataError(error.read_text())
+                    raise DataError(_read_error(error, path))
                 missing = [k for k in range(n) if not _part(parts, k).is_dir()]
                 if not missing:
                     if locks.take(lock):
@@ -455,7 +455,7 @@ def _build(
                 waiter.sleep(lambda: _progress(entry))
     except DataError as e:
         if not isinstance(e, _Timeout) and not error.exists():
-            error.write_text(str(e))  # every waiting rank raises the same message
+            _write_error(error, path, str(e))  # every waiting rank raises the same message
         raise
     if built:
         log.info(
@@ -539,7 +539,25 @@ def build_store(path: str, tokenizer: Any, settings: dict[str, Any]) -> TokenSto
     return fresh_store(path, tokenizer, settings, BuildOptions())
 
 
-def _read_entry(entry: Path) -> TokenStore:
+def _write_error(error: Path, path: str, message: str) -> None:
+    """Record a build's error for the ranks waiting on the entry. The entry is keyed by the
+    file's contents, so a byte-identical copy at another path finds it too: the path is
+    stored apart and put back as the reader's own (:func:`_read_error`)."""
+    error.write_text(json.dumps({"path": path, "message": message}))
+
+
+def _read_error(error: Path, path: str) -> str:
+    """The recorded error, naming ``path`` (the file this reader was given)."""
+    text = error.read_text()
+    try:
+        record = json.loads(text)
+        message, written = record["message"], record["path"]
+    except (ValueError, KeyError, TypeError):  # an older cache's plain message
+        return text
+    return message.replace(written, path) if written and written != path else message
+
+
+def _read_entry(entry: Path, path: str | None = None) -> TokenStore:
     meta = json.loads((entry / "meta.json").read_text())
     enc = Encoded(
         np.load(entry / "ids.npy", mmap_mode="r"),
@@ -550,9 +568,8 @@ def _read_entry(entry: Path) -> TokenStore:
     offsets = np.load(entry / "example_offsets.npy", mmap_mode="r")
     examples = _JsonlExamples(entry / "examples.jsonl", offsets)
     kinds = np.load(entry / "kinds.npy")
-    return TokenStore(
-        meta["name"], enc.ids, enc.trained, enc.offsets, examples, kinds, meta["skipped"]
-    )
+    name = _store_name(path) if path is not None else meta["name"]  # a copy: its own name
+    return TokenStore(name, enc.ids, enc.trained, enc.offsets, examples, kinds, meta["skipped"])
 
 
 def cached_store(
@@ -571,7 +588,7 @@ def cached_store(
     waiter = _Waiter(path, opts.wait_timeout)
     while not builder and not (entry / "meta.json").is_file():
         if error.is_file():
-            raise DataError(error.read_text())
+            raise DataError(_read_error(error, path))
         # a waiter takes over work whose builder died here (after a grace period)
         builder = waiter.waited > 10 and _abandoned(entry)
         if not builder:
@@ -579,4 +596,4 @@ def cached_store(
     if builder:  # returns at once when the entry exists
         root.mkdir(parents=True, exist_ok=True)
         _build(path, tokenizer, settings, entry, opts)
-    return _read_entry(entry)
+    return _read_entry(entry, path)
