@@ -1,0 +1,95 @@
+"""Text-only SFT on natively multimodal checkpoints (tiny ones of each family, built from
+transformers' own classes and saved as published): training runs, and the export is the
+input's model: its architecture and config, every frozen vision / projector tensor
+bit-identical, the processor files carried, loadable with AutoModelForImageTextToText."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from dsft.model import part
+from dsft.synthetic import build_vlm_dir
+
+from ..conftest import base_config, run_dsft, weights, write_config
+
+FAST = ["gemma3", "qwen3_5_moe"]
+SLOW = ["gemma4", "qwen3_5", "llama4", "mistral3", "llava", "idefics3", "smolvlm"]
+
+
+@pytest.fixture(scope="module")
+def vlm_dirs(tmp_path_factory: pytest.TempPathFactory):
+    root = tmp_path_factory.mktemp("vlm")
+    built: dict[str, Path] = {}
+
+    def get(family: str) -> Path:
+        if family not in built:
+            built[family] = build_vlm_dir(root / family, family)
+        return built[family]
+
+    return get
+
+
+def _train(model: Path, data: Path, out: Path, ranks: int = 1, stage: int = 0) -> Path:
+    tree = base_config(
+        model, data, out,
+        train={"max_steps": 2, "grad_accum": 1, "micro_batch": 2, "fused_loss": True},
+        deepspeed={"zero_stage": stage},
+        eval={"generate": False, "before_training": False},
+    )  # fmt: skip
+    cfg = write_config(out.parent / f"{out.name}.yaml", tree)
+    proc = run_dsft(["train", str(cfg)], nproc=ranks)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr
+    return out / "final"
+
+
+def _check_export(base: Path, export: Path) -> None:
+    from transformers import AutoModelForImageTextToText
+
+    config = json.loads((export / "config.json").read_text())
+    base_config_ = json.loads((base / "config.json").read_text())
+    assert config["architectures"] == base_config_["architectures"]
+    assert config["model_type"] == base_config_["model_type"]
+    before, after = weights(base), weights(export)
+    assert set(after) == set(before)
+    tower = [k for k in before if part(k) != "language"]
+    assert tower and all(torch.equal(before[k], after[k]) for k in tower)
+    assert any(not torch.equal(before[k], after[k]) for k in before if part(k) == "language")
+    for name in ("processor_config.json", "preprocessor_config.json", "chat_template.jinja"):
+        assert (export / name).exists() == (base / name).exists(), name
+    model = AutoModelForImageTextToText.from_pretrained(export)
+    assert type(model).__name__ == config["architectures"][0]
+    if (base / "processor_config.json").exists():
+        from transformers import AutoProcessor
+
+        AutoProcessor.from_pretrained(export)
+
+
+@pytest.mark.parametrize("family", FAST + [pytest.param(f, marks=pytest.mark.slow) for f in SLOW])
+def test_text_only_sft_keeps_the_whole_model(
+    family: str, vlm_dirs, tiny_data: Path, tmp_path: Path
+) -> None:
+    base = vlm_dirs(family)
+    _check_export(base, _train(base, tiny_data, tmp_path / "run"))
+    # the lean checkpoint stores no frozen tower or projector
+    (states,) = (tmp_path / "run" / "checkpoints").rglob("mp_rank_00_model_states.pt")
+    module = torch.load(states, map_location="cpu", weights_only=False)["module"]
+    assert module and all(part(k) == "language" for k in module)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family", ["gemma3", "qwen3_5_moe"])
+def test_text_only_sft_two_ranks_zero3(
+    family: str, vlm_dirs, tiny_data: Path, tmp_path: Path
+) -> None:
+    base = vlm_dirs(family)
+    export = _train(base, tiny_data, tmp_path / "run", ranks=2, stage=3)
+    _check_export(base, export)
+    # the lean checkpoint stores no frozen tower
+    (tag,) = (tmp_path / "run" / "checkpoints").glob("step_*")
+    meta = json.loads((tag / "dsft_state.json").read_text())
+    assert meta.get("frozen_excluded") is True
