@@ -133,6 +133,8 @@ class DataConfig:
     # counts packed rows.
     packing: bool = False
     on_bad_row: Literal["error", "skip"] = "error"  # skip = count, report and leave it out
+    # Images larger than this many pixels are bad rows (decompression bombs far above it)
+    max_image_pixels: int = 40_000_000
     # Explicit validation / test files; when given, no validation / test split is carved
     # from `path`.
     val_path: list[str] = field(default_factory=list)

@@ -121,6 +121,34 @@ PROCESSOR_FILES = (
 )
 
 
+def touch_tower(
+    model: torch.nn.Module, dummy: dict[str, torch.Tensor], device: Any
+) -> torch.Tensor:
+    """0 x the image features of a dummy image: added to the loss of a micro-batch without
+    images under ZeRO-3, so that this rank runs (and gathers) the tower as the ranks with
+    images do, forward and backward alike; it changes no value and no gradient."""
+    import inspect
+
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    fn = getattr(base, "get_image_features", None) or base.model.get_image_features
+    params = inspect.signature(fn).parameters
+    out = fn(**{k: v.to(device) for k, v in dummy.items() if k in params})
+    tensors = _tensors(out)
+    return sum((t.float().sum() for t in tensors), torch.zeros((), device=device)) * 0.0
+
+
+def _tensors(x: Any) -> list[torch.Tensor]:
+    if torch.is_tensor(x):
+        return [x]
+    if isinstance(x, dict):
+        x = list(x.values())
+    if isinstance(x, list | tuple):
+        return [t for v in x for t in _tensors(v)]
+    if hasattr(x, "to_tuple"):
+        return _tensors(x.to_tuple())
+    return []
+
+
 def load_tokenizer(cfg: ModelConfig) -> Any:
     """The model directory's tokenizer; a pad token is borrowed from EOS if missing."""
     from transformers import AutoTokenizer
@@ -130,9 +158,31 @@ def load_tokenizer(cfg: ModelConfig) -> Any:
     )
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
+    attach_processor(tok, model_path(cfg.path, cfg.revision), cfg.trust_remote_code)
     # A missing chat template is reported where one is needed (chat data without
     # data.template); raw-text and completion data do not need one.
     return tok
+
+
+def attach_processor(tok: Any, path: str | Path, trust_remote_code: bool = False) -> None:
+    """Load the model directory's multimodal processor (when it has one) onto ``tok`` as
+    ``tok.dsft_processor``: image rows are rendered and their pixels made by it. A processor
+    that cannot load here (Qwen-VL's needs torchvision) leaves the reason in
+    ``tok.dsft_processor_error``; text rows do not need it."""
+    tok.dsft_processor, tok.dsft_processor_error = None, ""
+    if not any((Path(path) / f).is_file() for f in PROCESSOR_FILES[:2]):
+        return
+    try:
+        from transformers import AutoProcessor
+
+        proc = AutoProcessor.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except Exception as e:  # any failure: text rows still train
+        tok.dsft_processor_error = f"{type(e).__name__}: {e}"
+        log.info("model: no image processor (%s); text rows only", tok.dsft_processor_error)
+        return
+    if getattr(proc, "image_token", None) and getattr(proc, "image_processor", None):
+        proc.tokenizer = tok  # the same pad token and template as training's
+        tok.dsft_processor = proc
 
 
 def load_model(

@@ -440,5 +440,62 @@ def build_vlm_dir(out: str | Path, family: str, seed: int = 0) -> Path:
     return out
 
 
+COLOURS = {
+    "red": (220, 30, 30),
+    "green": (30, 200, 40),
+    "blue": (30, 40, 220),
+    "yellow": (240, 220, 20),
+}
+
+
+def write_colour_task(
+    folder: str | Path, n: int = 200, seed: int = 0, text_every: int = 0, forms: bool = True
+) -> Path:
+    """A synthetic visual task: "What colour is this?" about a solid-colour image, answered
+    with its colour name (chance: 1 in 4). Images are PNG files next to ``data.jsonl``
+    (relative paths); with ``forms`` every third row uses the ``images`` column with an
+    ``<image>`` placeholder (LLaMA-Factory) and every fifth a base64 ``data:`` URI. With
+    ``text_every`` = k, every k-th row is text-only (mixed batches)."""
+    import base64
+    import io
+
+    from PIL import Image
+
+    folder = Path(folder)
+    (folder / "img").mkdir(parents=True, exist_ok=True)
+    rng = random.Random(seed)
+    names = list(COLOURS)
+    for name, rgb in COLOURS.items():
+        size = (rng.randint(24, 48), rng.randint(24, 48))
+        Image.new("RGB", size, rgb).save(folder / "img" / f"{name}.png")
+    rows = []
+    for i in range(n):
+        colour = names[rng.randrange(4)]
+        if text_every and i % text_every == text_every - 1:
+            w = _word(rng, 3, 6)
+            rows.append({"messages": [{"role": "user", "content": f"Reverse {w}"},
+                                      {"role": "assistant", "content": w[::-1]}]})  # fmt: skip
+            continue
+        ref = f"img/{colour}.png"
+        if forms and i % 5 == 4:
+            buf = io.BytesIO()
+            Image.new("RGB", (32, 32), COLOURS[colour]).save(buf, format="PNG")
+            ref = "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+        if forms and i % 3 == 2:
+            rows.append({"messages": [{"role": "user", "content": "<image>What colour is this?"},
+                                      {"role": "assistant", "content": colour}],
+                         "images": [ref]})  # fmt: skip
+        else:
+            part = {"type": "image", "url" if ref.startswith("data:") else "path": ref}
+            rows.append({"messages": [
+                {"role": "user", "content": [part, {"type": "text", "text": "What colour is this?"}]},
+                {"role": "assistant", "content": colour}]})  # fmt: skip
+    path = folder / "data.jsonl"
+    with path.open("w", encoding="utf-8") as f:
+        for r in rows:
+            f.write(json.dumps(r) + "\n")
+    return path
+
+
 if __name__ == "__main__":  # `python -m dsft.synthetic`: regenerate the bundled demo dataset
     write_tasks(DEMO_DATA, generate_tasks())

@@ -135,6 +135,7 @@ def _settings(cfg: DataConfig) -> dict[str, Any]:
         "columns": dict(sorted(cfg.columns.items())),
         "loss_on": cfg.loss_on,
         "on_bad_row": cfg.on_bad_row,
+        "max_image_pixels": cfg.max_image_pixels,
         # how chat rows are rendered and masked (dsft.data.tokenize.ChatOptions)
         "turn_end": list(cfg.turn_end),
         "fold_system": cfg.fold_system,

@@ -129,7 +129,7 @@ class _JsonlExamples(Sequence[Example]):
     def __getitem__(self, i: int) -> Example:  # type: ignore[override]
         raw = bytes(self._data[int(self.offsets[i]) : int(self.offsets[i + 1])])
         d = json.loads(raw)
-        return Example(d["m"], d["s"], d["k"], d.get("t"))
+        return Example(d["m"], d["s"], d["k"], d.get("t"), d.get("i"))
 
 
 def _file_digest(path: Path) -> str:
@@ -162,6 +162,11 @@ def tokenizer_digest(tokenizer: Any) -> str:
         h.update(_file_digest(src).encode() if src.is_dir() else repr(tokenizer).encode())
     h.update(repr(sorted(tokenizer.special_tokens_map.items())).encode())
     h.update((getattr(tokenizer, "chat_template", None) or "").encode())
+    proc = getattr(tokenizer, "dsft_processor", None)  # image rows: how images expand
+    if proc is not None:
+        h.update(proc.image_processor.to_json_string().encode())
+        h.update(json.dumps({k: str(v) for k, v in sorted(vars(proc).items())
+                             if isinstance(v, int | str)}).encode())  # fmt: skip
     return h.hexdigest()
 
 
@@ -264,7 +269,10 @@ def _encode_chunk(k: int, task: tuple) -> tuple[str, Any]:
         examples = [examples[i] for i in enc.kept]
     bad += enc.skipped
     lines = [
-        json.dumps({"m": ex.messages, "s": ex.source, "k": ex.kind, "t": ex.tools}).encode() + b"\n"
+        json.dumps(
+            {"m": ex.messages, "s": ex.source, "k": ex.kind, "t": ex.tools, "i": ex.images}
+        ).encode()
+        + b"\n"
         for ex in examples
     ]
     out = _part(parts, k)

@@ -46,15 +46,22 @@ import torch
 from dsft import checkpoint, crossval, data, distributed, export, faults, loss
 from dsft import sequence_parallel as seqpar
 from dsft.config import Config, batch_shape, load_config, save_config, to_dict
-from dsft.data.collate import collate
+from dsft.data.collate import ImageInputs, collate
 from dsft.data.packing import collate_packed
 from dsft.data.sampler import Mixer, mixed_batches, steps_per_epoch, train_batches
-from dsft.data.tokenize import IGNORE_INDEX
+from dsft.data.tokenize import IGNORE_INDEX, processor_of
 from dsft.ds_config import deepspeed_config
 from dsft.errors import ConfigError, Preempted, TrainingDiverged
 from dsft.eval import evaluator as evaluate
 from dsft.flops import FlopCounter
-from dsft.model import build_model, count_params, freeze, load_tokenizer, torch_dtype
+from dsft.model import (
+    build_model,
+    count_params,
+    freeze,
+    load_tokenizer,
+    torch_dtype,
+    touch_tower,
+)
 from dsft.monitor import Monitor, StepProfiler
 from dsft.optim import (
     describe_groups,
@@ -96,6 +103,8 @@ def run(cfg: Config) -> dict[str, Any]:
     zero3 = cfg.deepspeed.zero_stage == 3
 
     tokenizer = load_tokenizer(cfg.model)
+    proc = processor_of(tokenizer)  # a multimodal model's: image rows get their pixels
+    images = proc and ImageInputs(proc, cfg.data.max_image_pixels, torch_dtype(cfg.train.precision))
     # Each node's local rank 0 tokenises (into the cache); the others wait for it.
     splits = data.prepare(cfg.data, tokenizer, builder=env.local_rank == 0)
     log.info("data: %s", splits.stats)
@@ -299,7 +308,7 @@ def run(cfg: Config) -> dict[str, Any]:
             next_window = first // shape.grad_accum + 1
             t_step = time.time()
             window = [
-                micro_batch(splits, units, b, pad_id)
+                micro_batch(splits, units, b, pad_id, images)
                 for b in batches[first : first + shape.grad_accum]
             ]
             # Count the response tokens of the whole global batch before any backward,
@@ -318,6 +327,9 @@ def run(cfg: Config) -> dict[str, Any]:
                 # and its targets, shifted before the split (on the host: no device sync).
                 micro, targets = sp.shard(micro, micro.pop("labels"))
                 micro = {k: v.to(dev) for k, v in micro.items()}
+                # ZeRO-3: a rank whose rows have no image still runs the tower (on a dummy
+                # image, times 0) so that every rank gathers its parameters alike
+                touch = images is not None and zero3 and "pixel_values" not in micro
                 with sp.sharded():  # forward and backward (checkpointing recomputes in it)
                     # No KV cache in training; transformers would also ignore packed-row
                     # boundaries (restarting position_ids) when given one.
@@ -327,6 +339,8 @@ def run(cfg: Config) -> dict[str, Any]:
                     else:
                         logits = engine(**micro, use_cache=False).logits
                         nll = loss.logits_nll(logits, targets.to(dev), shifted=True)
+                    if touch:
+                        nll = nll + touch_tower(engine.module, images.dummy(), dev)
                     if step + 1 in fault_steps and env.is_main:
                         nll = nll * float("nan")  # test hook: a step whose loss blows up
                     engine.backward(nll * grad_divisor / global_targets, scale_wrt_gas=False)
@@ -499,12 +513,21 @@ def mix_report(
 
 
 def micro_batch(
-    splits: data.Splits, units: list[list[int]], batch: list[int], pad_id: int
+    splits: data.Splits,
+    units: list[list[int]],
+    batch: list[int],
+    pad_id: int,
+    images: ImageInputs | None = None,
 ) -> dict[str, torch.Tensor]:
-    """The tensors of one micro-batch: padded examples, or packed rows (data.packing)."""
+    """The tensors of one micro-batch: padded examples, or packed rows (data.packing); with
+    a multimodal processor, the rows' image inputs too."""
     if splits.packs:
-        return collate_packed([[splits.train[i] for i in units[u]] for u in batch], pad_id)
-    return collate([splits.train[units[u][0]] for u in batch], pad_id)
+        micro = collate_packed([[splits.train[i] for i in units[u]] for u in batch], pad_id)
+    else:
+        micro = collate([splits.train[units[u][0]] for u in batch], pad_id)
+    if images is not None:
+        images.add(micro, splits.train, [i for u in batch for i in units[u]], bool(splits.packs))
+    return micro
 
 
 def requeue_if_asked(cfg: Config) -> None:
