@@ -430,6 +430,14 @@ def build_vlm_dir(out: str | Path, family: str, seed: int = 0) -> Path:
     config = vlm_config(family, tok)
     torch.manual_seed(seed)
     model = vlm_class(family)(config)
+    # Some families initialise their projector to zero (Gemma 3's): image features would
+    # then carry nothing, unlike a published checkpoint's; give such weights random values.
+    from dsft.model import part
+
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() == 2 and part(name) != "language" and not p.any():
+                p.normal_(0.0, p.size(0) ** -0.5)
     ids = dict(bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
     model.generation_config = GenerationConfig(pad_token_id=tok.pad_token_id, **ids)
     model.save_pretrained(out, safe_serialization=True)
@@ -452,7 +460,8 @@ def write_colour_task(
     folder: str | Path, n: int = 200, seed: int = 0, text_every: int = 0, forms: bool = True
 ) -> Path:
     """A synthetic visual task: "What colour is this?" about a solid-colour image, answered
-    with its colour name (chance: 1 in 4). Images are PNG files next to ``data.jsonl``
+    with its colour's initial, R, G, B or Y (chance: 1 in 4; one token for the demo's
+    character tokenizer, so a tiny model learns it in a few dozen steps). Images are PNG files next to ``data.jsonl``
     (relative paths); with ``forms`` every third row uses the ``images`` column with an
     ``<image>`` placeholder (LLaMA-Factory) and every fifth a base64 ``data:`` URI. With
     ``text_every`` = k, every k-th row is text-only (mixed batches)."""
@@ -471,6 +480,7 @@ def write_colour_task(
     rows = []
     for i in range(n):
         colour = names[rng.randrange(4)]
+        answer = colour[0].upper()
         if text_every and i % text_every == text_every - 1:
             w = _word(rng, 3, 6)
             rows.append({"messages": [{"role": "user", "content": f"Reverse {w}"},
@@ -483,13 +493,13 @@ def write_colour_task(
             ref = "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
         if forms and i % 3 == 2:
             rows.append({"messages": [{"role": "user", "content": "<image>What colour is this?"},
-                                      {"role": "assistant", "content": colour}],
+                                      {"role": "assistant", "content": answer}],
                          "images": [ref]})  # fmt: skip
         else:
             part = {"type": "image", "url" if ref.startswith("data:") else "path": ref}
             rows.append({"messages": [
                 {"role": "user", "content": [part, {"type": "text", "text": "What colour is this?"}]},
-                {"role": "assistant", "content": colour}]})  # fmt: skip
+                {"role": "assistant", "content": answer}]})  # fmt: skip
     path = folder / "data.jsonl"
     with path.open("w", encoding="utf-8") as f:
         for r in rows:
