@@ -286,7 +286,8 @@ def _encode_chunk(k: int, task: tuple) -> tuple[str, Any]:
     np.save(tmp / "kinds.npy", np.asarray([KINDS.index(e.kind) for e in examples], np.uint8))
     np.save(tmp / "exlen.npy", np.asarray([len(x) for x in lines], dtype=np.int64))
     (tmp / "examples.jsonl").write_bytes(b"".join(lines))
-    meta = {"n": len(examples), "tokens": len(enc.ids), "bytes": sum(map(len, lines))}
+    meta = {"n": len(examples), "tokens": len(enc.ids), "bytes": sum(map(len, lines)),
+            "images": sum(bool(ex.images) for ex in examples)}  # fmt: skip
     (tmp / "meta.json").write_text(json.dumps({**meta, "skipped": bad}))
     try:
         os.replace(tmp, out)
@@ -574,7 +575,8 @@ def _merge(path: str, entry: Path, parts: Path, n: int) -> None:
         for f in out.values():
             f.close()
     # meta.json last: its presence marks a complete entry (also inside the rename).
-    meta = {"name": _store_name(path), "skipped": skipped}
+    meta = {"name": _store_name(path), "skipped": skipped,
+            "image_rows": sum(m.get("images", 0) for m in metas)}  # fmt: skip
     (tmp / "meta.json").write_text(json.dumps(meta))
     try:
         os.replace(tmp, entry)
@@ -631,7 +633,9 @@ def _read_entry(entry: Path, path: str | None = None) -> TokenStore:
     examples = _JsonlExamples(entry / "examples.jsonl", offsets)
     kinds = np.load(entry / "kinds.npy")
     name = _store_name(path) if path is not None else meta["name"]  # a copy: its own name
-    return TokenStore(name, enc.ids, enc.trained, enc.offsets, examples, kinds, meta["skipped"])
+    store = TokenStore(name, enc.ids, enc.trained, enc.offsets, examples, kinds, meta["skipped"])
+    store.image_rows = int(meta.get("image_rows", 0))  # rows with images (packing refuses)
+    return store
 
 
 def cached_store(

@@ -206,3 +206,11 @@ def test_image_row_on_a_text_only_model_names_both(tiny_model: Path, tmp_path: P
         DataError, match=r"data\.jsonl:1: the row has an image, but the model is text-only"
     ):
         _prepare(tiny_model, data)
+
+
+def test_image_rows_are_not_packed(gemma3: Path, tmp_path: Path) -> None:
+    from dsft.errors import DataError
+
+    data = write_colour_task(tmp_path / "c", n=8, seed=3)
+    with pytest.raises(DataError, match=r"data\.packing: 8 rows have images"):
+        _prepare(gemma3, data, packing=True)
