@@ -121,20 +121,35 @@ PROCESSOR_FILES = (
 )
 
 
-def touch_tower(
-    model: torch.nn.Module, dummy: dict[str, torch.Tensor], device: Any
-) -> torch.Tensor:
-    """0 x the image features of a dummy image: added to the loss of a micro-batch without
-    images under ZeRO-3, so that this rank runs (and gathers) the tower as the ranks with
-    images do, forward and backward alike; it changes no value and no gradient."""
-    import inspect
+class TowerTouch:
+    """ZeRO-3 with image rows: a micro-batch without images still runs the tower and the
+    projector on a dummy image, at the very point of the forward where the model runs them
+    for real images (right after the input embeddings), adding 0 x their output to the
+    embeddings. So every rank gathers the same parameters in the same order, forward and
+    backward (a rank skipping the tower while another runs it would hang ZeRO-3's
+    collectives); no value or gradient changes. ``arm()`` before such a forward."""
 
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    fn = getattr(base, "get_image_features", None) or base.model.get_image_features
-    params = inspect.signature(fn).parameters
-    out = fn(**{k: v.to(device) for k, v in dummy.items() if k in params})
-    tensors = _tensors(out)
-    return sum((t.float().sum() for t in tensors), torch.zeros((), device=device)) * 0.0
+    def __init__(self, model: torch.nn.Module, dummy: dict[str, torch.Tensor], device: Any):
+        import inspect
+
+        base = model.get_base_model() if hasattr(model, "get_base_model") else model
+        fn = getattr(base, "get_image_features", None) or base.model.get_image_features
+        params = inspect.signature(fn).parameters
+        self.fn = fn
+        self.inputs = {k: v.to(device) for k, v in dummy.items() if k in params}
+        self.armed = False
+        base.get_input_embeddings().register_forward_hook(self._hook)
+
+    def arm(self, on: bool = True) -> None:
+        self.armed = on
+
+    def _hook(self, module: Any, args: Any, output: torch.Tensor) -> torch.Tensor | None:
+        if not self.armed:
+            return None
+        self.armed = False
+        feats = _tensors(self.fn(**self.inputs))
+        zero = sum((t.float().sum() for t in feats), torch.zeros((), device=output.device))
+        return output + (zero * 0.0).to(output.dtype)
 
 
 def _tensors(x: Any) -> list[torch.Tensor]:

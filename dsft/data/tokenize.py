@@ -762,19 +762,47 @@ def image_expansions(tokenizer: Any, ex: Example, opts: ChatOptions) -> list[np.
     return out
 
 
-def _with_image_token(tokenizer: Any, ex: Example) -> Example:
-    """``ex`` with its image placeholders written as the processor's image token."""
+def image_text(tokenizer: Any) -> str:
+    """What the chat template writes for an image part (Qwen's ``<|vision_start|><|image_pad|>
+    <|vision_end|>``, Gemma 3's ``<start_of_image>``...), learnt by rendering a probe with and
+    without one; the processor's image token when the template takes no content parts."""
     proc = processor_of(tokenizer)
-    if not ex.images or proc is None or proc.image_token == IMAGE_PLACEHOLDER:
+    cached = getattr(proc, "_dsft_image_text", None)
+    if cached is not None:
+        return cached
+    mark = "\x00MARK\x00"
+
+    def probe(parts: list[dict[str, Any]]) -> str:
+        msgs = [{"role": "user", "content": parts}]
+        return tokenizer.apply_chat_template(msgs, tokenize=False)
+
+    found = proc.image_token
+    try:
+        plain = probe([{"type": "text", "text": mark}])
+        with_image = probe([{"type": "image"}, {"type": "text", "text": mark}])
+        head = plain[: plain.index(mark)]
+        if with_image.startswith(head) and mark in with_image:
+            between = with_image[len(head) : with_image.index(mark)].strip("\n ")
+            if between.count(proc.image_token) == 1:
+                found = between
+    except Exception:  # a template without content parts: the bare image token
+        pass
+    proc._dsft_image_text = found
+    return found
+
+
+def _with_image_token(tokenizer: Any, ex: Example) -> Example:
+    """``ex`` with its image placeholders written as the chat template writes an image."""
+    proc = processor_of(tokenizer)
+    if not ex.images or proc is None:
+        return ex
+    text = image_text(tokenizer)
+    if text == IMAGE_PLACEHOLDER:
         return ex
 
     def swap(m: Message) -> Message:
         c = m.get("content")
-        return (
-            {**m, "content": c.replace(IMAGE_PLACEHOLDER, proc.image_token)}
-            if isinstance(c, str)
-            else m
-        )
+        return {**m, "content": c.replace(IMAGE_PLACEHOLDER, text)} if isinstance(c, str) else m
 
     return replace(ex, messages=[swap(m) for m in ex.messages])
 

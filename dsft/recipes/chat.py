@@ -22,7 +22,7 @@ import torch
 from dsft.config import ModelConfig
 from dsft.data.formats import IMAGE_PLACEHOLDER
 from dsft.data.readers import open_image
-from dsft.data.tokenize import processor_of, render
+from dsft.data.tokenize import image_text, processor_of, render
 from dsft.errors import ConfigError, DataError
 from dsft.model import load_model, load_tokenizer
 
@@ -110,7 +110,7 @@ def answer(
     images = getattr(ns, "images", None)
     if images:  # the placeholders become the processor's image tokens, expanded by it
         proc = processor_of(tokenizer)
-        text = text.replace(IMAGE_PLACEHOLDER, proc.image_token)
+        text = text.replace(IMAGE_PLACEHOLDER, image_text(tokenizer))
         ids = proc(text=[text], images=[images], add_special_tokens=False, return_tensors="pt")
         ids = ids.to(device)
         ids = {k: v.to(model.dtype) if v.is_floating_point() else v for k, v in ids.items()}

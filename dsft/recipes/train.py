@@ -55,12 +55,12 @@ from dsft.errors import ConfigError, Preempted, TrainingDiverged
 from dsft.eval import evaluator as evaluate
 from dsft.flops import FlopCounter
 from dsft.model import (
+    TowerTouch,
     build_model,
     count_params,
     freeze,
     load_tokenizer,
     torch_dtype,
-    touch_tower,
 )
 from dsft.monitor import Monitor, StepProfiler
 from dsft.optim import (
@@ -226,6 +226,8 @@ def run(cfg: Config) -> dict[str, Any]:
         fused_loss=cfg.train.fused_loss,
     )
     head = loss.output_head(engine.module) if cfg.train.fused_loss else None
+    # ZeRO-3 with an image processor: micro-batches without images run the tower too
+    toucher = TowerTouch(engine.module, images.dummy(), dev) if images and zero3 else None
     tracker = evaluate.BestTracker(cfg.eval.metric, cfg.eval.patience, cfg.eval.min_delta)
     if "best" in start:
         tracker.best, tracker.best_step, tracker.since_best = start["best"]
@@ -329,7 +331,8 @@ def run(cfg: Config) -> dict[str, Any]:
                 micro = {k: v.to(dev) for k, v in micro.items()}
                 # ZeRO-3: a rank whose rows have no image still runs the tower (on a dummy
                 # image, times 0) so that every rank gathers its parameters alike
-                touch = images is not None and zero3 and "pixel_values" not in micro
+                if toucher is not None:
+                    toucher.arm("pixel_values" not in micro)
                 with sp.sharded():  # forward and backward (checkpointing recomputes in it)
                     # No KV cache in training; transformers would also ignore packed-row
                     # boundaries (restarting position_ids) when given one.
@@ -339,8 +342,6 @@ def run(cfg: Config) -> dict[str, Any]:
                     else:
                         logits = engine(**micro, use_cache=False).logits
                         nll = loss.logits_nll(logits, targets.to(dev), shifted=True)
-                    if touch:
-                        nll = nll + touch_tower(engine.module, images.dummy(), dev)
                     if step + 1 in fault_steps and env.is_main:
                         nll = nll * float("nan")  # test hook: a step whose loss blows up
                     engine.backward(nll * grad_divisor / global_targets, scale_wrt_gas=False)
