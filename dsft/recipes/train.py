@@ -228,6 +228,7 @@ def run(cfg: Config) -> dict[str, Any]:
     head = loss.output_head(engine.module) if cfg.train.fused_loss else None
     # ZeRO-3 with an image processor: micro-batches without images run the tower too
     toucher = TowerTouch(engine.module, images.dummy(), dev) if images and zero3 else None
+    evaluator.images, evaluator.toucher = images, toucher  # validation loss of image rows
     tracker = evaluate.BestTracker(cfg.eval.metric, cfg.eval.patience, cfg.eval.min_delta)
     if "best" in start:
         tracker.best, tracker.best_step, tracker.since_best = start["best"]
