@@ -45,7 +45,6 @@ class ImageInputs:
         from PIL import Image
 
         self.processor, self.max_pixels, self.dtype = processor, max_pixels, dtype
-        self.names = set(getattr(processor, "model_input_names", ()) or ())
         probe = processor(
             text=[processor.image_token],
             images=[[Image.new("RGB", (64, 64))]],
