@@ -387,18 +387,14 @@ def build_vlm_processor(family: str, tok: Any, config: Any) -> Any:
             vision_feature_select_strategy="full",
             chat_template=tok.chat_template,
         )
-    if family in ("smolvlm", "idefics3"):
-        ip_cls = (
-            tf.SmolVLMImageProcessorPil if family == "smolvlm" else tf.Idefics3ImageProcessorPil
-        )
-        ip = ip_cls(
+    if family == "idefics3":  # (SmolVLM's processor needs a video processor: torchvision)
+        ip = tf.Idefics3ImageProcessorPil(
             size={"longest_edge": VLM_IMAGE},
             do_image_splitting=False,
             max_image_size={"longest_edge": VLM_IMAGE},
         )
-        proc_cls = tf.SmolVLMProcessor if family == "smolvlm" else tf.Idefics3Processor
         seq = int((VLM_IMAGE // 8) ** 2 / 4)  # patches over scale_factor²
-        return proc_cls(
+        return tf.Idefics3Processor(
             image_processor=ip, tokenizer=tok, image_seq_len=seq, chat_template=tok.chat_template
         )
     return None
