@@ -233,6 +233,23 @@ def test_every_path_in_the_readme_layout_exists() -> None:
     assert not missing, f"README Layout names paths that do not exist: {missing}"
 
 
+REPO_PATH = re.compile(
+    r"`((?:dsft|benchmarks|tests|launch|slurm|scripts|ds_configs|docs|\.ci)/[^`\s]*)`"
+)
+
+
+def test_every_repository_path_the_docs_name_exists() -> None:
+    """`dsft/loss.py`, `tests/cluster/slurm_cluster.py`...: a moved or renamed file shows here."""
+    stale = [
+        f"{page.relative_to(ROOT)}: {path}"
+        for page in _pages()
+        for path in REPO_PATH.findall(_text(page))
+        if not re.search(r"[*<>{}$]", path)
+        and not (ROOT / path.split("::")[0].rstrip(",.:;")).exists()
+    ]
+    assert not stale, "paths that do not exist:\n" + "\n".join(stale)
+
+
 def test_the_docs_site_builds_strictly(tmp_path: Path) -> None:
     pytest.importorskip("mkdocs")
     pytest.importorskip("material")
