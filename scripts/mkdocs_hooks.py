@@ -1,8 +1,12 @@
-"""MkDocs hooks (mkdocs.yml `hooks:`): the configuration reference, generated at build time.
+"""MkDocs hooks (mkdocs.yml `hooks:`): the generated configuration reference, the page order.
 
 docs/configuration.md holds a `<!-- config-reference ... -->` line; the tables that
 scripts/config_reference.py renders from the config dataclasses replace it, so the site's
 reference cannot drift from the schema. A page without the line fails the build.
+
+mkdocs.yml has no `nav:`, so every page under docs/ is in the navigation by itself; MkDocs
+would order it by file name. `extra.page_order` in mkdocs.yml lists the pages in reading
+order; pages it does not name follow them by file name, then the sections (docs/results/).
 """
 
 from __future__ import annotations
@@ -40,3 +44,31 @@ def on_page_markdown(markdown: str, page: Any, **kwargs: Any) -> str:
     if page.file.src_uri != PAGE:
         return markdown
     return expand(markdown)
+
+
+def _ordered(items: list[Any], order: list[str]) -> list[Any]:
+    def key(item: Any) -> tuple[int, int, str]:
+        src = item.file.src_uri if getattr(item, "is_page", False) else ""
+        if src in order:
+            return (0, order.index(src), "")
+        return (2, 0, item.title or "") if getattr(item, "is_section", False) else (1, 0, src)
+
+    return sorted(items, key=key)
+
+
+def on_nav(nav: Any, config: Any, **kwargs: Any) -> Any:
+    order = list((config.get("extra") or {}).get("page_order") or [])
+    nav.items = _ordered(nav.items, order)
+    pages: list[Any] = []
+
+    def walk(items: list[Any]) -> None:
+        for item in items:
+            if getattr(item, "is_page", False):
+                pages.append(item)
+            walk(getattr(item, "children", None) or [])
+
+    walk(nav.items)
+    nav.pages = pages
+    for before, page, after in zip([None, *pages[:-1]], pages, [*pages[1:], None], strict=True):
+        page.previous_page, page.next_page = before, after
+    return nav

@@ -264,3 +264,10 @@ def test_the_docs_site_builds_strictly(tmp_path: Path) -> None:
     assert proc.returncode == 0, proc.stdout + proc.stderr
     html = (tmp_path / "configuration" / "index.html").read_text()
     assert "<code>train.lr</code>" in html
+    # No nav in mkdocs.yml: every page is in the site's navigation, named in page_order or not.
+    home = (tmp_path / "index.html").read_text()
+    links = set(re.findall(r'<a href="([^"]+)" class="md-nav__link', home))
+    for page in DOCS.rglob("*.md"):
+        url = page.relative_to(DOCS).with_suffix("").as_posix() + "/"
+        url = "." if url == "index/" else url.removesuffix("index/")
+        assert url in links, f"{page.relative_to(ROOT)} is not in the site's navigation"
