@@ -16,6 +16,7 @@ from pathlib import Path
 from types import ModuleType
 
 import pytest
+import yaml
 
 from dsft.config import Config
 
@@ -187,6 +188,36 @@ def test_the_configuration_page_names_only_schema_keys() -> None:
             if key not in schema:
                 unknown.append(key)
     assert not unknown, f"docs/configuration.md names keys the schema lacks: {unknown}"
+
+
+def _schema_defaults(obj: object, prefix: str = "") -> dict[str, object]:
+    out: dict[str, object] = {}
+    for f in dataclasses.fields(obj):  # type: ignore[arg-type]
+        value = getattr(obj, f.name)
+        if dataclasses.is_dataclass(value):
+            out |= _schema_defaults(value, f"{prefix}{f.name}.")
+        else:
+            out[f"{prefix}{f.name}"] = value
+    return out
+
+
+def test_the_defaults_the_configuration_page_states_are_the_schema_defaults() -> None:
+    """| `a.b`, `a.c` | `x`, `y` | note |: each stated default, read as YAML, is the schema's."""
+    defaults = _schema_defaults(Config())
+    page = CONFIG_PAGE.read_text(encoding="utf-8")
+    page = page[: page.index("## Every key")]
+    wrong: list[str] = []
+    for key_cell, default_cell in re.findall(r"^\| (`[^|\n]*) \| ([^|\n]*) \|", page, flags=re.M):
+        stated = re.findall(r"`([^`]*)`", default_cell)
+        prefix, keys = "", []
+        for token in re.findall(r"`([^`]+)`", key_cell):
+            key = token if "." in token or token in defaults else f"{prefix}{token}"
+            prefix = key.rsplit(".", 1)[0] + "." if "." in key else ""
+            keys.append(key)
+        for key, text in zip(keys, stated, strict=False):
+            if key in defaults and yaml.safe_load(text or '""') != defaults[key]:
+                wrong.append(f"{key}: the page says {text!r}, the schema {defaults[key]!r}")
+    assert not wrong, "docs/configuration.md:\n" + "\n".join(wrong)
 
 
 def test_the_configuration_page_has_one_marker_for_the_reference() -> None:
