@@ -40,10 +40,26 @@ def expand(markdown: str) -> str:
     return "\n".join(lines) + "\n"
 
 
+def table_code_pipes(markdown: str) -> str:
+    """`<\\|eot_id\\|>` in a table row -> `<|eot_id|>`. GitHub needs the backslash even inside a
+    code span in a table; Python-Markdown splits cells outside code spans only and would show it."""
+    out, fence = [], False
+    for line in markdown.split("\n"):
+        if line.lstrip().startswith(("```", "~~~")):
+            fence = not fence
+        if not fence and line.lstrip().startswith("|") and "\\|" in line:
+            parts = line.split("`")
+            for i in range(1, len(parts), 2):  # inside code spans
+                parts[i] = parts[i].replace("\\|", "|")
+            line = "`".join(parts)
+        out.append(line)
+    return "\n".join(out)
+
+
 def on_page_markdown(markdown: str, page: Any, **kwargs: Any) -> str:
-    if page.file.src_uri != PAGE:
-        return markdown
-    return expand(markdown)
+    if page.file.src_uri == PAGE:
+        markdown = expand(markdown)
+    return table_code_pipes(markdown)
 
 
 def _ordered(items: list[Any], order: list[str]) -> list[Any]:

@@ -220,6 +220,13 @@ def test_the_defaults_the_configuration_page_states_are_the_schema_defaults() ->
     assert not wrong, "docs/configuration.md:\n" + "\n".join(wrong)
 
 
+def test_escaped_pipes_in_table_code_render_without_their_backslash() -> None:
+    row = "| `<\\|eot_id\\|>` | a \\| b |"
+    assert HOOKS.table_code_pipes(row) == "| `<|eot_id|>` | a \\| b |"
+    fenced = "```\n| `<\\|x` |\n```"
+    assert HOOKS.table_code_pipes(fenced) == fenced
+
+
 def test_the_configuration_page_has_one_marker_for_the_reference() -> None:
     assert HOOKS.expand(CONFIG_PAGE.read_text()).count("| `train.lr` |") == 1
     with pytest.raises(ValueError, match="exactly one"):
