@@ -21,7 +21,7 @@ test: setup
 test-fast: setup
 	$(PY) -m pytest -m "unit and not slow" $(ARGS)
 
-# Before a push: lint, format check and the fast unit tests (seconds to a minute).
+# Before a push: lint, format check and the fast unit tests (the make test-fast set).
 check: setup
 	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .
 	$(PY) -m pytest -q -m "unit and not slow" $(ARGS)
