@@ -53,6 +53,7 @@ from dsft.data.tokenize import IGNORE_INDEX
 from dsft.ds_config import deepspeed_config
 from dsft.errors import ConfigError, Preempted, TrainingDiverged
 from dsft.eval import evaluator as evaluate
+from dsft.eval import harness
 from dsft.flops import FlopCounter
 from dsft.model import build_model, count_params, freeze, load_tokenizer, torch_dtype
 from dsft.monitor import Monitor, StepProfiler
@@ -482,6 +483,8 @@ def run(cfg: Config) -> dict[str, Any]:
     if cfg.checkpoint.export:
         export.export_hf(engine, cfg, out / "final", summary)
         summary["export"] = str(out / "final")
+    if cfg.eval.benchmarks.tasks:  # lm-eval tasks: the base model vs the best/final export
+        summary["benchmarks"] = harness.benchmark_run(cfg, out, summary)
     if env.is_main:
         (out / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
     distributed.barrier()
