@@ -802,9 +802,40 @@ def epoch_seconds(
 # --------------------------------------------------------------------------- dsft train
 
 
-def resolve(cfg: Config, hw: Hardware, facts: ModelFacts | None = None) -> tuple[Config, dict]:
+@dataclass
+class Decision:
+    """What ``resolve`` decided and why: the resolved batch geometry and DeepSpeed setup, the
+    facts it used, and (when it planned) the options it weighed. Written to
+    ``<output_dir>/plan.json`` by :meth:`record`."""
+
+    hardware: dict[str, Any]  # the Hardware the plan was made for (asdict)
+    decided_by: str  # "config" (explicit stage), "planner" (CUDA) or "cpu" (the CPU rule)
+    zero_stage: int
+    offload_optimizer: bool
+    offload_params: bool
+    micro_batch: int
+    grad_accum: int
+    world_size: int
+    sequence_parallel: int
+    global_batch: int
+    hidden: int | None  # the model's hidden size (DeepSpeed bucket sizes, tiled MLP tiles)
+    warnings: list[str] = field(default_factory=list)
+    # set when the planner ran (CUDA, or micro_batch auto):
+    model: dict[str, Any] | None = None  # the ModelFacts used (without the HF config)
+    workload: dict[str, Any] | None = None  # the Workload planned for (asdict)
+    predicted_gpu_bytes: int | None = None
+    predicted_host_bytes: int | None = None
+    options: list[dict[str, Any]] | None = None  # every option's estimate
+    table: str | None = None  # the option table (as `dsft plan` prints it)
+
+    def record(self) -> dict[str, Any]:
+        """plan.json: the fields that are set."""
+        return {k: v for k, v in dataclasses.asdict(self).items() if v is not None}
+
+
+def resolve(cfg: Config, hw: Hardware, facts: ModelFacts | None = None) -> tuple[Config, Decision]:
     """``cfg`` with ``deepspeed.zero_stage`` and ``train.micro_batch`` "auto" replaced by the
-    plan for ``hw``, and a record of the decision (written to ``<output_dir>/plan.json``).
+    plan for ``hw``, and the :class:`Decision` (written to ``<output_dir>/plan.json``).
 
     On CUDA the planner chooses; explicit values always win, with a warning when the plan
     predicts they will not fit. Without CUDA (CPU ranks, gloo) auto means ZeRO-0 on one rank
@@ -816,7 +847,8 @@ def resolve(cfg: Config, hw: Hardware, facts: ModelFacts | None = None) -> tuple
     ds, t = cfg.deepspeed, cfg.train
     auto_stage, auto_micro = ds.zero_stage == "auto", t.micro_batch == "auto"
     auto_sp = t.sequence_parallel == "auto"
-    record: dict[str, Any] = {"hardware": dataclasses.asdict(hw), "warnings": []}
+    warnings: list[str] = []
+    planned_record: dict[str, Any] = {}
     planned = hw.device == "cuda" or auto_micro
     if planned and facts is None:
         facts = model_facts(
@@ -865,15 +897,13 @@ def resolve(cfg: Config, hw: Hardware, facts: ModelFacts | None = None) -> tuple
             if hw.device == "cuda":
                 raise ConfigError([plan.refusal()])
             chosen = plan.estimates[0]  # CPU: host RAM is a soft limit (it swaps); say so
-            record["warnings"].append(plan.refusal())
+            warnings.append(plan.refusal())
         if chosen is None:  # an explicit stage: it wins, with a warning
             chosen = plan.estimates[0]
-            record["warnings"].append(
-                f"deepspeed.zero_stage={ds.zero_stage} may not fit: " + plan.refusal()
-            )
+            warnings.append(f"deepspeed.zero_stage={ds.zero_stage} may not fit: " + plan.refusal())
         option = chosen.option
         micro = micro or chosen.micro_batch or 1
-        record.update(
+        planned_record = dict(
             model=_facts_record(facts),
             workload=dataclasses.asdict(work),
             predicted_gpu_bytes=chosen.gpu(micro),
@@ -892,7 +922,9 @@ def resolve(cfg: Config, hw: Hardware, facts: ModelFacts | None = None) -> tuple
         train=dataclasses.replace(t, micro_batch=micro, sequence_parallel=sp),
     )
     bp = batch_shape(resolved.train, world)
-    record.update(
+    hidden = facts.hidden if facts is not None else None
+    decision = Decision(
+        hardware=dataclasses.asdict(hw),
         decided_by="config" if not auto_stage else "planner" if hw.device == "cuda" else "cpu",
         zero_stage=option.stage,
         offload_optimizer=option.offload_optimizer,
@@ -902,10 +934,13 @@ def resolve(cfg: Config, hw: Hardware, facts: ModelFacts | None = None) -> tuple
         world_size=world,
         sequence_parallel=bp.sequence_parallel,
         global_batch=bp.global_batch,
+        hidden=hidden or hidden_size(cfg.model.path, cfg.model.trust_remote_code),
+        warnings=warnings,
+        **planned_record,
     )
-    for warning in record["warnings"]:
+    for warning in decision.warnings:
         log.warning("plan: %s", warning)
-    return resolved, record
+    return resolved, decision
 
 
 def _facts_record(f: ModelFacts) -> dict[str, Any]:

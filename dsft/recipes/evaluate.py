@@ -51,7 +51,7 @@ def run_eval(cfg: Config, checkpoint: str, out_dir: str | None = None) -> dict[s
             cfg, model=dataclasses.replace(cfg.model, path=str(where), lora=LoraConfig())
         )
     cfg, decision = resolve_plan(cfg, env)  # "auto" ZeRO stage / micro-batch
-    ds_config = deepspeed_config(cfg, batch_shape(cfg.train, env.world_size), decision["hidden"])
+    ds_config = deepspeed_config(cfg, batch_shape(cfg.train, env.world_size), decision.hidden)
     tokenizer = load_tokenizer(cfg.model)
     splits = data.prepare(cfg.data, tokenizer, builder=env.local_rank == 0)
     model = build_model(cfg.model, torch_dtype(cfg.train.precision), ds_config)

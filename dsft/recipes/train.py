@@ -82,14 +82,14 @@ def run(cfg: Config) -> dict[str, Any]:
     cfg, decision = resolve_plan(cfg, env)
     out = Path(cfg.output_dir)
     shape = batch_shape(cfg.train, env.world_size)
-    ds_config = deepspeed_config(cfg, shape, decision["hidden"])
+    ds_config = deepspeed_config(cfg, shape, decision.hidden)
     # train.sequence_parallel: the ranks of a group share each micro-batch (the sampler
     # deals by data-parallel rank), each computing its slice of the rows.
     sp_groups = distributed.sequence_parallel_groups(shape.sequence_parallel)
     if env.is_main:
         out.mkdir(parents=True, exist_ok=True)
         save_config(cfg, out / "config.yaml")
-        (out / "plan.json").write_text(json.dumps(decision, indent=2, default=str))
+        (out / "plan.json").write_text(json.dumps(decision.record(), indent=2, default=str))
         (out / "ds_config.json").write_text(json.dumps(ds_config, indent=2))
     distributed.barrier()
     seed_everything(cfg.train.seed)
@@ -122,7 +122,7 @@ def run(cfg: Config) -> dict[str, Any]:
     if reshard:  # after freezing: frozen parameters keep model.path's values
         checkpoint.load_weights(model, resume_from, zero3)
     if cfg.model.tiled_mlp:
-        tiles = seqpar.tiles_for(cfg.data.max_len, shape.sequence_parallel, decision["hidden"])
+        tiles = seqpar.tiles_for(cfg.data.max_len, shape.sequence_parallel, decision.hidden)
         log.info("tiled MLP: %d blocks, %d tiles per row", seqpar.tile_mlp(model, tiles), tiles)
     sp = seqpar.SequenceParallel(sp_groups, model)
     total_params, trainable_params = count_params(model)
