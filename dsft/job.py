@@ -5,12 +5,13 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from dsft import data, distributed
-from dsft.config import BatchShape, Config, batch_shape, save_config
+from dsft.config import BatchShape, Config, DataConfig, batch_shape, save_config
 from dsft.ds_config import deepspeed_config
 from dsft.eval.evaluator import Evaluator
 from dsft.model import load_tokenizer
@@ -18,6 +19,9 @@ from dsft.planner import Decision
 from dsft.runtime import check_runtime, resolve_plan, seed_everything
 
 log = logging.getLogger("dsft")
+
+# an objective's data preparation: (data config, tokenizer, this rank builds the cache) -> Splits
+Prepare = Callable[[DataConfig, Any, bool], data.Splits]
 
 
 @dataclass
@@ -52,10 +56,11 @@ class Job:
         )
 
 
-def open_job(cfg: Config, training: bool) -> Job:
+def open_job(cfg: Config, training: bool, prepare: Prepare = data.prepare) -> Job:
     """Set up the ranks, check this machine, resolve "auto" by the planner, derive the
-    DeepSpeed JSON and prepare the data. ``training``: also catch the stop signals, write
-    config.yaml / plan.json / ds_config.json to the output directory and seed the RNGs."""
+    DeepSpeed JSON and prepare the data (by the objective's ``prepare``). ``training``: also
+    catch the stop signals, write config.yaml / plan.json / ds_config.json to the output
+    directory and seed the RNGs."""
     env = distributed.setup()
     if training:
         # From here a SIGTERM/SIGUSR1 (preemption) is a request to save and stop after
@@ -79,6 +84,6 @@ def open_job(cfg: Config, training: bool) -> Job:
         seed_everything(cfg.train.seed)
     tokenizer = load_tokenizer(cfg.model)
     # Each node's local rank 0 tokenises (into the cache); the others wait for it.
-    splits = data.prepare(cfg.data, tokenizer, builder=env.local_rank == 0)
+    splits = prepare(cfg.data, tokenizer, env.local_rank == 0)
     log.info("data: %s", splits.stats)
     return Job(env, cfg, plan, shape, ds_config, tokenizer, splits, deepspeed)

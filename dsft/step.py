@@ -1,10 +1,13 @@
 """One optimizer step of an objective, and what it hands the loop.
 
-An objective is what the training loop is generic over: how a micro-batch is built from the
-training split (``batch``), how one optimizer step runs on a window of them (``step``) and the
-objective's own scalars (``StepResult.metrics``, logged through the StepMeter). Supervised
-fine-tuning (``sft``) is the one today; a preference objective adds its own ``batch`` and
-``step`` here and an entry in :func:`objective_for`, and runs in the same loop.
+An objective is what the training loop is generic over: how its data is prepared
+(``prepare``, called by dsft.job.open_job), how a micro-batch is built from the training split
+(``batch``), how one optimizer step runs on a window of them (``step``) and the objective's own
+scalars (``StepResult.metrics``, averaged over the good steps by the StepMeter). Supervised
+fine-tuning (``sft``) is the one today; a preference objective adds its own ``prepare``,
+``batch`` and ``step`` and an entry in :func:`objective_for`, and runs in the same loop, with
+the same checkpoints, resume, logging and planner. A step that needs state built from the
+engine (reference log-probs) can be a bound method of an object made after build_engine.
 """
 
 from __future__ import annotations
@@ -17,10 +20,11 @@ import torch
 
 from dsft import distributed, loss
 from dsft.config import Config
-from dsft.data import Splits
+from dsft.data import Splits, prepare
 from dsft.data.collate import collate
 from dsft.data.packing import collate_packed
 from dsft.data.tokenize import IGNORE_INDEX
+from dsft.job import Prepare
 from dsft.optim import guard_zero0_fp32_step
 
 if TYPE_CHECKING:
@@ -58,6 +62,7 @@ class Objective:
     """What the training loop is generic over (see the module docstring)."""
 
     name: str
+    prepare: Prepare  # (data config, tokenizer, builder) -> Splits (see dsft.data.prepare)
     batch: Batch  # (splits, units, unit indices of one micro-batch, pad id) -> tensors
     step: Step  # (engine, window) -> StepResult; forward, backward and engine.step()
 
@@ -151,7 +156,7 @@ def reduce_with_stop(value: torch.Tensor, dev: Any) -> tuple[float, bool]:
     return total, bool(stops)
 
 
-SFT = Objective("sft", sft_batch, sft_step)
+SFT = Objective("sft", prepare, sft_batch, sft_step)
 
 
 def objective_for(cfg: Config) -> Objective:

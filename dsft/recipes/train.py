@@ -39,9 +39,9 @@ log = logging.getLogger("dsft")
 
 def run(cfg: Config) -> dict[str, Any]:
     """Fine-tune ``cfg.model.path`` on ``cfg.data``; returns the run summary (on every rank)."""
-    job = open_job(cfg, training=True)
+    objective = objective_for(cfg)  # what the loop trains for: SFT (dsft.step)
+    job = open_job(cfg, training=True, prepare=objective.prepare)
     cfg, env, shape, splits, out = job.cfg, job.env, job.shape, job.splits, job.out
-    objective = objective_for(cfg)
     # The sampler deals out units: examples, or packed rows of examples (data.packing).
     units = splits.packs or [[i] for i in range(len(splits.train))]
     engine = build_engine(job, len(units))
