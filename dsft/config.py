@@ -202,7 +202,7 @@ class TrainConfig:
 class DeepSpeedConfig:
     """How DeepSpeed shards the model states. The JSON is generated from this."""
 
-    # 0-3, or "auto": the memory planner (dsft/planner.py) picks stage and offload from the
+    # 0-3, or "auto": the memory planner (dsft/planner/) picks stage and offload from the
     # model's size and the GPUs' free memory; without CUDA, ZeRO-0 on one rank, ZeRO-2 on more.
     zero_stage: int | Literal["auto"] = "auto"
     offload_optimizer: bool = False  # ZeRO 1-3: optimizer states in host RAM (auto: required)
