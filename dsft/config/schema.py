@@ -21,6 +21,8 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any, Literal
 
+from dsft.flops import text_config
+
 
 @dataclass
 class LoraConfig:
@@ -549,7 +551,7 @@ def model_heads(path: str) -> tuple[int, int]:
         raw = json.loads((Path(path) / "config.json").read_text())
     except (OSError, ValueError):
         return 0, 0
-    text = raw.get("text_config") or raw
+    text = text_config(raw)
     heads = int(text.get("num_attention_heads") or 0)
     return heads, int(text.get("num_key_value_heads") or heads)
 

@@ -12,6 +12,7 @@ from pathlib import Path
 PKG = Path(__file__).resolve().parents[2] / "dsft"
 BOTTOM = {
     "dsft.errors",
+    "dsft.flops",  # formulas and a table; imports nothing from dsft
     "dsft.config",
     "dsft.config.schema",
     "dsft.config.loading",
