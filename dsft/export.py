@@ -239,13 +239,12 @@ def _metrics_table(run: dict[str, Any]) -> list[str]:
 
 
 def _benchmarks_section(run: dict[str, Any]) -> list[str]:
-    """eval.benchmarks: lm-eval scores of the base and the fine-tuned model."""
-    from dsft.eval.harness import table
-
+    """eval.benchmarks: lm-eval scores of the base and the fine-tuned model (the table as
+    dsft.eval.harness wrote it)."""
     bench = run.get("benchmarks")
-    if not bench or not bench.get("rows"):
+    if not bench or not bench.get("table"):
         return []
-    lines = ["", "## Benchmarks (lm-evaluation-harness)", "", table(bench["rows"], markdown=True)]
+    lines = ["", "## Benchmarks (lm-evaluation-harness)", "", bench["table"]]
     if bench.get("forgetting"):
         lines += ["", f"Forgetting (a drop of more than {bench['max_drop']}):", ""]
         lines += [f"- {f}" for f in bench["forgetting"]]

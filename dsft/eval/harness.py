@@ -509,7 +509,8 @@ def run_benchmarks(
     if tuned is not None:
         (folder / "tuned.json").write_text(json.dumps(tuned, indent=2, default=str))
     rows, forgot = compare(base_s, tuned_s, b.max_drop)
-    (folder / "table.md").write_text(table(rows, markdown=True) + "\n")
+    markdown = table(rows, markdown=True)
+    (folder / "table.md").write_text(markdown + "\n")
     log.info("benchmarks (base vs fine-tuned %s):\n%s", tuned_dir, table(rows))
     for f in forgot:
         log.warning("benchmarks: forgetting: %s (more than eval.benchmarks.max_drop)", f)
@@ -519,6 +520,7 @@ def run_benchmarks(
         "base": base_s,
         "tuned": tuned_s,
         "rows": rows,
+        "table": markdown,
         "forgetting": forgot,
         "max_drop": b.max_drop,
     }
