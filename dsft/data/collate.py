@@ -61,6 +61,16 @@ class ImageInputs:
         ]
         self._dummy = self.pixels([[Image.new("RGB", (64, 64))]])
 
+    @classmethod
+    def of(cls, tokenizer: Any, max_pixels: int, precision: str) -> ImageInputs | None:
+        """The image inputs of ``tokenizer``'s processor (dsft.model.load_tokenizer), or
+        None for a text-only model."""
+        proc = getattr(tokenizer, "dsft_processor", None)
+        if proc is None:
+            return None
+        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.float32)
+        return cls(proc, max_pixels, dtype)
+
     def pixels(self, images: list[list[Any]]) -> dict[str, torch.Tensor]:
         out = self.processor.image_processor(images=images, return_tensors="pt")
         keep = {k: v for k, v in out.items() if k in self.image_keys and torch.is_tensor(v)}

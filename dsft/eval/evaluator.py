@@ -317,13 +317,15 @@ class Evaluator:
         out_dir: Path,
         synced: bool,
         fused_loss: bool = False,
+        images: Any = None,
     ):
         self.engine, self.tokenizer, self.splits, self.cfg = engine, tokenizer, splits, cfg
         self.monitor, self.out_dir, self.synced = monitor, out_dir, synced
         # train.fused_loss: validation losses from the chunked head too (dsft/loss.py)
         self.head = loss.output_head(self._module()) if fused_loss else None
-        # image rows (set by the train command): pixels, and ZeRO-3's dummy tower run
-        self.images: Any = None
+        # image rows: their pixels (dsft.data.collate.ImageInputs), and under ZeRO-3 the
+        # dummy tower run of batches without images (dsft.model.TowerTouch, set by train)
+        self.images: Any = images
         self.toucher: Any = None
         self.sample = (
             {"temperature": cfg.temperature, "top_p": cfg.top_p} if cfg.do_sample else None
