@@ -448,10 +448,11 @@ def test_presets_are_generated_and_valid_for_deepspeed() -> None:
 
 
 def test_python_m_dsft_train_is_dsft_train(tmp_path: Path) -> None:
+    """`python -m dsft train` (what launch/*.sh and torchrun -m run) is `dsft train`."""
     bad = tmp_path / "c.yaml"
     bad.write_text("train:\n  lrr: 1\n")
     proc = subprocess.run(
-        [sys.executable, "-m", "dsft.train", str(bad), "train.epochs=0"],
+        [sys.executable, "-m", "dsft", "train", str(bad), "train.epochs=0"],
         capture_output=True,
         text=True,
         timeout=120,
