@@ -43,7 +43,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from dsft import checkpoint, crossval, data, distributed, export, faults, loss
+from dsft import checkpoint, crossval, data, distributed, faults, hf_export, loss
 from dsft import sequence_parallel as seqpar
 from dsft.config import Config, batch_shape, load_config, save_config, to_dict
 from dsft.data.collate import collate
@@ -242,7 +242,7 @@ def run(cfg: Config) -> dict[str, Any]:
         if tracker.update(metrics, step) and cfg.eval.save_best and cfg.eval.every:
             best = {"metric": tracker.metric, "value": tracker.best, "step": step}
             card = {**summary, "after": {"val": metrics}, "best": best, "steps": step}
-            export.export_hf(engine, cfg, out / "best", card)
+            hf_export.export_hf(engine, cfg, out / "best", card)
             log.info(
                 "step %d | new best %s %.4f -> %s", step, tracker.metric, tracker.best, out / "best"
             )
@@ -480,7 +480,7 @@ def run(cfg: Config) -> dict[str, Any]:
             checkpoint.save(engine, out, step, run_state(), cfg.checkpoint.keep_last, to_dict(cfg))
         )
     if cfg.checkpoint.export:
-        export.export_hf(engine, cfg, out / "final", summary)
+        hf_export.export_hf(engine, cfg, out / "final", summary)
         summary["export"] = str(out / "final")
     if env.is_main:
         (out / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
