@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 import torch
 
-from benchmarks.bench import FIGURES, SYSTEMS, _param_count
 from benchmarks.data import CHATML_TRAINING, build_tokenizer, generate_rows
+from benchmarks.vs_trl import FIGURES, SYSTEMS, _param_count
 from tests.conftest import ROOT, cpu_env
 
 

@@ -222,7 +222,7 @@ def test_plan_command_shows_the_degrees_for_long_rows(capsys: pytest.CaptureFixt
 
 
 def test_long_seq_benchmark_table_relates_growth_to_whole_rows(tmp_path: Path) -> None:
-    from benchmarks.long_seq import table, write_rows
+    from benchmarks.seq_parallel_scaling import table, write_rows
 
     write_rows(tmp_path / "rows.jsonl", 64, 2)
     rows = [json.loads(x) for x in (tmp_path / "rows.jsonl").read_text().splitlines()]
