@@ -29,8 +29,7 @@ def step(seq: int, tiled: bool, dry: bool) -> dict[str, Any]:
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from dsft import loss
-    from dsft import sequence_parallel as seqpar
+    from dsft import loss, tiled_mlp
     from dsft.planner import SHAPES
 
     dev = torch.device("cpu" if dry else "cuda")
@@ -46,7 +45,7 @@ def step(seq: int, tiled: bool, dry: bool) -> dict[str, Any]:
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.train()
     if tiled:
-        seqpar.tile_mlp(model, seqpar.tiles_for(seq, 1, config.hidden_size))
+        tiled_mlp.tile_mlp(model, tiled_mlp.tiles_for(seq, 1, config.hidden_size))
     ids = torch.randint(0, config.vocab_size, (1, seq))
     labels = ids.clone()
     labels[:, : seq // 2] = -100

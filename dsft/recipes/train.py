@@ -43,7 +43,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from dsft import checkpoint, crossval, data, distributed, faults, hf_export, loss
+from dsft import checkpoint, crossval, data, distributed, faults, hf_export, loss, tiled_mlp
 from dsft import sequence_parallel as seqpar
 from dsft.config import Config, batch_shape, load_config, save_config, to_dict
 from dsft.data.collate import collate
@@ -122,8 +122,8 @@ def run(cfg: Config) -> dict[str, Any]:
     if reshard:  # after freezing: frozen parameters keep model.path's values
         checkpoint.load_weights(model, resume_from, zero3)
     if cfg.model.tiled_mlp:
-        tiles = seqpar.tiles_for(cfg.data.max_len, shape.sequence_parallel, decision["hidden"])
-        log.info("tiled MLP: %d blocks, %d tiles per row", seqpar.tile_mlp(model, tiles), tiles)
+        tiles = tiled_mlp.tiles_for(cfg.data.max_len, shape.sequence_parallel, decision["hidden"])
+        log.info("tiled MLP: %d blocks, %d tiles per row", tiled_mlp.tile_mlp(model, tiles), tiles)
     sp = seqpar.SequenceParallel(sp_groups, model)
     total_params, trainable_params = count_params(model)
     groups = param_groups(model, cfg.train)
