@@ -575,7 +575,7 @@ def test_chat_options_from_config() -> None:
         fold_system=True,
         reasoning="drop",
     )
-    from dsft.data import _settings
+    from dsft.data.pipeline import _settings
 
     opts = ChatOptions.from_settings(_settings(d))
     assert opts.turn_end == ("<|eot_id|>",) and opts.fold_system and opts.reasoning == "drop"
