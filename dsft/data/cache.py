@@ -48,7 +48,8 @@ from dsft import faults, locks
 from dsft.config import is_hub_id
 from dsft.data.formats import Example, check_not_empty, examples_of, normaliser
 from dsft.data.readers import line_ranges, read_range, read_rows, splittable
-from dsft.data.tokenize import IGNORE_INDEX, ChatOptions, Encoded, Tokenized, encode
+from dsft.data.template import ChatOptions
+from dsft.data.tokenize import IGNORE_INDEX, Encoded, Tokenized, encode
 from dsft.errors import DataError
 
 log = logging.getLogger("dsft")

@@ -29,7 +29,8 @@ from dsft.data.cache import (
 from dsft.data.formats import Example
 from dsft.data.packing import efficiency, pack
 from dsft.data.split import carve_arrays, reweight, split_count
-from dsft.data.tokenize import ChatOptions, Tokenized, apply_template, set_chat_options
+from dsft.data.template import ChatOptions, apply_template, set_chat_options
+from dsft.data.tokenize import Tokenized
 from dsft.errors import DataError
 
 log = logging.getLogger("dsft")
@@ -135,7 +136,7 @@ def _settings(cfg: DataConfig) -> dict[str, Any]:
         "columns": dict(sorted(cfg.columns.items())),
         "loss_on": cfg.loss_on,
         "on_bad_row": cfg.on_bad_row,
-        # how chat rows are rendered and masked (dsft.data.tokenize.ChatOptions)
+        # how chat rows are rendered and masked (dsft.data.template.ChatOptions)
         "turn_end": list(cfg.turn_end),
         "fold_system": cfg.fold_system,
         "reasoning": cfg.reasoning,

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 
 from dsft.config import ModelConfig
-from dsft.data.tokenize import render
+from dsft.data.template import render
 from dsft.errors import ConfigError
 from dsft.model import load_model, load_tokenizer
 

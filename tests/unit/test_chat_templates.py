@@ -19,7 +19,8 @@ from typing import Any
 import pytest
 
 from dsft.data.formats import Example, load_examples
-from dsft.data.tokenize import ChatOptions, encode
+from dsft.data.template import ChatOptions
+from dsft.data.tokenize import encode
 from dsft.errors import DataError
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "chat_templates"

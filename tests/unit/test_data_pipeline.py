@@ -14,7 +14,8 @@ from dsft.data import prepare
 from dsft.data.cache import cache_root, cached_store
 from dsft.data.formats import Example
 from dsft.data.split import carve, reweight
-from dsft.data.tokenize import TEMPLATES, tokenize_example, tokenize_prompt
+from dsft.data.template import TEMPLATES
+from dsft.data.tokenize import tokenize_example, tokenize_prompt
 from dsft.errors import DataError
 from dsft.synthetic import build_tokenizer
 
@@ -57,7 +58,7 @@ def test_loss_on(tok, loss_on: str, expected: str) -> None:
 @pytest.mark.parametrize("name", sorted(TEMPLATES))
 def test_builtin_templates_mask_every_response(tmp_path: Path, name: str) -> None:
     tok = build_tokenizer()
-    from dsft.data.tokenize import apply_template
+    from dsft.data.template import apply_template
 
     apply_template(tok, name)
     t = tokenize_example(tok, Example(CHAT, "t:1"), 512)
@@ -71,7 +72,7 @@ def test_builtin_templates_mask_every_response(tmp_path: Path, name: str) -> Non
 
 
 def test_custom_template_file_and_missing_template(tmp_path: Path, tok) -> None:
-    from dsft.data.tokenize import apply_template
+    from dsft.data.template import apply_template
 
     f = tmp_path / "t.jinja"
     f.write_text(
