@@ -216,7 +216,7 @@ def main(argv: list[str] | None = None) -> int:
     import json
     import os
 
-    from benchmarks.data import build_tokenizer, generate_rows, write_jsonl
+    from benchmarks.chat_data import build_tokenizer, generate_rows, write_jsonl
     from dsft.data.cache import usable_cores
 
     p = argparse.ArgumentParser(prog="python -m benchmarks.prep", description=__doc__)

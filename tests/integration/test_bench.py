@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from benchmarks.data import CHATML_TRAINING, build_tokenizer, generate_rows
+from benchmarks.chat_data import CHATML_TRAINING, build_tokenizer, generate_rows
 from benchmarks.vs_trl import FIGURES, SYSTEMS, _param_count
 from tests.conftest import ROOT, cpu_env
 
