@@ -1,6 +1,6 @@
 """The tiled MLP (dsft/tiled_mlp.py): the same loss and gradients as the plain MLP, the plain
 path in evaluation, and the tile count. Under ZeRO-3 and sequence parallelism:
-tests/integration/test_sequence_parallel.py."""
+tests/integration/test_sequence_parallel_runs.py."""
 
 from __future__ import annotations
 
