@@ -662,7 +662,7 @@ def run(ns: argparse.Namespace) -> int:
         path = write_jsonl(
             bench.work / "prep.jsonl", generate_rows(c["prep_examples"], 7, c["scale"])
         )
-        from dsft.data.cache import usable_cores
+        from dsft.data.build import usable_cores
 
         workers = tuple(
             sorted({int(x) for x in (ns.prep_workers or f"1,{usable_cores()}").split(",")})

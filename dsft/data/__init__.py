@@ -1,7 +1,8 @@
 """Data layer: read -> normalise -> template + mask -> (cache) -> split -> pack -> shard -> collate.
 
-One module a stage: readers.py, formats.py, template.py, tokenize.py, cache.py, split.py,
-packing.py, sampler.py, collate.py; pipeline.py drives them (``prepare``). The names callers use are
+One module a stage: readers.py, formats.py, template.py, tokenize.py, cache.py (the token
+store, read) and build.py (building it), split.py, packing.py, sampler.py, collate.py;
+pipeline.py drives them (``prepare``). The names callers use are
 re-exported here: ``from dsft.data import prepare, Splits``.
 """
 

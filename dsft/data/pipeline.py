@@ -17,15 +17,8 @@ from typing import Any
 import numpy as np
 
 from dsft.config import DataConfig
-from dsft.data.cache import (
-    KINDS,
-    BuildOptions,
-    TokenStore,
-    cache_root,
-    cached_store,
-    fresh_store,
-    usable_cores,
-)
+from dsft.data.build import BuildOptions, cached_store, fresh_store, usable_cores
+from dsft.data.cache import KINDS, TokenStore, cache_root
 from dsft.data.formats import Example
 from dsft.data.packing import efficiency, pack
 from dsft.data.split import carve_arrays, reweight, split_count

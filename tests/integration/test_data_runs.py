@@ -101,6 +101,7 @@ def test_two_ranks_prepare_several_chunks_with_a_real_bpe_tokenizer(tmp_path: Pa
     forked worker pool runs), a byte-level BPE tokenizer, the cache on. It hung in the
     pool's shutdown every time before the workers dropped the stop handlers."""
     from benchmarks.data import build_tokenizer, generate_rows, write_jsonl
+
     from dsft.synthetic import build_model_dir
 
     rows = generate_rows(2600, seed=0)

@@ -15,7 +15,8 @@ import pytest
 
 from dsft.config import DataConfig
 from dsft.data import cache, prepare
-from dsft.data.cache import BuildOptions, cache_root, cached_store, entry_key, tokenizer_digest
+from dsft.data.build import BuildOptions, cached_store
+from dsft.data.cache import cache_root, entry_key, tokenizer_digest
 from dsft.data.readers import line_ranges
 from dsft.errors import DataError
 from dsft.synthetic import build_tokenizer, generate_tasks, write_tasks
@@ -168,12 +169,12 @@ def test_cache_reused_and_invalidated(tmp_path: Path, tok, monkeypatch) -> None:
     first = prepare(cfg, tok)
     assert len(list((tmp_path / "c").iterdir())) == 1
 
-    import dsft.data.cache as cache
+    import dsft.data.build as build
 
     def no_tokenising(*a, **k):
         raise AssertionError("tokenised again")
 
-    monkeypatch.setattr(cache, "encode", no_tokenising)
+    monkeypatch.setattr(build, "encode", no_tokenising)
     again = prepare(cfg, tok)  # from the cache, memory-mapped
     assert [again.train[k].input_ids for k in range(5)] == [
         first.train[k].input_ids for k in range(5)

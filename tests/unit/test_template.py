@@ -395,7 +395,7 @@ def _write(tmp_path: Path, rows: list[dict[str, Any]], name: str = "d.jsonl") ->
 
 
 def test_refusal_is_located_skipped_or_folded(tmp_path: Path) -> None:
-    from dsft.data.cache import build_store
+    from dsft.data.build import build_store
 
     tok = family_tokenizer("gemma2")
     rows = [conversation("system"), conversation("multi")]
