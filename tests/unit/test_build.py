@@ -1,6 +1,6 @@
-"""The token cache (dsft/data/cache.py): chunked, parallel and multi-node tokenisation give the
-same cache bytes; an entry is reused and invalidated by content and settings; one rank builds,
-the others wait (and take over a dead builder)."""
+"""Building token-cache entries (dsft/data/build.py): chunked, parallel and multi-node
+tokenisation give the same cache bytes; one rank builds, the others wait (and take over a
+dead builder); a stop request or a finished pool ends the workers. Reading: test_cache.py."""
 
 from __future__ import annotations
 
