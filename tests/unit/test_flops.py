@@ -20,11 +20,12 @@ def test_train_flops_by_hand() -> None:
 
 
 def test_text_config_of_nested_and_plain_configs() -> None:
-    text = SimpleNamespace(num_hidden_layers=4, hidden_size=64)
-    nested = SimpleNamespace(get_text_config=lambda: text, vision_config=None)
-    assert text_config(nested) is text and text_dims(nested) == (4, 64)
-    plain = SimpleNamespace(num_hidden_layers=2, hidden_size=32)
-    assert text_config(plain) is plain and text_dims(plain) == (2, 32)
+    from transformers import LlamaConfig, LlavaConfig
+
+    text = LlamaConfig(num_hidden_layers=4, hidden_size=64, num_attention_heads=4)
+    nested = LlavaConfig(text_config=text.to_dict())  # a multimodal config nests its LM's
+    assert text_config(nested) is nested.text_config and text_dims(nested) == (4, 64)
+    assert text_config(text) is text and text_dims(text) == (4, 64)
     assert text_dims(SimpleNamespace()) == (0, 0)
 
 
