@@ -20,7 +20,8 @@ import torch
 
 from dsft.data.formats import IMAGE_PLACEHOLDER
 from dsft.data.readers import open_image
-from dsft.data.tokenize import image_text, processor_of, render
+from dsft.data.template import render
+from dsft.data.tokenize import image_text, processor_of
 from dsft.errors import ConfigError, DataError
 from dsft.model import load_for_inference, locate_trained
 
