@@ -47,6 +47,9 @@ class LoraConfig:
     # the residual; full SVD, not under ZeRO-3), loftq (A, B fit the NF4 quantisation error of
     # the base; CUDA + bitsandbytes, not under ZeRO-3).
     init: Literal["default", "gaussian", "pissa", "loftq"] = "default"
+    # Mixture of experts: adapters on the fused expert weights too (peft target_parameters,
+    # without dropout: peft has none there); false = attention, router and shared experts only.
+    experts: bool = True
 
 
 @dataclass
@@ -196,6 +199,9 @@ class TrainConfig:
     # ranks / sequence_parallel. Needs heads, KV heads and data.max_len divisible by it.
     # "auto": the memory planner picks the smallest that fits (1 without CUDA).
     sequence_parallel: int | Literal["auto"] = 1
+    # Mixture of experts: the router load-balancing loss's weight; null = the model's own
+    # router_aux_loss_coef, 0 = off (docs/moe.md).
+    router_aux_loss_coef: float | None = None
 
 
 @dataclass
@@ -556,6 +562,8 @@ def validate(cfg: Config) -> list[str]:
             p.append(f"train.lr_scale.{pattern}: {scale} must be >= 0 (0 freezes in effect)")
     if t.max_bad_steps < 0:
         p.append("train.max_bad_steps: must be >= 0 (0 = never stop)")
+    if t.router_aux_loss_coef is not None and t.router_aux_loss_coef < 0:
+        p.append("train.router_aux_loss_coef: must be >= 0 (0 = off, null = the model's own)")
     fr = cfg.model.freeze
     for pattern in fr.patterns:
         p.extend(_regex_problem("model.freeze.patterns", pattern))

@@ -66,12 +66,15 @@ def validate(
     micro_batch: int,
     pad_id: int,
     head: loss.Head | None = None,
+    router: Any = None,
 ) -> dict[str, float]:
     """Token-weighted loss, perplexity and token accuracy on response tokens.
 
     With several datasets mixed, the same metrics per dataset appear as
     ``<name>/loss``, ``<name>/ppl`` and ``<name>/token_acc``. With ``head`` (the model's
-    LM head, ``train.fused_loss``) no full logits are made: dsft/loss.py.
+    LM head, ``train.fused_loss``) no full logits are made: dsft/loss.py. With ``router`` (a
+    mixture of experts' :class:`dsft.moe.RouterLoss`) also ``aux_loss``, the mean router
+    load-balancing loss of the batches (before its coefficient).
     """
     if not examples:
         return {}
@@ -80,22 +83,36 @@ def validate(
     # Per dataset: summed NLL, correct argmax predictions, target tokens, examples.
     sums = torch.zeros(len(names), 4, dtype=torch.float64)
     mine = eval_shard(len(examples), dist.get_world_size(), dist.get_rank())
+    aux = torch.zeros(2, dtype=torch.float64)  # summed router loss, batches
     dev = dist.device()
     for b in range(_lockstep_batches(len(mine), micro_batch)):
         idx = mine[b * micro_batch : (b + 1) * micro_batch]
         batch = collate([examples[i] for i in idx] or [examples[0]], pad_id)
+        router_logits: list | None = [] if router is not None else None
         if head is not None:
-            _fused_stats(model, head, batch, [col[examples[i].dataset] for i in idx], sums)
-            continue
-        batch = {k: v.to(dev) for k, v in batch.items()}
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        for row, i in enumerate(idx):  # a dummy batch (no idx) contributes nothing
-            nll, c, n = token_stats(logits[row : row + 1], batch["labels"][row : row + 1])
-            sums[col[examples[i].dataset]] += torch.tensor(
-                [nll.item(), c, n, 1], dtype=torch.float64
+            cols = [col[examples[i].dataset] for i in idx]
+            _fused_stats(model, head, batch, cols, sums, router_logits)
+        else:
+            batch = {k: v.to(dev) for k, v in batch.items()}
+            extra = {"output_router_logits": True} if router is not None else {}
+            res = model(
+                input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], **extra
             )
+            if router_logits is not None:
+                router_logits.extend(res.router_logits)
+            for row, i in enumerate(idx):  # a dummy batch (no idx) contributes nothing
+                nll, c, n = token_stats(res.logits[row : row + 1], batch["labels"][row : row + 1])
+                sums[col[examples[i].dataset]] += torch.tensor(
+                    [nll.item(), c, n, 1], dtype=torch.float64
+                )
+        if router_logits and idx:
+            value = router(router_logits, batch["attention_mask"])
+            aux += torch.tensor([float(value), 1.0], dtype=torch.float64)
     sums = dist.all_reduce_sum(sums.flatten()).view(len(names), 4)
     out = _ratios(sums.sum(0))
+    if router is not None:
+        aux_sum, batches = dist.all_reduce_sum(aux).tolist()
+        out["aux_loss"] = aux_sum / batches if batches else float("nan")
     if len(names) > 1:
         for n in names:
             out.update({f"{n}/{k}": v for k, v in _ratios(sums[col[n]]).items()})
@@ -103,7 +120,12 @@ def validate(
 
 
 def _fused_stats(
-    model: Callable, head: loss.Head, batch: dict[str, torch.Tensor], cols: list[int], sums
+    model: Callable,
+    head: loss.Head,
+    batch: dict[str, torch.Tensor],
+    cols: list[int],
+    sums: torch.Tensor,
+    router_logits: list | None = None,
 ) -> None:
     """Add one batch's per-dataset sums (NLL, correct, targets, examples) from the chunked
     head; ``cols`` = the dataset column of each real row (none for a dummy batch)."""
@@ -113,7 +135,7 @@ def _fused_stats(
     (chunks,) = loss.lockstep_chunks([len(targets)], head.vocab, dist.get_world_size() > 1)
     inputs = {k: batch[k].to(dev) for k in ("input_ids", "attention_mask")}
     nll, right = loss.fused_nll(
-        model, head, inputs, index.to(dev), targets.to(dev), chunks, per_token=True
+        model, head, inputs, index.to(dev), targets.to(dev), chunks, True, router_logits
     )
     assert right is not None
     rows = index // batch["labels"].size(1)
@@ -306,11 +328,13 @@ class Evaluator:
         out_dir: Path,
         synced: bool,
         fused_loss: bool = False,
+        router: Any = None,
     ):
         self.engine, self.tokenizer, self.splits, self.cfg = engine, tokenizer, splits, cfg
         self.monitor, self.out_dir, self.synced = monitor, out_dir, synced
         # train.fused_loss: validation losses from the chunked head too (dsft/loss.py)
         self.head = loss.output_head(self._module()) if fused_loss else None
+        self.router = router  # MoE: validation reports the router loss too (dsft/moe.py)
         self.sample = (
             {"temperature": cfg.temperature, "top_p": cfg.top_p} if cfg.do_sample else None
         )
@@ -331,6 +355,7 @@ class Evaluator:
                 self.cfg.micro_batch,
                 self.tokenizer.pad_token_id,
                 self.head,
+                self.router,
             )
             if metrics and split == "val" and self.cfg.metric in ("val/exact_match", "val/f1"):
                 metrics.update(self._generate(step, "val", self.splits.val_raw))

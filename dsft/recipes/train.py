@@ -43,7 +43,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from dsft import checkpoint, crossval, data, distributed, export, faults, loss
+from dsft import checkpoint, crossval, data, distributed, export, faults, loss, moe
 from dsft import sequence_parallel as seqpar
 from dsft.config import Config, batch_shape, load_config, save_config, to_dict
 from dsft.data.collate import collate
@@ -215,8 +215,19 @@ def run(cfg: Config) -> dict[str, Any]:
         out,
         synced=zero3 and env.world_size > 1,
         fused_loss=cfg.train.fused_loss,
+        router=moe.router_loss(engine.module, cfg.train.router_aux_loss_coef),
     )
     head = loss.output_head(engine.module) if cfg.train.fused_loss else None
+    # mixture of experts: the router's load-balancing loss (dsft/moe.py), None when none
+    router = moe.router_loss(engine.module, cfg.train.router_aux_loss_coef)
+    if router is not None and sp.enabled:
+        raise ConfigError(
+            [
+                f"train.sequence_parallel={shape.sequence_parallel}: the router aux loss of "
+                f"{router.family} is not split across ranks yet; set train.sequence_parallel=1 "
+                "or train.router_aux_loss_coef=0"
+            ]
+        )
     tracker = evaluate.BestTracker(cfg.eval.metric, cfg.eval.patience, cfg.eval.min_delta)
     if "best" in start:
         tracker.best, tracker.best_step, tracker.since_best = start["best"]
@@ -269,6 +280,8 @@ def run(cfg: Config) -> dict[str, Any]:
     step, epoch, next_window = start["step"], start["epoch"], start["window"]
     t_start = time.time()
     log_loss_sum = log_targets = 0.0  # global summed NLL / target count since the last log line
+    good_steps = 0  # good steps since the last log line
+    log_aux_sum = 0.0  # MoE: mean router aux loss of each good step since the last log line
     eval_loss_sum = eval_targets = 0.0  # ... since the last validation (for the train/val gap)
     tokens_seen = 0  # this rank's real tokens since the last log line (and their squares)
     sq_tokens = 0
@@ -311,9 +324,12 @@ def run(cfg: Config) -> dict[str, Any]:
             global_targets = distributed.all_reduce_sum([local_targets])[0].item()
             own_norm = None
             step_nll = torch.zeros((), dtype=torch.float64, device=dev)  # summed on device
+            step_aux = torch.zeros((), dtype=torch.float64, device=dev)  # MoE router loss
             skipped_before = engine.skipped_steps
             for i, micro in enumerate(window):
                 lengths = micro.pop("lengths")  # real tokens per example (for throughput)
+                # real tokens of packed rows (no attention mask): the router loss's mask
+                real = micro.pop("token_mask", micro.get("attention_mask"))
                 # This rank's slice of the rows (all of them without sequence parallelism)
                 # and its targets, shifted before the split (on the host: no device sync).
                 micro, targets = sp.shard(micro, micro.pop("labels"))
@@ -321,15 +337,19 @@ def run(cfg: Config) -> dict[str, Any]:
                 with sp.sharded():  # forward and backward (checkpointing recomputes in it)
                     # No KV cache in training; transformers would also ignore packed-row
                     # boundaries (restarting position_ids) when given one.
-                    if head is not None:  # train.fused_loss: no full logits
-                        index, ids = loss.target_index(targets, shifted=True)
-                        nll, _ = loss.fused_nll(engine, head, micro, index.to(dev), ids.to(dev))
-                    else:
-                        logits = engine(**micro, use_cache=False).logits
-                        nll = loss.logits_nll(logits, targets.to(dev), shifted=True)
+                    # train.fused_loss (head): no full logits
+                    router_logits: list | None = [] if router is not None else None
+                    nll = loss.micro_nll(engine, head, micro, targets, router_logits)
                     if step + 1 in fault_steps and env.is_main:
                         nll = nll * float("nan")  # test hook: a step whose loss blows up
-                    engine.backward(nll * grad_divisor / global_targets, scale_wrt_gas=False)
+                    objective = nll * grad_divisor / global_targets
+                    if router is not None:  # + coef x the mean over the step's micro-batches
+                        aux = router(router_logits, real)
+                        step_aux += aux.detach().double()
+                        objective = objective + aux * moe.aux_weight(
+                            router.coef, grad_divisor, shape.grad_accum * shape.data_parallel
+                        )
+                    engine.backward(objective, scale_wrt_gas=False)
                 if i == len(window) - 1 and zero0_fp32:
                     own_norm = guard_zero0_fp32_step(engine)
                 engine.step()  # clips and steps only at the accumulation boundary
@@ -346,8 +366,10 @@ def run(cfg: Config) -> dict[str, Any]:
             # One all-reduce (and the step's one wait for the device) gives the global loss
             # and whether any rank was asked to stop.
             stop = float(distributed.stop_requested() is not None)
-            nll_sum, stops = distributed.all_reduce_sum(
-                torch.stack([step_nll, torch.tensor(stop, dtype=torch.float64, device=dev)])
+            nll_sum, stops, aux_sum = distributed.all_reduce_sum(
+                torch.stack(
+                    [step_nll, torch.tensor(stop, dtype=torch.float64, device=dev), step_aux]
+                )
             ).tolist()
             step_loss = nll_sum / global_targets
             skipped = engine.skipped_steps > skipped_before
@@ -369,6 +391,8 @@ def run(cfg: Config) -> dict[str, Any]:
                 bad_in_a_row = 0
                 log_loss_sum += step_loss * global_targets
                 log_targets += global_targets
+                log_aux_sum += aux_sum / (shape.grad_accum * shape.data_parallel)
+                good_steps += 1
                 eval_loss_sum += step_loss * global_targets
                 eval_targets += global_targets
             step_seconds += time.time() - t_step
@@ -395,6 +419,8 @@ def run(cfg: Config) -> dict[str, Any]:
                     "bad_steps": bad_steps,
                     **flops.scalars(tokens_total, sq_total, step_seconds),
                 }
+                if router is not None:  # the mean router aux loss (before its coefficient)
+                    scalars["aux_loss"] = log_aux_sum / good_steps if good_steps else float("nan")
                 if mixer is not None:
                     scalars.update(
                         mix_report(mixer, mix_seen, splits.sources, step * shape.global_batch)
@@ -405,7 +431,8 @@ def run(cfg: Config) -> dict[str, Any]:
                     scalars["gpu_mem_gb"] = torch.cuda.max_memory_allocated() / 2**30
                 monitor.scalars(step, "train", scalars)
                 monitor.progress(step, train_loss, optimizer.param_groups[0]["lr"], float(norm))
-                log_loss_sum = log_targets = step_seconds = 0.0
+                log_loss_sum = log_targets = step_seconds = log_aux_sum = 0.0
+                good_steps = 0
                 tokens_seen = sq_tokens = 0
             if cfg.eval.every and step % cfg.eval.every == 0 and step < total_steps:
                 train_loss = eval_loss_sum / eval_targets if eval_targets else None
@@ -503,7 +530,8 @@ def micro_batch(
 ) -> dict[str, torch.Tensor]:
     """The tensors of one micro-batch: padded examples, or packed rows (data.packing)."""
     if splits.packs:
-        return collate_packed([[splits.train[i] for i in units[u]] for u in batch], pad_id)
+        rows = [[splits.train[i] for i in units[u]] for u in batch]
+        return collate_packed(rows, pad_id, token_mask=True)
     return collate([splits.train[units[u][0]] for u in batch], pad_id)
 
 

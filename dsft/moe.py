@@ -1,0 +1,107 @@
+"""Mixture-of-experts models: the router's load-balancing loss, LoRA targets for fused experts,
+ZeRO-3 leaf modules and active parameters.
+
+transformers 5 stores a MoE block's experts as fused 3-D parameters (``mlp.experts.gate_up_proj``,
+``down_proj``: one module for all experts) and its router as a small module holding a
+``weight`` (``mlp.gate`` / ``mlp.router``), not an ``nn.Linear``.
+
+Router loss. A MoE causal LM of transformers adds ``router_aux_loss_coef × aux`` to its loss
+when asked for ``output_router_logits``, with ``aux`` from its family's own
+``load_balancing_loss_func(router_logits, num_experts, top_k, attention_mask)`` (the Switch
+Transformer loss; padding tokens excluded through the mask). dsft asks for the router logits
+in its own forward (fused loss or plain) and calls that same function, with the mask of real
+tokens: the attention mask of padded rows, the real-token mask of packed rows (which carry no
+attention mask). Its ``loss`` stays the exact token mean of the NLL; the step's objective is
+
+    loss + coef × mean over the step's micro-batches (all ranks) of each micro-batch's aux
+
+which for one micro-batch is transformers' ``model(..., labels=..., output_router_logits=True)``
+loss exactly (tests/unit/test_moe.py). Families whose transformers class adds no such loss
+(DeepSeek-V3: its router balances by a bias, without an auxiliary loss) get none.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+import sys
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+log = logging.getLogger("dsft")
+
+
+def base_model(model: Any) -> Any:
+    """The transformers model inside a DeepSpeed engine and / or a peft wrapper."""
+    model = getattr(model, "module", model)
+    get = getattr(model, "get_base_model", None)
+    return get() if get is not None else model
+
+
+@dataclass
+class RouterLoss:
+    """The family's load-balancing loss (transformers' own function) and its coefficient."""
+
+    fn: Callable[..., Any]  # the family module's load_balancing_loss_func
+    num_experts: int
+    top_k: int
+    coef: float
+    family: str = ""
+
+    def __call__(
+        self, router_logits: Sequence[torch.Tensor], mask: torch.Tensor | None
+    ) -> torch.Tensor:
+        """The aux loss of one forward: ``router_logits`` one [rows × seq, experts] tensor per
+        MoE layer, ``mask`` [rows, seq] of the real (non-padding) tokens or None (all real)."""
+        if mask is not None:
+            mask = mask.to(router_logits[0].device)
+        return self.fn(tuple(router_logits), self.num_experts, self.top_k, mask)
+
+
+def router_loss(model: Any, override: float | None = None) -> RouterLoss | None:
+    """The router loss ``model`` trains with: its family's, with ``router_aux_loss_coef`` or
+    ``override`` (``train.router_aux_loss_coef``); None for dense models, families without an
+    auxiliary loss, and a coefficient of 0."""
+    base = base_model(model)
+    fn = getattr(sys.modules.get(type(base).__module__), "load_balancing_loss_func", None)
+    own = getattr(base, "router_aux_loss_coef", None)
+    if fn is None or own is None:
+        return None
+    coef = float(own if override is None else override)
+    experts = getattr(base, "num_experts", None)
+    top_k = getattr(base, "num_experts_per_tok", None)
+    params = list(inspect.signature(fn).parameters)
+    if experts is None or top_k is None or params[:4] != _SIGNATURE:
+        log.warning(
+            "%s: its router loss is not the (logits, experts, top-k, mask) form dsft calls; "
+            "trained without it",
+            type(base).__name__,
+        )
+        return None
+    if coef == 0:
+        log.info("router aux loss off (train.router_aux_loss_coef=0)")
+        return None
+    family = getattr(getattr(base, "config", None), "model_type", "")
+    log.info(
+        "router aux loss: %s's load_balancing_loss_func × %g (%d experts, top-%d)%s",
+        family,
+        coef,
+        experts,
+        top_k,
+        " (train.router_aux_loss_coef)" if override is not None else "",
+    )
+    return RouterLoss(fn, int(experts), int(top_k), coef, family)
+
+
+_SIGNATURE = ["gate_logits", "num_experts", "top_k", "attention_mask"]
+
+
+def aux_weight(coef: float, divisor: int, micro_batches: int) -> float:
+    """What each micro-batch's aux loss is multiplied by before backward: DeepSpeed sums
+    the ranks' gradients and divides by ``divisor``, so ``coef × divisor / micro_batches``
+    (``micro_batches`` = grad_accum × data-parallel ranks) makes the step's gradient that
+    of ``coef ×`` the mean aux loss over the step's micro-batches."""
+    return coef * divisor / micro_batches

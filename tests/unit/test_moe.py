@@ -1,0 +1,140 @@
+"""Mixture of experts: the router loss equals transformers' own, LoRA targets, active params."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from dsft import loss, moe
+from dsft.data.collate import collate
+from dsft.data.packing import collate_packed
+from dsft.data.tokenize import IGNORE_INDEX, Tokenized
+from dsft.sequence_parallel import shift_labels
+from dsft.synthetic import build_moe_model_dir
+
+EQUIVALENCE = ["qwen3_moe", "mixtral", "gpt_oss"]
+
+
+@pytest.fixture(scope="module")
+def moe_dirs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("moe")
+    # a large coefficient, so a wrong router term would show in the loss and gradients
+    return {
+        f: build_moe_model_dir(root / f, f, router_aux_loss_coef=0.5)
+        for f in [*EQUIVALENCE, "deepseek_v3"]
+    }
+
+
+def _model(path: Path):
+    from transformers import AutoModelForCausalLM
+
+    attn = "eager" if "gpt_oss" in path.name else "sdpa"
+    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, attn_implementation=attn)
+
+
+def _examples(n: int = 4) -> list[Tokenized]:
+    g = torch.Generator().manual_seed(1)
+    out = []
+    for i in range(n):
+        length = 7 + 3 * i
+        ids = torch.randint(3, 60, (length,), generator=g).tolist()
+        labels = [IGNORE_INDEX] * 3 + ids[3:]
+        out.append(Tokenized(ids, labels))
+    return out
+
+
+def _grads(model) -> dict[str, torch.Tensor]:
+    return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("family", EQUIVALENCE)
+@pytest.mark.parametrize("fused", [True, False], ids=["fused", "plain"])
+def test_router_loss_equals_transformers(moe_dirs, family: str, fused: bool) -> None:
+    """dsft's objective of one micro-batch (token-mean NLL + coef x router loss) and every
+    gradient equal transformers' ``model(..., labels, output_router_logits=True).loss``."""
+    model = _model(moe_dirs[family])
+    batch = collate(_examples(), pad_id=0)
+    batch.pop("lengths")
+    labels = batch.pop("labels")
+
+    model.zero_grad()
+    ref = model(**batch, labels=labels, output_router_logits=True)
+    ref.loss.backward()
+    ref_grads = _grads(model)
+    assert ref.aux_loss is not None and float(ref.aux_loss.detach()) > 0
+
+    model.zero_grad()
+    router = moe.router_loss(model)
+    assert router is not None and router.coef == 0.5
+    head = loss.output_head(model) if fused else None
+    targets = shift_labels(labels)
+    count = int((targets != IGNORE_INDEX).sum())
+    logits: list = []
+    nll = loss.micro_nll(model, head, batch, targets, logits)
+    aux = router(logits, batch["attention_mask"])
+    total = nll / count + aux * moe.aux_weight(router.coef, 1, 1)
+    total.backward()
+    grads = _grads(model)
+
+    diff = abs(float(total) - float(ref.loss))
+    gdiff = max(float((grads[n] - g).abs().max()) for n, g in ref_grads.items())
+    print(
+        f"{family} {'fused' if fused else 'plain'}: loss diff {diff:.2e}, max grad diff {gdiff:.2e}"
+    )
+    torch.testing.assert_close(total, ref.loss, rtol=0, atol=1e-5)
+    torch.testing.assert_close(aux, ref.aux_loss, rtol=0, atol=1e-6)
+    assert grads.keys() == ref_grads.keys()
+    router_grads = [n for n in ref_grads if ".gate." in n or ".router." in n]
+    assert router_grads and all(grads[n].abs().sum() > 0 for n in router_grads)
+    for name, g in ref_grads.items():
+        torch.testing.assert_close(grads[name], g, rtol=0, atol=1e-5, msg=name)
+
+
+def test_packed_rows_exclude_padding(moe_dirs) -> None:
+    """Packed rows carry no attention mask: their real-token mask keeps padding out of the
+    router statistics, so the same examples give the same router loss packed or padded."""
+    model = _model(moe_dirs["qwen3_moe"]).eval()
+    router = moe.router_loss(model)
+    exs = _examples()
+    padded = collate(exs, 0)
+    packed = collate_packed([[exs[0], exs[3]], [exs[1]], [exs[2]]], 0, token_mask=True)
+    values = []
+    with torch.no_grad():
+        for batch, mask in ((padded, padded["attention_mask"]), (packed, packed["token_mask"])):
+            inputs = {
+                k: batch[k] for k in ("input_ids", "attention_mask", "position_ids") if k in batch
+            }
+            logits = model(**inputs, use_cache=False, output_router_logits=True).router_logits
+            values.append(router(logits, mask))
+        unmasked = router(logits, None)  # and padding would change it
+    torch.testing.assert_close(values[1], values[0], rtol=0, atol=1e-6)
+    assert abs(float(unmasked) - float(values[0])) > 1e-4
+
+
+def test_router_loss_coefficient(moe_dirs) -> None:
+    model = _model(moe_dirs["mixtral"])
+    assert moe.router_loss(model, 0.0) is None  # train.router_aux_loss_coef=0: off
+    assert moe.router_loss(model, 0.02).coef == 0.02
+    # DeepSeek-V3 balances by a router bias: transformers adds no auxiliary loss
+    assert moe.router_loss(_model(moe_dirs["deepseek_v3"])) is None
+    # dense models have none
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    dense = LlamaForCausalLM(
+        LlamaConfig(
+            hidden_size=16,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            intermediate_size=32,
+            vocab_size=50,
+        )
+    )
+    assert moe.router_loss(dense) is None
+
+
+def test_aux_weight_averages_micro_batches() -> None:
+    # DeepSpeed divides the ranks' summed gradients by the divisor: coef x mean over the
+    # grad_accum x data-parallel micro-batches of the step
+    assert moe.aux_weight(0.01, 4, 2 * 4) == pytest.approx(0.01 / 2)
