@@ -9,6 +9,7 @@ from typing import Any
 
 import torch
 
+from dsft import moe
 from dsft.config import FreezeConfig, LoraConfig, ModelConfig
 from dsft.errors import ConfigError
 from dsft.hub import model_path
@@ -139,7 +140,31 @@ def apply_lora(model: torch.nn.Module, cfg: LoraConfig) -> torch.nn.Module:
     from peft import LoraConfig as PeftLoraConfig
     from peft import get_peft_model
 
-    return get_peft_model(model, PeftLoraConfig(**peft_lora_kwargs(cfg)))
+    kwargs = peft_lora_kwargs(cfg)
+    # mixture of experts: routers and fused experts are parameters, not nn.Linear (dsft/moe.py)
+    params = moe.lora_parameters(model, cfg.target_modules == ["all-linear"], cfg.experts)
+    if not params:
+        return get_peft_model(model, PeftLoraConfig(**kwargs))
+    if cfg.use_dora:
+        raise ConfigError(
+            [
+                "model.lora.use_dora: peft has no DoRA for a mixture of experts' router and "
+                "fused expert weights; set model.lora.use_dora=false, or model.lora.experts=false "
+                "with explicit model.lora.target_modules"
+            ]
+        )
+    # peft has no dropout on parameter adapters: dropout goes on the nn.Linear ones only
+    dropout, kwargs["lora_dropout"] = kwargs["lora_dropout"], 0.0
+    with moe.peft_as_configured():
+        model = get_peft_model(model, PeftLoraConfig(**kwargs, target_parameters=params))
+    if dropout:
+        moe.module_dropout(model, dropout)
+    log.info(
+        "LoRA on a mixture of experts: modules %s; parameters %s (no dropout on these)",
+        "all linear layers" if kwargs["target_modules"] == "all-linear" else cfg.target_modules,
+        ", ".join(params),
+    )
+    return model
 
 
 # model.lora.init -> peft's init_lora_weights

@@ -22,10 +22,11 @@ loss exactly (tests/unit/test_moe.py). Families whose transformers class adds no
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import logging
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -105,3 +106,75 @@ def aux_weight(coef: float, divisor: int, micro_batches: int) -> float:
     (``micro_batches`` = grad_accum × data-parallel ranks) makes the step's gradient that
     of ``coef ×`` the mean aux loss over the step's micro-batches."""
     return coef * divisor / micro_batches
+
+
+# ---------------------------------------------------------------------------- LoRA
+
+
+def fused_expert_parameters(model: Any) -> list[str]:
+    """Suffixes (``experts.gate_up_proj``) of the fused expert weights: the 3-D parameters a
+    module holds itself (one module for all of a block's experts)."""
+    found: set[str] = set()
+    for name, module in base_model(model).named_modules():
+        for pname, p in module.named_parameters(recurse=False):
+            if p.dim() == 3 or getattr(p, "ds_shape", torch.Size()).__len__() == 3:
+                found.add(f"{name.rpartition('.')[2]}.{pname}")
+    return sorted(found)
+
+
+def router_parameters(model: Any) -> list[str]:
+    """Suffixes (``gate.weight``, ``router.weight``) of the routers' weights: transformers 5
+    routers are their own modules (``*TopKRouter``) holding a 2-D weight, not ``nn.Linear``."""
+    found: set[str] = set()
+    for name, module in base_model(model).named_modules():
+        if "router" not in type(module).__name__.lower() or isinstance(module, torch.nn.Linear):
+            continue
+        weight = module._parameters.get("weight")
+        if weight is not None:
+            found.add(f"{name.rpartition('.')[2]}.weight")
+    return sorted(found)
+
+
+def lora_parameters(model: Any, all_linear: bool, experts: bool) -> list[str]:
+    """peft ``target_parameters`` for a mixture of experts: its routers (with ``all-linear``:
+    they are linear maps, only not ``nn.Linear``) and, with ``model.lora.experts``, its fused
+    expert weights. Empty for a dense model."""
+    if not fused_expert_parameters(model):
+        return []
+    return (router_parameters(model) if all_linear else []) + (
+        fused_expert_parameters(model) if experts else []
+    )
+
+
+@contextlib.contextmanager
+def peft_as_configured() -> Iterator[None]:
+    """Within: peft applies LoRA targets as given. peft 0.21 rewrites the targets of
+    transformers-5 MoE families as if they were transformers-4 names (``gate_proj`` ->
+    the fused ``gate_up_proj``, ``gate`` -> the router), which takes the adapters off real
+    ``nn.Linear`` layers of those names (shared experts, dense MLP layers) and doubles the
+    rank of the fused ones. dsft names the targets of transformers 5 itself."""
+    try:
+        import peft.utils.transformers_weight_conversion as conv
+    except ImportError:  # an older peft without the conversion
+        yield
+        return
+    saved = conv.convert_peft_config_for_transformers
+    conv.convert_peft_config_for_transformers = lambda *a, **k: None
+    try:
+        yield
+    finally:
+        conv.convert_peft_config_for_transformers = saved
+
+
+def module_dropout(model: Any, p: float) -> int:
+    """LoRA dropout ``p`` on the adapters of modules (``nn.Linear``); peft has none for
+    adapters on parameters (fused experts, routers), which keep none. Returns the count."""
+    from peft.tuners.lora import LoraLayer
+
+    n = 0
+    for module in model.modules():
+        if isinstance(module, LoraLayer) and type(module).__name__ != "ParamWrapper":
+            for key in list(module.lora_dropout.keys()):
+                module.lora_dropout[key] = torch.nn.Dropout(p)
+                n += 1
+    return n

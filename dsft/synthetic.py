@@ -113,6 +113,7 @@ MOE_FAMILIES: dict[str, tuple[str, str, dict[str, Any]]] = {
             "num_local_experts": 4,
             "head_dim": 8,
             "sliding_window": 8,
+            "max_position_embeddings": 131072,  # its YaRN rope's (4096 x 32)
             "layer_types": ["sliding_attention", "full_attention"],
         },
     ),
@@ -121,6 +122,7 @@ MOE_FAMILIES: dict[str, tuple[str, str, dict[str, Any]]] = {
         "DeepseekV3ForCausalLM",
         {
             "n_routed_experts": 4,
+            "num_key_value_heads": 4,  # multi-head latent attention: as many as heads
             "n_shared_experts": 1,
             "moe_intermediate_size": 16,
             "first_k_dense_replace": 1,

@@ -71,7 +71,10 @@ def load(ns: argparse.Namespace) -> tuple[Any, Any, torch.device, str]:
     if adapter is not None:
         from peft import PeftModel
 
-        model = PeftModel.from_pretrained(model, str(adapter))
+        from dsft.moe import peft_as_configured
+
+        with peft_as_configured():  # a mixture of experts' targets as trained (dsft/moe.py)
+            model = PeftModel.from_pretrained(model, str(adapter))
     tokenizer = load_tokenizer(
         ModelConfig(path=str(tok_dir), trust_remote_code=mcfg.trust_remote_code)
     )

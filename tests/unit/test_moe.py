@@ -138,3 +138,61 @@ def test_aux_weight_averages_micro_batches() -> None:
     # DeepSpeed divides the ranks' summed gradients by the divisor: coef x mean over the
     # grad_accum x data-parallel micro-batches of the step
     assert moe.aux_weight(0.01, 4, 2 * 4) == pytest.approx(0.01 / 2)
+
+
+def _adapted(model) -> set[str]:
+    """Adapted module paths below the layers (``1.mlp.experts``), from LoRA parameter names."""
+    names = set()
+    for n, p in model.named_parameters():
+        if p.requires_grad and ".lora_" in n:
+            names.add(n.split(".lora_")[0].split(".layers.")[1].replace(".base_layer", ""))
+    return names
+
+
+@pytest.mark.parametrize("family", ["deepseek_v3", "gpt_oss"])
+def test_lora_on_experts(moe_dirs, family: str, tmp_path: Path) -> None:
+    """all-linear: attention, routers, shared experts and dense MLPs get adapters, and the
+    fused experts with model.lora.experts; default dropout is no error (it goes on the linear
+    adapters); the merged model and the reloaded adapter give the adapter model's logits."""
+    from peft import PeftModel
+
+    from dsft.config import LoraConfig
+    from dsft.model import apply_lora
+
+    model = apply_lora(_model(moe_dirs[family]), LoraConfig(enabled=True, r=4))
+    adapted = _adapted(model)
+    router = "gate" if family == "deepseek_v3" else "router"
+    assert {"1.self_attn.o_proj", f"1.mlp.{router}", "1.mlp.experts"} <= adapted
+    if family == "deepseek_v3":  # real nn.Linear layers named like v4 experts keep theirs
+        assert {"1.mlp.shared_experts.gate_proj", "0.mlp.down_proj"} <= adapted
+    drops = {
+        type(m.lora_dropout["default"]).__name__
+        for m in model.modules()
+        if hasattr(m, "lora_dropout")
+    }
+    assert drops == {"Dropout", "Identity"}  # linear adapters / parameter adapters
+    no_experts = apply_lora(_model(moe_dirs[family]), LoraConfig(enabled=True, r=4, experts=False))
+    assert "1.mlp.experts" not in _adapted(no_experts) and f"1.mlp.{router}" in _adapted(no_experts)
+
+    for n, p in model.named_parameters():
+        if "lora_B" in n:
+            torch.nn.init.normal_(p, std=0.1)
+    model.eval()
+    x = torch.randint(3, 60, (2, 9))
+    with torch.no_grad():
+        ref = model(input_ids=x).logits
+        model.save_pretrained(tmp_path / "adapter")
+        with moe.peft_as_configured():
+            again = PeftModel.from_pretrained(_model(moe_dirs[family]), tmp_path / "adapter")
+        torch.testing.assert_close(again.eval()(input_ids=x).logits, ref, rtol=0, atol=1e-5)
+        merged = model.merge_and_unload()
+        torch.testing.assert_close(merged(input_ids=x).logits, ref, rtol=0, atol=1e-5)
+
+
+def test_lora_dora_on_experts_is_a_config_error(moe_dirs) -> None:
+    from dsft.config import LoraConfig
+    from dsft.errors import ConfigError
+    from dsft.model import apply_lora
+
+    with pytest.raises(ConfigError, match=r"model\.lora\.use_dora"):
+        apply_lora(_model(moe_dirs["mixtral"]), LoraConfig(enabled=True, use_dora=True))
