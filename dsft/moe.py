@@ -178,3 +178,54 @@ def module_dropout(model: Any, p: float) -> int:
                 module.lora_dropout[key] = torch.nn.Dropout(p)
                 n += 1
     return n
+
+
+# ------------------------------------------------------------------ active parameters
+
+
+def top_k(config: Any) -> int:
+    """Experts each token is routed to (0 for a dense model's config)."""
+    from dsft.flops import text_config
+
+    text = text_config(config)
+    for key in ("num_experts_per_tok", "experts_per_token", "moe_topk"):
+        k = getattr(text, key, None)
+        if isinstance(k, int) and k > 0:
+            return k
+    return 0
+
+
+def idle_params(model: Any) -> tuple[int, int]:
+    """(total, trainable) parameters of the experts a token does *not* use: of each fused
+    experts module (one holding 3-D parameters, experts first), the share (E - k) / E of its
+    parameters. FLOPs, the time estimate and MFU count the rest (the active parameters);
+    memory counts them all. (0, 0) for a dense model."""
+    base = base_model(model)
+    k = top_k(getattr(base, "config", None))
+    idle = idle_trainable = 0
+    if not k:
+        return 0, 0
+    for module in base.modules():
+        own = list(module._parameters.values())
+        shapes = [tuple(getattr(p, "ds_shape", None) or p.shape) for p in own if p is not None]
+        experts = next((s[0] for s in shapes if len(s) == 3), 0)
+        if experts <= k:
+            continue
+        for p in own:
+            if p is None:
+                continue
+            n = (getattr(p, "ds_numel", None) or p.numel()) * (experts - k) // experts
+            idle += n
+            idle_trainable += n if p.requires_grad else 0
+    return idle, idle_trainable
+
+
+def expert_width(config: Any) -> int:
+    """The MLP width a token passes through in a MoE layer (k experts' intermediate sizes);
+    0 for a dense model's config."""
+    from dsft.flops import text_config
+
+    k = top_k(config)
+    text = text_config(config)
+    width = getattr(text, "moe_intermediate_size", None) or getattr(text, "intermediate_size", 0)
+    return k * int(width or 0)

@@ -51,6 +51,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from dsft import moe
 from dsft.config import Config, FreezeConfig, LoraConfig, batch_shape
 from dsft.ds_config import bucket_sizes
 from dsft.errors import ConfigError
@@ -89,6 +90,34 @@ SHAPES: dict[str, dict[str, Any]] = {
     )
     for name, (h, layers, ffn, heads, kv, vocab, tied) in _LLAMA_SHAPES.items()
 }
+# Mixtures of experts (their config.json's shape fields; model_type picks the config class).
+SHAPES["qwen3-30b-a3b"] = dict(  # Qwen3-30B-A3B: 30.5B params, 3.3B active
+    model_type="qwen3_moe",
+    hidden_size=2048,
+    num_hidden_layers=48,
+    intermediate_size=6144,
+    moe_intermediate_size=768,
+    num_experts=128,
+    num_experts_per_tok=8,
+    num_attention_heads=32,
+    num_key_value_heads=4,
+    head_dim=128,
+    vocab_size=151936,
+    tie_word_embeddings=False,
+)
+SHAPES["gpt-oss-20b"] = dict(  # GPT-OSS-20B: 21B params, 3.6B active (input embedding aside)
+    model_type="gpt_oss",
+    hidden_size=2880,
+    num_hidden_layers=24,
+    intermediate_size=2880,
+    num_local_experts=32,
+    num_experts_per_tok=4,
+    num_attention_heads=64,
+    num_key_value_heads=8,
+    head_dim=64,
+    vocab_size=201088,
+    tie_word_embeddings=False,
+)
 
 
 # --------------------------------------------------------------------------- model facts
@@ -114,28 +143,43 @@ class ModelFacts:
     lora_rank_width: int = 0  # LoRA: summed ranks of one block's adapters
     lora_dropout: bool = False
     kv_heads: int = 0  # key/value heads (0 = as many as attention heads)
+    # Mixture of experts: parameters a token uses (idle experts left out): FLOPs and time use
+    # these, memory the totals. 0 = a dense model (all active).
+    active_params: int = 0
+    active_trainable: int = 0
     config: Any = field(default=None, compare=False, repr=False)  # the HF config, for re-planning
 
     @property
     def lora(self) -> bool:
         return self.lora_rank_width > 0
 
+    @property
+    def active(self) -> tuple[int, int]:
+        """(total, trainable) parameters a token uses: all of them unless a MoE."""
+        if not self.active_params:
+            return self.total_params, self.trainable_params
+        return self.active_params, self.active_trainable
+
     def describe(self) -> str:
         kind = "LoRA" if self.lora else "full" if self.trainable_params == self.total_params else ""
+        moe = f" ({_count(self.active_params)} active)" if self.active_params else ""
         return (
-            f"{self.name}: {_count(self.total_params)} params, {_count(self.trainable_params)} "
+            f"{self.name}: {_count(self.total_params)} params{moe}, "
+            f"{_count(self.trainable_params)} "
             f"trainable{f' ({kind})' if kind else ''}; hidden {self.hidden}, {self.layers} layers, "
             f"vocab {self.vocab}, largest layer {_count(self.largest_layer_params)}"
         )
 
 
 def shape_config(name: str) -> Any:
-    """A Hugging Face ``LlamaConfig`` for one of the built-in :data:`SHAPES`."""
-    from transformers import LlamaConfig
+    """A Hugging Face config (``LlamaConfig`` unless a ``model_type`` says otherwise) for one
+    of the built-in :data:`SHAPES`."""
+    from transformers import AutoConfig
 
     if name not in SHAPES:
         raise ConfigError([f"unknown model shape {name!r}; built-in shapes: {', '.join(SHAPES)}"])
-    return LlamaConfig(**SHAPES[name])
+    fields = dict(SHAPES[name])
+    return AutoConfig.for_model(fields.pop("model_type", "llama"), **fields)
 
 
 def model_facts(
@@ -176,6 +220,7 @@ def model_facts(
         if freeze is not None:
             dsft_model.freeze(model, freeze)
     total, trainable = dsft_model.count_params(model)
+    idle, idle_trainable = moe.idle_params(model)  # experts a token does not use
     largest = max(sum(p.numel() for p in m.parameters(recurse=False)) for m in model.modules())
 
     text = text_config(config)
@@ -185,6 +230,7 @@ def model_facts(
     head_dim = int(getattr(text, "head_dim", None) or hidden // heads)
     kv_heads = int(getattr(text, "num_key_value_heads", None) or heads)
     ffn = int(getattr(text, "intermediate_size", None) or getattr(text, "n_inner", None) or 0)
+    ffn = moe.expert_width(config) if idle else ffn  # MoE: the k experts a token passes
 
     # Blocks below the first trainable parameter keep no activations (nothing to backprop
     # into); trainable embeddings (index -1) make every block keep them.
@@ -216,6 +262,8 @@ def model_facts(
         lora_max_input=max(lora_inputs, default=0),
         lora_rank_width=lora.r * len(lora_inputs) if lora is not None else 0,
         lora_dropout=bool(lora is not None and lora.enabled and lora.dropout > 0),
+        active_params=total - idle if idle else 0,
+        active_trainable=trainable - idle_trainable if idle else 0,
         config=config,
     )
 
@@ -785,9 +833,8 @@ def _bigger(hw: Hardware) -> Iterator[Hardware]:
 def flops_per_token(f: ModelFacts, seq: int, checkpointing: bool = False) -> float:
     """Training FLOPs per token of full ``seq``-token sequences, by :func:`dsft.flops.train_flops`
     (the formula MFU uses), with the recomputation of activation checkpointing."""
-    per_seq = train_flops(
-        f.total_params, f.trainable_params, f.layers, f.hidden, seq, seq * seq, checkpointing
-    )
+    active, trainable = f.active  # a mixture of experts: the parameters a token uses
+    per_seq = train_flops(active, trainable, f.layers, f.hidden, seq, seq * seq, checkpointing)
     return per_seq / seq
 
 
@@ -1050,7 +1097,8 @@ def render_family(
         "",
     ]
     head = (
-        f"  {'model':<12}{'params':>9}{'trainable':>11}  {'choice':<34}{'micro':>6}{'peak/GPU':>10}"
+        f"  {'model':<14}{'params':>9}{'active':>9}{'trainable':>11}  {'choice':<34}{'micro':>6}"
+        f"{'peak/GPU':>10}"
     )
     if tokens:
         head += f"{'train time':>12}"
@@ -1058,8 +1106,8 @@ def render_family(
     for p in plans:
         c = p.choice
         row = (
-            f"  {p.facts.name:<12}{_count(p.facts.total_params):>9}"
-            f"{_count(p.facts.trainable_params):>11}  "
+            f"  {p.facts.name:<14}{_count(p.facts.total_params):>9}"
+            f"{_count(p.facts.active[0]):>9}{_count(p.facts.trainable_params):>11}  "
         )
         if c is None:
             row += f"{'does not fit':<34}{'-':>6}{'-':>10}"

@@ -232,8 +232,12 @@ def run(cfg: Config) -> dict[str, Any]:
     if "best" in start:
         tracker.best, tracker.best_step, tracker.since_best = start["best"]
     model_cfg = getattr(engine.module, "config", None)
+    idle, idle_trainable = moe.idle_params(engine.module)  # MoE: FLOPs of active experts
     flops = FlopCounter(
-        total_params, trainable_params, model_cfg, monitor.peak_flops * env.world_size
+        total_params - idle,
+        trainable_params - idle_trainable,
+        model_cfg,
+        monitor.peak_flops * env.world_size,
     )
     summary: dict[str, Any] = {
         "world_size": env.world_size,
@@ -243,6 +247,7 @@ def run(cfg: Config) -> dict[str, Any]:
         "data": splits.stats,
         "params": total_params,
         "trainable_params": trainable_params,
+        **({"active_params": total_params - idle} if idle else {}),
         "frozen_tensors": len(frozen),
         "hardware": hardware_name(env.world_size),
     }

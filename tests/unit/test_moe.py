@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import dataclasses
+import re
 from pathlib import Path
 
 import pytest
 import torch
 
 from dsft import loss, moe
+from dsft.config import LoraConfig
 from dsft.data.collate import collate
 from dsft.data.packing import collate_packed
 from dsft.data.tokenize import IGNORE_INDEX, Tokenized
@@ -196,3 +199,50 @@ def test_lora_dora_on_experts_is_a_config_error(moe_dirs) -> None:
 
     with pytest.raises(ConfigError, match=r"model\.lora\.use_dora"):
         apply_lora(_model(moe_dirs["mixtral"]), LoraConfig(enabled=True, use_dora=True))
+
+
+def test_active_parameters_of_the_built_in_shapes() -> None:
+    """Memory counts every parameter, FLOPs the ones a token uses: the model cards' numbers."""
+    from dsft import planner
+
+    qwen = planner.model_facts("qwen3-30b-a3b")
+    assert round(qwen.total_params / 1e9, 1) == 30.5
+    assert round(qwen.active_params / 1e9, 1) in (3.3, 3.4)  # card: 3.3B (3.35B)
+    oss = planner.model_facts("gpt-oss-20b")
+    assert round(oss.total_params / 1e9) == 21  # card: 21B (20.91B)
+    # OpenAI's 3.6B leaves the input embedding (a lookup) out; dsft counts it, as for dense
+    # models (the unembedding is a matmul either way)
+    embedding = oss.vocab * oss.hidden
+    assert round((oss.active_params - embedding) / 1e9, 1) == 3.6
+    # the time estimate follows the active parameters, memory the total
+    dense = planner.model_facts("llama-7b")
+    assert dense.active == (dense.total_params, dense.trainable_params)
+    ratio = planner.flops_per_token(qwen, 1) / planner.flops_per_token(
+        dataclasses.replace(qwen, active_params=0, active_trainable=0), 1
+    )
+    assert ratio == pytest.approx(qwen.active_params / qwen.total_params, rel=1e-3)
+    hw = planner.Hardware(gpus_per_node=8, gpu_mem=80 * 2**30, nodes=1, host_mem=2**40)
+    w = planner.Workload(seq=1024, global_batch=64)
+    for shape in (qwen, oss):
+        assert planner.model_facts(shape.name, LoraConfig(enabled=True)).active_params
+        assert planner.estimate(shape, hw, w, planner.Option(3)).states > 0
+
+
+def test_dsft_plan_shows_active_parameters(capsys) -> None:
+    from dsft.cli import main
+
+    hw = ["--gpus", "8", "--gpu-mem", "80GB", "--host-mem", "1TB", "--tokens", "100M"]
+    assert main(["plan", "--shape", "qwen3-30b-a3b", *hw]) == 0
+    out = capsys.readouterr().out
+    assert "30.53B params (3.35B active)" in out and "11 min" in out
+    assert main(["plan", "--family", *hw]) == 0
+    out = capsys.readouterr().out
+    assert re.search(r"  qwen3-30b-a3b +30\.53B +3\.35B +30\.53B ", out)
+    assert re.search(r"  gpt-oss-20b +20\.91B +4\.19B ", out)
+
+
+def test_idle_experts_of_a_real_model(moe_dirs) -> None:
+    model = _model(moe_dirs["mixtral"])
+    idle, idle_trainable = moe.idle_params(model)
+    experts = sum(p.numel() for n, p in model.named_parameters() if ".experts." in n)
+    assert idle == idle_trainable == experts // 2  # top-2 of 4
