@@ -168,7 +168,11 @@ def write_hf(
     write_model_card(cfg, out, run)
     if lora:
         write_model_card(cfg, out / "adapter", run, adapter=True)
-    log.info("exported Hugging Face model: %s (verified by reloading)", out)
+    log.info(
+        "exported Hugging Face model: %s (%s weights, verified by reloading)",
+        out,
+        str(dtype).removeprefix("torch."),
+    )
 
 
 def _verify_adapter(cfg: Config, adapter: Path, reference: torch.Tensor) -> None:

@@ -44,7 +44,10 @@ def load_model(
 
     if cfg.kernels == "liger":
         apply_liger(path or model_path(cfg.path, cfg.revision), cfg.trust_remote_code)
-    extra: dict[str, Any] = {}
+    # GPT-OSS's MXFP4 experts: dequantised (dsft/moe.py)
+    extra: dict[str, Any] = moe.dequantize_kwargs(
+        path or model_path(cfg.path, cfg.revision), cfg.trust_remote_code
+    )
     quantized = training and cfg.quantization == "nf4"
     if quantized:  # exports and chat load the base unquantized (the adapter applies to both)
         extra = {"quantization_config": nf4_config(dtype), "device_map": {"": _cuda_device()}}

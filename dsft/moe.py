@@ -229,3 +229,28 @@ def expert_width(config: Any) -> int:
     text = text_config(config)
     width = getattr(text, "moe_intermediate_size", None) or getattr(text, "intermediate_size", 0)
     return k * int(width or 0)
+
+
+# ------------------------------------------------------------------ MXFP4 experts
+
+
+def dequantize_kwargs(path: Any, trust_remote_code: bool = False) -> dict[str, Any]:
+    """``from_pretrained`` arguments that load MXFP4 expert weights (GPT-OSS's published
+    checkpoints) dequantised: MXFP4 does not train, so the experts load as bf16 (the
+    dtype asked for) and the quantisation config is dropped, so exports are plain weights.
+    Empty for any other checkpoint."""
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+    quant = getattr(config, "quantization_config", None)
+    method = (
+        quant.get("quant_method")
+        if isinstance(quant, dict)
+        else getattr(quant, "quant_method", None)
+    )
+    if str(getattr(method, "value", method)) != "mxfp4":
+        return {}
+    from transformers import Mxfp4Config
+
+    log.info("%s: MXFP4 expert weights, loaded dequantised for training", path)
+    return {"quantization_config": Mxfp4Config(dequantize=True)}

@@ -246,3 +246,39 @@ def test_idle_experts_of_a_real_model(moe_dirs) -> None:
     idle, idle_trainable = moe.idle_params(model)
     experts = sum(p.numel() for n, p in model.named_parameters() if ".experts." in n)
     assert idle == idle_trainable == experts // 2  # top-2 of 4
+
+
+def test_mxfp4_experts_load_dequantised(tmp_path: Path) -> None:
+    """GPT-OSS's published MXFP4 experts (blocks + scales) load as bf16 weights equal to
+    transformers' own dequantisation, and the quantisation config is gone (plain exports)."""
+    import json
+
+    from safetensors.torch import load_file, save_file
+    from transformers.integrations.mxfp4 import convert_moe_packed_tensors
+
+    from dsft.config import ModelConfig
+    from dsft.model import load_model
+
+    d = build_moe_model_dir(tmp_path / "mxfp4", "gpt_oss")
+    sd = load_file(str(d / "model.safetensors"))
+    g = torch.Generator().manual_seed(0)
+    packed = {}
+    for k in [k for k in sd if k.endswith(("experts.gate_up_proj", "experts.down_proj"))]:
+        experts, rows_in, cols_out = sd.pop(k).shape  # stored [E, out, in / 32, 16] + scales
+        blocks = torch.randint(0, 256, (experts, cols_out, rows_in // 32, 16), generator=g)
+        scales = torch.randint(120, 130, (experts, cols_out, rows_in // 32), generator=g)
+        packed[k] = (blocks.to(torch.uint8), scales.to(torch.uint8))
+        sd[f"{k}_blocks"], sd[f"{k}_scales"] = packed[k]
+    save_file(sd, str(d / "model.safetensors"), metadata={"format": "pt"})
+    config = json.loads((d / "config.json").read_text())
+    config["quantization_config"] = {"quant_method": "mxfp4"}
+    (d / "config.json").write_text(json.dumps(config))
+
+    assert moe.dequantize_kwargs(d)["quantization_config"].dequantize
+    model = load_model(ModelConfig(path=str(d), attn_implementation="eager"), torch.bfloat16)
+    params = dict(model.named_parameters())
+    for k, (blocks, scales) in packed.items():
+        want = convert_moe_packed_tensors(blocks, scales, dtype=torch.bfloat16)
+        assert params[k].dtype == torch.bfloat16 and torch.equal(params[k].data, want)
+    assert getattr(model.config, "quantization_config", None) is None
+    assert moe.dequantize_kwargs(build_moe_model_dir(tmp_path / "m", "mixtral")) == {}
