@@ -129,6 +129,8 @@ def build_model(cfg: ModelConfig, dtype: torch.dtype, ds_config: dict[str, Any])
             ]
         )
     model = load_model(cfg, dtype)
+    if hf_zero3 is not None:  # separate expert modules: gathered as one (dsft/moe.py)
+        moe.declare_z3_leaves(model)
     if cfg.lora.enabled:
         model = apply_lora(model, cfg.lora)
     # Released now: a later from_pretrained on rank 0 alone (the LoRA merge at export)

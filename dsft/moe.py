@@ -254,3 +254,35 @@ def dequantize_kwargs(path: Any, trust_remote_code: bool = False) -> dict[str, A
 
     log.info("%s: MXFP4 expert weights, loaded dequantised for training", path)
     return {"quantization_config": Mxfp4Config(dequantize=True)}
+
+
+# ------------------------------------------------------------------ ZeRO-3
+
+
+def z3_leaf_classes(model: Any) -> list[type]:
+    """Classes of the MoE blocks whose experts are separate modules (an ``nn.ModuleList``
+    ``experts``, as in remote-code DeepSeek / older families). Under ZeRO-3 each module's
+    parameters are gathered collectively when it runs; when ranks route their tokens to
+    different experts they would run different experts and wait on each other for ever.
+    Declared a leaf (DeepSpeed's ``set_z3_leaf_modules``), the whole block is gathered on
+    entry, on every rank alike. Fused experts (transformers 5: one module holding 3-D
+    parameters) run as one module on every rank and need nothing."""
+    classes: list[type] = []
+    for module in base_model(model).modules():
+        experts = getattr(module, "experts", None)
+        if isinstance(experts, torch.nn.ModuleList) and type(module) not in classes:
+            classes.append(type(module))
+    return classes
+
+
+def declare_z3_leaves(model: Any) -> list[type]:
+    """Mark :func:`z3_leaf_classes` as ZeRO-3 leaf modules (before the engine is built)."""
+    classes = z3_leaf_classes(model)
+    if classes:
+        from deepspeed.utils import set_z3_leaf_modules
+
+        set_z3_leaf_modules(model, classes)
+        log.info(
+            "ZeRO-3 leaf modules (experts gathered together): %s", [c.__name__ for c in classes]
+        )
+    return classes

@@ -282,3 +282,20 @@ def test_mxfp4_experts_load_dequantised(tmp_path: Path) -> None:
         assert params[k].dtype == torch.bfloat16 and torch.equal(params[k].data, want)
     assert getattr(model.config, "quantization_config", None) is None
     assert moe.dequantize_kwargs(build_moe_model_dir(tmp_path / "m", "mixtral")) == {}
+
+
+def test_zero3_leaves_only_for_separate_expert_modules(moe_dirs) -> None:
+    """Fused experts are one module (every rank runs it): nothing to declare. A block with an
+    nn.ModuleList of experts becomes a ZeRO-3 leaf, gathered whole on every rank."""
+    for family in ("qwen3_moe", "deepseek_v3"):
+        assert moe.z3_leaf_classes(_model(moe_dirs[family])) == []
+
+    class Block(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.gate = torch.nn.Linear(4, 2)
+            self.experts = torch.nn.ModuleList(torch.nn.Linear(4, 4) for _ in range(2))
+
+    model = torch.nn.Sequential(Block(), Block())
+    assert moe.declare_z3_leaves(model) == [Block]
+    assert all(getattr(b, "_z3_leaf", False) for b in model)
