@@ -115,6 +115,11 @@ class DataConfig:
     # Which tokens carry loss: every assistant turn, only the last one, or all tokens
     # (prompts too). Raw `text` examples always train on all tokens.
     loss_on: Literal["assistant", "last_assistant", "all"] = "assistant"
+    # Multi-turn chats: "as_rendered" trains each as the template renders the whole of it
+    # (history-rewriting templates, e.g. Qwen3 / GPT-OSS, drop earlier turns' reasoning);
+    # "per_turn" makes one example per assistant turn, its context exactly as at inference;
+    # "last_turn" trains only the final assistant turn (docs/moe.md).
+    multi_turn: Literal["as_rendered", "per_turn", "last_turn"] = "as_rendered"
     # Strings that end an assistant turn and are trained with it (e.g. ["<|im_end|>"]);
     # empty = the special tokens the template writes after an assistant turn, plus EOS.
     turn_end: list[str] = field(default_factory=list)
@@ -643,6 +648,11 @@ def validate_data(d: DataConfig) -> list[str]:
     p: list[str] = []
     if not d.path:
         p.append("data.path: required; give one or more .jsonl/.json/.parquet/.csv files")
+    if d.multi_turn != "as_rendered" and d.loss_on != "assistant":
+        p.append(
+            f"data.multi_turn={d.multi_turn} trains one assistant turn per example; it needs "
+            f"data.loss_on=assistant (got {d.loss_on})"
+        )
     for key in ("path", "val_path", "test_path"):
         for f in getattr(d, key):
             if not Path(f).exists() and not is_hub_id(f):
