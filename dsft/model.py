@@ -55,7 +55,10 @@ def load_model(
         path or model_path(cfg.path, cfg.revision),
         dtype=dtype,
         trust_remote_code=cfg.trust_remote_code,
-        attn_implementation=cfg.attn_implementation if training else "sdpa",
+        # eager is CPU-safe too, and the one some families (GPT-OSS's sinks) support
+        attn_implementation=cfg.attn_implementation
+        if training or cfg.attn_implementation == "eager"
+        else "sdpa",
         **extra,
     )
     if quantized:

@@ -61,6 +61,28 @@ class RouterLoss:
             mask = mask.to(router_logits[0].device)
         return self.fn(tuple(router_logits), self.num_experts, self.top_k, mask)
 
+    def of_slices(
+        self, router_logits: Sequence[torch.Tensor], mask: torch.Tensor, group: Any, size: int
+    ) -> torch.Tensor:
+        """Sequence parallelism: this rank's share of the aux loss of the whole rows, when
+        each of the ``size`` ranks of ``group`` ran the model on its slice of every row.
+
+        The loss is not a sum over tokens (a product of two token means), so the slices'
+        router logits are gathered (differentiably: gradients flow back to every slice) and
+        the rows' loss computed whole, on every rank alike; each returns 1/size of it, so the
+        group's shares add up to the loss and its gradient (``mask``: the unsplit rows')."""
+        from torch.distributed.nn.functional import all_gather
+
+        rows = mask.size(0)
+        whole = []
+        for layer in router_logits:
+            parts = all_gather(layer.contiguous(), group=group)  # [rows x slice, experts] each
+            joined = torch.stack([p.view(rows, -1, p.size(-1)) for p in parts], dim=1)
+            whole.append(joined.reshape(-1, joined.size(-1)))  # rows x (size x slice)
+        width = whole[0].size(0) // rows if whole else mask.size(1)
+        mask = torch.nn.functional.pad(mask, (0, width - mask.size(1)))  # the slices' padding
+        return self(whole, mask) / size
+
 
 def router_loss(model: Any, override: float | None = None) -> RouterLoss | None:
     """The router loss ``model`` trains with: its family's, with ``router_aux_loss_coef`` or

@@ -220,14 +220,6 @@ def run(cfg: Config) -> dict[str, Any]:
     head = loss.output_head(engine.module) if cfg.train.fused_loss else None
     # mixture of experts: the router's load-balancing loss (dsft/moe.py), None when none
     router = moe.router_loss(engine.module, cfg.train.router_aux_loss_coef)
-    if router is not None and sp.enabled:
-        raise ConfigError(
-            [
-                f"train.sequence_parallel={shape.sequence_parallel}: the router aux loss of "
-                f"{router.family} is not split across ranks yet; set train.sequence_parallel=1 "
-                "or train.router_aux_loss_coef=0"
-            ]
-        )
     tracker = evaluate.BestTracker(cfg.eval.metric, cfg.eval.patience, cfg.eval.min_delta)
     if "best" in start:
         tracker.best, tracker.best_step, tracker.since_best = start["best"]
@@ -349,7 +341,10 @@ def run(cfg: Config) -> dict[str, Any]:
                         nll = nll * float("nan")  # test hook: a step whose loss blows up
                     objective = nll * grad_divisor / global_targets
                     if router is not None:  # + coef x the mean over the step's micro-batches
-                        aux = router(router_logits, real)
+                        if sp.enabled:  # the whole rows' loss from the group's slices
+                            aux = router.of_slices(router_logits, real, sp.group, sp.size)
+                        else:
+                            aux = router(router_logits, real)
                         step_aux += aux.detach().double()
                         objective = objective + aux * moe.aux_weight(
                             router.coef, grad_divisor, shape.grad_accum * shape.data_parallel
