@@ -206,6 +206,8 @@ def run(cfg: Config) -> dict[str, Any]:
     monitor = Monitor(out, cfg.logging, total_steps, resume_step=start["step"], config=to_dict(cfg))
     dev = distributed.device()
     pad_id = tokenizer.pad_token_id
+    # mixture of experts: the router's load-balancing loss (dsft/moe.py), None when none
+    router = moe.router_loss(engine.module, cfg.train.router_aux_loss_coef)
     evaluator = evaluate.Evaluator(
         engine,
         tokenizer,
@@ -215,11 +217,9 @@ def run(cfg: Config) -> dict[str, Any]:
         out,
         synced=zero3 and env.world_size > 1,
         fused_loss=cfg.train.fused_loss,
-        router=moe.router_loss(engine.module, cfg.train.router_aux_loss_coef),
+        router=router,
     )
     head = loss.output_head(engine.module) if cfg.train.fused_loss else None
-    # mixture of experts: the router's load-balancing loss (dsft/moe.py), None when none
-    router = moe.router_loss(engine.module, cfg.train.router_aux_loss_coef)
     tracker = evaluate.BestTracker(cfg.eval.metric, cfg.eval.patience, cfg.eval.min_delta)
     if "best" in start:
         tracker.best, tracker.best_step, tracker.since_best = start["best"]
