@@ -164,6 +164,8 @@ def test_lora_on_experts(moe_dirs, family: str, tmp_path: Path) -> None:
 
     model = apply_lora(_model(moe_dirs[family]), LoraConfig(enabled=True, r=4))
     adapted = _adapted(model)
+    # lean checkpoints keep the trainable tensors only: the adapters, no base expert weight
+    assert all(".lora_" in n for n, p in model.named_parameters() if p.requires_grad)
     router = "gate" if family == "deepseek_v3" else "router"
     assert {"1.self_attn.o_proj", f"1.mlp.{router}", "1.mlp.experts"} <= adapted
     if family == "deepseek_v3":  # real nn.Linear layers named like v4 experts keep theirs
