@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from dsft import checkpoint, distributed, hf_export, loss, tiled_mlp
+from dsft import checkpoint, distributed, hf_export, loss, moe, tiled_mlp
 from dsft import sequence_parallel as seqpar
 from dsft.config import to_dict
 from dsft.data.sampler import steps_per_epoch
@@ -53,6 +53,7 @@ class Engine:
     optimizer: Any
     sp: seqpar.SequenceParallel  # this rank's part of its sequence-parallel group
     dp_rank: int  # the data-parallel rank (the sampler deals by it)
+    data_parallel: int  # data-parallel ranks (world size / sequence_parallel)
     head: loss.Head | None  # train.fused_loss: the LM head the loss runs through
     grad_divisor: int  # what DeepSpeed divides the summed gradients by (see gradient_divisor)
     zero0_fp32: bool  # ZeRO-0 fp32: DeepSpeed keeps no grad norm, the step takes its own
@@ -66,6 +67,17 @@ class Engine:
     resumed_from: Path | None = None
     # ZeRO-3 with image rows: micro-batches without images run the tower too (TowerTouch)
     toucher: TowerTouch | None = None
+    # Mixture of experts (dsft/moe.py): parameters of the experts a token does not use (total,
+    # trainable; FLOPs and MFU leave them out), and the router's load-balancing loss (None:
+    # a dense model, a family without one, or train.router_aux_loss_coef=0).
+    idle_params: int = 0
+    idle_trainable: int = 0
+    router: moe.RouterLoss | None = None
+
+    @property
+    def active(self) -> tuple[int, int]:
+        """(total, trainable) parameters a token uses: all of them unless a MoE."""
+        return self.params - self.idle_params, self.trainable_params - self.idle_trainable
 
     def tracker(self, cfg: Any) -> BestTracker:
         """eval.metric's best-so-far tracker, as the resume point left it."""
@@ -103,6 +115,7 @@ def build_engine(job: Job, units: int) -> Engine:
         log.info("tiled MLP: %d blocks, %d tiles per row", tiled_mlp.tile_mlp(model, tiles), tiles)
     sp = seqpar.SequenceParallel(sp_groups, model)
     total_params, trainable_params = count_params(model)
+    idle, idle_trainable = moe.idle_params(model)  # MoE: experts a token does not use
     optimizer = make_optimizer(cfg, param_groups(model, cfg.train))
 
     per_epoch = steps_per_epoch(units, shape.micro_batch, shape.data_parallel, shape.grad_accum)
@@ -152,6 +165,7 @@ def build_engine(job: Job, units: int) -> Engine:
         optimizer=optimizer,
         sp=sp,
         dp_rank=sp_groups.dp_rank,
+        data_parallel=shape.data_parallel,
         head=loss.output_head(ds.module) if cfg.train.fused_loss else None,
         # DeepSpeed sums the ranks' gradients and divides by this (dp; see gradient_divisor)
         grad_divisor=seqpar.gradient_divisor(
@@ -169,6 +183,10 @@ def build_engine(job: Job, units: int) -> Engine:
         toucher=TowerTouch(ds.module, images.dummy(), distributed.device())
         if (images := getattr(job.splits, "images", None)) and cfg.deepspeed.zero_stage == 3
         else None,
+        idle_params=idle,
+        idle_trainable=idle_trainable,
+        # mixture of experts: the router's load-balancing loss (dsft/moe.py), None when none
+        router=moe.router_loss(ds.module, cfg.train.router_aux_loss_coef),
     )
 
 

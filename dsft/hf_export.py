@@ -23,6 +23,7 @@ import torch
 import yaml
 
 from dsft import distributed as dist
+from dsft import moe
 from dsft.checkpoint import check_base, consolidate, find, saved_config
 from dsft.config import Config, to_dict
 from dsft.data.cache import _file_digest
@@ -179,7 +180,11 @@ def write_hf(
     write_model_card(cfg, out, run)
     if lora:
         write_model_card(cfg, out / "adapter", run, adapter=True)
-    log.info("exported Hugging Face model: %s (verified by reloading)", out)
+    log.info(
+        "exported Hugging Face model: %s (%s weights, verified by reloading)",
+        out,
+        str(dtype).removeprefix("torch."),
+    )
 
 
 def carry_processor_files(cfg: Config, out: Path) -> list[str]:
@@ -202,7 +207,8 @@ def _verify_adapter(cfg: Config, adapter: Path, reference: torch.Tensor) -> None
     if not any(adapter.glob("adapter_model.*")):
         raise ExportError(f"{adapter}: peft wrote no adapter weights")
     base = load_model(cfg.model, torch.float32, training=False)
-    peft_model = PeftModel.from_pretrained(base, adapter).eval()
+    with moe.peft_as_configured():  # the targets as trained (dsft/moe.py)
+        peft_model = PeftModel.from_pretrained(base, adapter).eval()
     _compare(reference, _logits(peft_model), str(adapter), torch.float32)
 
 

@@ -42,8 +42,9 @@ class Job:
     def out(self) -> Path:
         return Path(self.cfg.output_dir)
 
-    def evaluator(self, engine: Any, monitor: Any, out: Path) -> Evaluator:
-        """The Evaluator of ``engine`` on this job's splits (predictions under ``out``)."""
+    def evaluator(self, engine: Any, monitor: Any, out: Path, router: Any = None) -> Evaluator:
+        """The Evaluator of ``engine`` on this job's splits (predictions under ``out``);
+        ``router``: a mixture of experts' router loss, validated too (dsft/moe.py)."""
         cfg = self.cfg
         return Evaluator(
             engine,
@@ -55,6 +56,7 @@ class Job:
             synced=cfg.deepspeed.zero_stage == 3 and self.env.world_size > 1,
             fused_loss=cfg.train.fused_loss,
             images=getattr(self.splits, "images", None),
+            router=router,
         )
 
 

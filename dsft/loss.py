@@ -271,14 +271,21 @@ def chunked_nll(
     return total, None
 
 
-def final_hidden(model: Callable, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+def final_hidden(
+    model: Callable, inputs: dict[str, torch.Tensor], router_logits: list | None = None
+) -> torch.Tensor:
     """The final (normed) hidden states [batch, seq, H] from the model's forward.
 
     Through the model's (the engine's) own forward, so DeepSpeed's hooks, compilation and
     peft all apply; ``logits_to_keep=1`` sends a single position per row through the head.
     The last of ``hidden_states`` is the input of the LM head in transformers' decoders.
+    ``router_logits`` (a list): a mixture of experts' router logits of this forward, one
+    tensor per MoE layer, are appended to it (dsft/moe.py).
     """
-    out = model(**inputs, use_cache=False, output_hidden_states=True, logits_to_keep=1)
+    extra = {"output_router_logits": True} if router_logits is not None else {}
+    out = model(**inputs, use_cache=False, output_hidden_states=True, logits_to_keep=1, **extra)
+    if router_logits is not None:
+        router_logits.extend(out.router_logits or ())
     return out.hidden_states[-1]
 
 
@@ -290,11 +297,37 @@ def fused_nll(
     targets: torch.Tensor,
     chunks: int = 0,
     per_token: bool = False,
+    router_logits: list | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """``chunked_nll`` of one micro-batch: forward to hidden states, pick targets, head.
-    ``chunks`` = 0: by size (training gathers the head once whatever the count)."""
-    hidden = final_hidden(model, inputs)
+    ``chunks`` = 0: by size (training gathers the head once whatever the count).
+    ``router_logits``: as :func:`final_hidden`."""
+    hidden = final_hidden(model, inputs, router_logits)
     picked = hidden.reshape(-1, hidden.size(-1)).index_select(0, index)
     return chunked_nll(
         picked, targets, head.module, chunks, softcap=head.softcap, per_token=per_token
     )
+
+
+def micro_nll(
+    model: Callable,
+    head: Head | None,
+    inputs: dict[str, torch.Tensor],
+    targets: torch.Tensor,
+    router_logits: list | None = None,
+) -> torch.Tensor:
+    """Summed NLL of one training micro-batch: ``inputs`` on the device, ``targets`` the
+    shifted labels (on the host). With ``head`` (``train.fused_loss``) no full logits are
+    made; without, the model's logits. ``router_logits``: as :func:`final_hidden`."""
+    dev = inputs["input_ids"].device
+    if head is not None:
+        index, ids = target_index(targets, shifted=True)
+        nll, _ = fused_nll(
+            model, head, inputs, index.to(dev), ids.to(dev), router_logits=router_logits
+        )
+        return nll
+    extra = {"output_router_logits": True} if router_logits is not None else {}
+    out = model(**inputs, use_cache=False, **extra)
+    if router_logits is not None:
+        router_logits.extend(out.router_logits or ())
+    return logits_nll(out.logits, targets.to(dev), shifted=True)

@@ -10,6 +10,7 @@ from typing import Any
 
 import torch
 
+from dsft import moe
 from dsft.config import FreezeConfig, LoraConfig, ModelConfig, is_hub_id
 from dsft.errors import ConfigError
 from dsft.flops import text_config
@@ -216,7 +217,8 @@ def load_model(
     source = path or model_path(cfg.path, cfg.revision)
     if cfg.kernels == "liger":
         apply_liger(source, cfg.trust_remote_code)
-    extra: dict[str, Any] = {}
+    # GPT-OSS's MXFP4 experts: dequantised (dsft/moe.py)
+    extra: dict[str, Any] = moe.dequantize_kwargs(source, cfg.trust_remote_code)
     quantized = training and cfg.quantization == "nf4"
     if quantized:  # exports and chat load the base unquantized (the adapter applies to both)
         extra = {"quantization_config": nf4_config(dtype), "device_map": {"": _cuda_device()}}
@@ -225,7 +227,10 @@ def load_model(
         source,
         dtype=dtype,
         trust_remote_code=cfg.trust_remote_code,
-        attn_implementation=cfg.attn_implementation if training else "sdpa",
+        # eager is CPU-safe too, and the one some families (GPT-OSS's sinks) support
+        attn_implementation=cfg.attn_implementation
+        if training or cfg.attn_implementation == "eager"
+        else "sdpa",
         **extra,
     )
     if quantized:
@@ -299,6 +304,8 @@ def build_model(cfg: ModelConfig, dtype: torch.dtype, ds_config: dict[str, Any])
             ]
         )
     model = load_model(cfg, dtype)
+    if hf_zero3 is not None:  # separate expert modules: gathered as one (dsft/moe.py)
+        moe.declare_z3_leaves(model)
     if cfg.lora.enabled:
         model = apply_lora(model, cfg.lora)
     # Released now: a later from_pretrained on rank 0 alone (the LoRA merge at export)
@@ -318,7 +325,30 @@ def apply_lora(model: torch.nn.Module, cfg: LoraConfig) -> torch.nn.Module:
     kwargs = peft_lora_kwargs(cfg)
     if kwargs["target_modules"] == "all-linear" and is_multimodal(model.config):
         kwargs["target_modules"] = lora_targets(model)
-    return get_peft_model(model, PeftLoraConfig(**kwargs))
+    # mixture of experts: routers and fused experts are parameters, not nn.Linear (dsft/moe.py)
+    params = moe.lora_parameters(model, cfg.target_modules == ["all-linear"], cfg.experts)
+    if not params:
+        return get_peft_model(model, PeftLoraConfig(**kwargs))
+    if cfg.use_dora:
+        raise ConfigError(
+            [
+                "model.lora.use_dora: peft has no DoRA for a mixture of experts' router and "
+                "fused expert weights; set model.lora.use_dora=false, or model.lora.experts=false "
+                "with explicit model.lora.target_modules"
+            ]
+        )
+    # peft has no dropout on parameter adapters: dropout goes on the nn.Linear ones only
+    dropout, kwargs["lora_dropout"] = kwargs["lora_dropout"], 0.0
+    with moe.peft_as_configured():
+        model = get_peft_model(model, PeftLoraConfig(**kwargs, target_parameters=params))
+    if dropout:
+        moe.module_dropout(model, dropout)
+    log.info(
+        "LoRA on a mixture of experts: modules %s; parameters %s (no dropout on these)",
+        "all linear layers" if kwargs["target_modules"] == "all-linear" else cfg.target_modules,
+        ", ".join(params),
+    )
+    return model
 
 
 # model.lora.init -> peft's init_lora_weights
@@ -500,7 +530,8 @@ def load_for_inference(
     if adapter is not None:
         from peft import PeftModel
 
-        model = PeftModel.from_pretrained(model, str(adapter))
+        with moe.peft_as_configured():  # a mixture of experts' targets as trained (dsft/moe.py)
+            model = PeftModel.from_pretrained(model, str(adapter))
     tokenizer = load_tokenizer(
         ModelConfig(path=str(tokenizer_dir or model_dir), trust_remote_code=trust_remote_code)
     )

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from dsft import distributed, loss
+from dsft import distributed, loss, moe
 from dsft.config import Config
 from dsft.data import Splits, prepare
 from dsft.data.collate import collate
@@ -72,8 +72,9 @@ def sft_batch(
 ) -> dict[str, torch.Tensor]:
     """The tensors of one micro-batch: padded examples, or packed rows (data.packing); with
     a multimodal processor (``splits.images``), the rows' image inputs too."""
-    if splits.packs:
-        micro = collate_packed([[splits.train[i] for i in units[u]] for u in batch], pad_id)
+    if splits.packs:  # token_mask: the real tokens of packed rows (the MoE router loss's mask)
+        rows = [[splits.train[i] for i in units[u]] for u in batch]
+        micro = collate_packed(rows, pad_id, token_mask=True)
     else:
         micro = collate([splits.train[units[u][0]] for u in batch], pad_id)
     images = getattr(splits, "images", None)
@@ -100,6 +101,11 @@ def sft_step(engine: Engine, window: Window) -> StepResult:
     logging steps' grad norm. With ``train.fused_loss`` (dsft/loss.py) no full-vocabulary
     logits exist: the loss comes from the target positions' hidden states through the LM head
     in chunks (on a sequence-parallel rank: its slice's).
+
+    Mixture of experts (``engine.router``, dsft/moe.py): the objective adds the router's
+    load-balancing loss, ``coef ×`` its mean over the step's micro-batches (all ranks); the
+    step's ``loss`` stays the token mean of the NLL and ``metrics["aux_loss"]`` is that mean
+    (before its coefficient), logged as ``train/aux_loss``.
     """
     ds, sp, dev = engine.ds, engine.sp, engine.device
     # Count the response tokens of the whole global batch before any backward, so every
@@ -113,10 +119,15 @@ def sft_step(engine: Engine, window: Window) -> StepResult:
     global_targets = distributed.all_reduce_sum([window_targets])[0].item()
     own_norm = None
     step_nll = torch.zeros((), dtype=torch.float64, device=dev)  # summed on device
+    step_aux = torch.zeros((), dtype=torch.float64, device=dev)  # MoE router loss, summed
+    router = engine.router
+    n = len(window.micro_batches) * engine.data_parallel  # the step's micro-batches, all ranks
     tokens = sq_tokens = 0
     skipped_before = ds.skipped_steps
     for i, micro in enumerate(window.micro_batches):
         lengths = micro.pop("lengths")  # real tokens per example (for throughput)
+        # real tokens of packed rows (no attention mask): the router loss's mask
+        real = micro.pop("token_mask", micro.get("attention_mask"))
         # This rank's slice of the rows (all of them without sequence parallelism) and its
         # targets, shifted before the split (on the host: no device sync).
         micro, targets = sp.shard(micro, micro.pop("labels"))
@@ -125,16 +136,18 @@ def sft_step(engine: Engine, window: Window) -> StepResult:
             engine.toucher.arm("pixel_values" not in micro)
         with sp.sharded():  # forward and backward (checkpointing recomputes in it)
             # No KV cache in training; transformers would also ignore packed-row
-            # boundaries (restarting position_ids) when given one.
-            if engine.head is not None:  # train.fused_loss: no full logits
-                index, ids = loss.target_index(targets, shifted=True)
-                nll, _ = loss.fused_nll(ds, engine.head, micro, index.to(dev), ids.to(dev))
-            else:
-                logits = ds(**micro, use_cache=False).logits
-                nll = loss.logits_nll(logits, targets.to(dev), shifted=True)
+            # boundaries (restarting position_ids) when given one. train.fused_loss
+            # (engine.head): no full logits.
+            router_logits: list | None = [] if router is not None else None
+            nll = loss.micro_nll(ds, engine.head, micro, targets, router_logits)
             if window.nan_fault:
                 nll = nll * float("nan")  # test hook: a step whose loss blows up
-            ds.backward(nll * engine.grad_divisor / global_targets, scale_wrt_gas=False)
+            objective = nll * engine.grad_divisor / global_targets
+            if router is not None:
+                aux = router_aux(engine, router_logits, real)
+                step_aux += aux.detach().double()
+                objective = objective + aux * moe.aux_weight(router.coef, engine.grad_divisor, n)
+            ds.backward(objective, scale_wrt_gas=False)
         if i == len(window.micro_batches) - 1 and engine.zero0_fp32:
             own_norm = guard_zero0_fp32_step(ds)
         ds.step()  # clips and steps only at the accumulation boundary
@@ -142,7 +155,7 @@ def sft_step(engine: Engine, window: Window) -> StepResult:
         if sp.rank == 0:  # a group's rows are counted once
             tokens += int(lengths.sum())
             sq_tokens += int((lengths**2).sum())
-    nll_sum, stop = reduce_with_stop(step_nll, dev)
+    (nll_sum, aux_sum), stop = reduce_with_stop(torch.stack([step_nll, step_aux]), dev)
     return StepResult(
         loss=nll_sum / global_targets,
         targets=global_targets,
@@ -151,17 +164,27 @@ def sft_step(engine: Engine, window: Window) -> StepResult:
         skipped=ds.skipped_steps > skipped_before,
         stop=stop,
         grad_norm=own_norm,
+        # MoE: the mean router aux loss of the step's micro-batches (before its coefficient)
+        metrics={"aux_loss": aux_sum / n} if router is not None else {},
     )
 
 
-def reduce_with_stop(value: torch.Tensor, dev: Any) -> tuple[float, bool]:
-    """The global sum of a step's device scalar, and whether any rank was asked to stop: one
-    all-reduce, the step's one wait for the device."""
-    stop = float(distributed.stop_requested() is not None)
-    total, stops = distributed.all_reduce_sum(
-        torch.stack([value, torch.tensor(stop, dtype=torch.float64, device=dev)])
-    ).tolist()
-    return total, bool(stops)
+def router_aux(engine: Engine, router_logits: Any, real: torch.Tensor | None) -> torch.Tensor:
+    """A micro-batch's router load-balancing loss (dsft/moe.py); ``real``: the mask of its
+    real tokens. Under sequence parallelism, this rank's share of the whole rows' loss."""
+    assert engine.router is not None
+    sp = engine.sp
+    if sp.enabled:  # the whole rows' loss from the group's slices
+        return engine.router.of_slices(router_logits, real, sp.group, sp.size)
+    return engine.router(router_logits, real)
+
+
+def reduce_with_stop(values: torch.Tensor, dev: Any) -> tuple[list[float], bool]:
+    """The global sums of a step's device scalars (``values``: 1-D), and whether any rank was
+    asked to stop: one all-reduce, the step's one wait for the device."""
+    stop = torch.tensor([float(distributed.stop_requested() is not None)], dtype=values.dtype)
+    *totals, stops = distributed.all_reduce_sum(torch.cat([values, stop.to(dev)])).tolist()
+    return totals, bool(stops)
 
 
 SFT = Objective("sft", prepare, sft_batch, sft_step)

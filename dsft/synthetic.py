@@ -98,6 +98,81 @@ def build_model_dir(
     return out
 
 
+# Tiny mixtures of experts (hidden 32, 2 layers, 4 experts, top-2) of transformers' own
+# config classes: model_type -> (config class, causal LM class, family-specific fields).
+MOE_FAMILIES: dict[str, tuple[str, str, dict[str, Any]]] = {
+    "qwen3_moe": (
+        "Qwen3MoeConfig",
+        "Qwen3MoeForCausalLM",
+        {"num_experts": 4, "moe_intermediate_size": 16, "head_dim": 8},
+    ),
+    "mixtral": ("MixtralConfig", "MixtralForCausalLM", {"num_local_experts": 4}),
+    "gpt_oss": (
+        "GptOssConfig",
+        "GptOssForCausalLM",
+        {
+            "num_local_experts": 4,
+            "head_dim": 8,
+            "sliding_window": 8,
+            "max_position_embeddings": 131072,  # its YaRN rope's (4096 x 32)
+            "layer_types": ["sliding_attention", "full_attention"],
+        },
+    ),
+    "deepseek_v3": (
+        "DeepseekV3Config",
+        "DeepseekV3ForCausalLM",
+        {
+            "n_routed_experts": 4,
+            "num_key_value_heads": 4,  # multi-head latent attention: as many as heads
+            "n_shared_experts": 1,
+            "moe_intermediate_size": 16,
+            "first_k_dense_replace": 1,
+            "n_group": 1,
+            "topk_group": 1,
+            "kv_lora_rank": 8,
+            "q_lora_rank": 8,
+            "qk_rope_head_dim": 4,
+            "qk_nope_head_dim": 4,
+            "v_head_dim": 8,
+        },
+    ),
+}
+
+
+def build_moe_model_dir(
+    out: str | Path, family: str, seed: int = 0, tokenizer: Any = None, **config: Any
+) -> Path:
+    """Save a randomly initialised tiny mixture of experts of ``family`` (a key of
+    :data:`MOE_FAMILIES`: hidden 32, 2 layers, 4 experts, top-2) and the demo's tokenizer."""
+    import torch
+    import transformers
+    from transformers import GenerationConfig
+
+    out = Path(out)
+    tok = tokenizer if tokenizer is not None else build_tokenizer()
+    cfg_name, model_name, own = MOE_FAMILIES[family]
+    ids = dict(bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
+    fields = {
+        "vocab_size": len(tok),
+        "hidden_size": 32,
+        "intermediate_size": 64,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "num_experts_per_tok": 2,
+        "max_position_embeddings": 256,
+        **own,
+        **config,
+    }
+    cfg = getattr(transformers, cfg_name)(**fields, pad_token_id=tok.pad_token_id, **ids)
+    torch.manual_seed(seed)
+    model = getattr(transformers, model_name)(cfg)
+    model.generation_config = GenerationConfig(pad_token_id=tok.pad_token_id, **ids)
+    model.save_pretrained(out, safe_serialization=True)
+    tok.save_pretrained(out)
+    return out
+
+
 def _word(rng: random.Random, lo: int, hi: int) -> str:
     return "".join(rng.choice(string.ascii_lowercase) for _ in range(rng.randint(lo, hi)))
 

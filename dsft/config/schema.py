@@ -44,6 +44,9 @@ class LoraConfig:
     # the residual; full SVD, not under ZeRO-3), loftq (A, B fit the NF4 quantisation error of
     # the base; CUDA + bitsandbytes, not under ZeRO-3).
     init: Literal["default", "gaussian", "pissa", "loftq"] = "default"
+    # Mixture of experts: adapters on the fused expert weights too (peft target_parameters,
+    # without dropout: peft has none there); false = attention, router and shared experts only.
+    experts: bool = True
 
 
 @dataclass
@@ -111,6 +114,11 @@ class DataConfig:
     # Which tokens carry loss: every assistant turn, only the last one, or all tokens
     # (prompts too). Raw `text` examples always train on all tokens.
     loss_on: Literal["assistant", "last_assistant", "all"] = "assistant"
+    # Multi-turn chats: "as_rendered" trains each as the template renders the whole of it
+    # (history-rewriting templates, e.g. Qwen3 / GPT-OSS, drop earlier turns' reasoning);
+    # "per_turn" makes one example per assistant turn, its context exactly as at inference;
+    # "last_turn" trains only the final assistant turn (docs/moe.md).
+    multi_turn: Literal["as_rendered", "per_turn", "last_turn"] = "as_rendered"
     # Strings that end an assistant turn and are trained with it (e.g. ["<|im_end|>"]);
     # empty = the special tokens the template writes after an assistant turn, plus EOS.
     turn_end: list[str] = field(default_factory=list)
@@ -197,6 +205,9 @@ class TrainConfig:
     # ranks / sequence_parallel. Needs heads, KV heads and data.max_len divisible by it.
     # "auto": the memory planner picks the smallest that fits (1 without CUDA).
     sequence_parallel: int | Literal["auto"] = 1
+    # Mixture of experts: the router load-balancing loss's weight; null = the model's own
+    # router_aux_loss_coef, 0 = off (docs/moe.md).
+    router_aux_loss_coef: float | None = None
 
 
 @dataclass
@@ -393,6 +404,8 @@ def validate(cfg: Config) -> list[str]:
             p.append(f"train.lr_scale.{pattern}: {scale} must be >= 0 (0 freezes in effect)")
     if t.max_bad_steps < 0:
         p.append("train.max_bad_steps: must be >= 0 (0 = never stop)")
+    if t.router_aux_loss_coef is not None and t.router_aux_loss_coef < 0:
+        p.append("train.router_aux_loss_coef: must be >= 0 (0 = off, null = the model's own)")
     fr = cfg.model.freeze
     for pattern in fr.patterns:
         p.extend(_regex_problem("model.freeze.patterns", pattern))
@@ -494,6 +507,11 @@ def validate_data(d: DataConfig) -> list[str]:
     p: list[str] = []
     if not d.path:
         p.append("data.path: required; give one or more .jsonl/.json/.parquet/.csv files")
+    if d.multi_turn != "as_rendered" and d.loss_on != "assistant":
+        p.append(
+            f"data.multi_turn={d.multi_turn} trains one assistant turn per example; it needs "
+            f"data.loss_on=assistant (got {d.loss_on})"
+        )
     for key in ("path", "val_path", "test_path"):
         for f in getattr(d, key):
             if not Path(f).exists() and not is_hub_id(f):

@@ -50,7 +50,7 @@ from dsft.data.cache import (
     entry_key,
     tokenizer_digest,
 )
-from dsft.data.formats import Example, check_not_empty, examples_of, normaliser
+from dsft.data.formats import Example, check_not_empty, examples_of, expand_turns, normaliser
 from dsft.data.readers import line_ranges, read_range, read_rows, splittable
 from dsft.data.template import ChatOptions
 from dsft.data.tokenize import encode
@@ -118,9 +118,12 @@ def _encode_chunk(k: int, task: tuple) -> tuple[str, Any]:
                 bad.append(item)
             else:
                 examples.append(item)
-        enc = encode(
-            tokenizer, examples, settings["loss_on"], options=ChatOptions.from_settings(settings)
-        )
+        # data.multi_turn: per_turn = one example per assistant turn; both it and last_turn
+        # train each example's last assistant turn
+        multi_turn = settings.get("multi_turn", "as_rendered")
+        examples = expand_turns(examples) if multi_turn == "per_turn" else examples
+        loss_on = settings["loss_on"] if multi_turn == "as_rendered" else "last_assistant"
+        enc = encode(tokenizer, examples, loss_on, options=ChatOptions.from_settings(settings))
     except DataError as e:
         return "error", str(e)
     faults.delay("DSFT_FAULT_SLOW_CHUNK")  # test hook: builders on two "nodes" overlap

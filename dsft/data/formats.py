@@ -39,7 +39,7 @@ import json
 import math
 import re
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -557,6 +557,23 @@ def examples_of(rows: Iterable[Row], norm: _Normaliser, on_bad_row: str) -> Iter
             yield f"{row.where}: {e}"
             continue
         yield Example(messages, row.where, kind, tools, images)
+
+
+def expand_turns(examples: Iterable[Example]) -> list[Example]:
+    """``data.multi_turn=per_turn``: a chat with several assistant turns becomes one example
+    per assistant turn, the conversation up to and including it (source ``file:line turn
+    N``), each to be trained on its last assistant turn. Its context is then rendered
+    exactly as at inference: history-rewriting templates (Qwen3, GPT-OSS, DeepSeek-R1)
+    render earlier assistant turns without their reasoning, and the turn trained with it."""
+    out: list[Example] = []
+    for ex in examples:
+        ends = [i for i, m in enumerate(ex.messages) if m.get("role") == "assistant"]
+        if ex.kind != "chat" or len(ends) < 2:
+            out.append(ex)
+            continue
+        for n, i in enumerate(ends, 1):
+            out.append(replace(ex, messages=ex.messages[: i + 1], source=f"{ex.source} turn {n}"))
+    return out
 
 
 def check_not_empty(path: str, examples: int, bad: list[str]) -> None:

@@ -6,9 +6,10 @@ On typical SFT length spreads this wastes a few percent of the slots, against
 30-60 % padding for length-unaware batches.
 
 A packed row carries ``position_ids`` that restart at 0 for every example and no
-``attention_mask``. transformers turns restarting position ids into per-example
-attention: flash-attention varlen uses them as sequence boundaries, and SDPA /
-eager / flex get a block-diagonal causal mask (``find_packed_sequence_indices``).
+``attention_mask`` (``token_mask`` marks the real tokens for the MoE router loss only).
+transformers turns restarting position ids into per-example attention: flash-attention
+varlen uses them as sequence boundaries, and SDPA / eager / flex get a block-diagonal
+causal mask (``find_packed_sequence_indices``).
 The first label of every example is -100: unpacked, position 0 is never
 predicted, so a packed row must not predict it from the previous example either.
 Then the loss and gradients of a packed batch equal those of the same examples
@@ -51,12 +52,17 @@ def efficiency(lengths: Sequence[int], bins: list[list[int]], capacity: int) -> 
     return sum(min(int(x), capacity) for x in lengths) / max(len(bins) * capacity, 1)
 
 
-def collate_packed(rows: list[list[Tokenized]], pad_id: int) -> dict[str, torch.Tensor]:
-    """Concatenate each row's examples; pad rows to the longest with a pad segment."""
+def collate_packed(
+    rows: list[list[Tokenized]], pad_id: int, token_mask: bool = False
+) -> dict[str, torch.Tensor]:
+    """Concatenate each row's examples; pad rows to the longest with a pad segment.
+    ``token_mask``: also the mask of the real tokens (not a model input: the MoE router
+    loss's, dsft/moe.py)."""
     width = max(sum(len(e.input_ids) for e in row) for row in rows)
     ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
     labels = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)
     pos = torch.zeros((len(rows), width), dtype=torch.long)
+    real = torch.zeros((len(rows), width), dtype=torch.long)
     lengths: list[int] = []
     for r, row in enumerate(rows):
         at = 0
@@ -69,9 +75,11 @@ def collate_packed(rows: list[list[Tokenized]], pad_id: int) -> dict[str, torch.
             at += n
         # padding forms its own segment (positions restart), so no example attends to it
         pos[r, at:] = torch.arange(width - at)
-    return {
+        real[r, :at] = 1
+    out = {
         "input_ids": ids,
         "position_ids": pos,
         "labels": labels,
         "lengths": torch.tensor(lengths),
     }
+    return {**out, "token_mask": real} if token_mask else out

@@ -128,6 +128,7 @@ def _settings(cfg: DataConfig) -> dict[str, Any]:
         "format": cfg.format,
         "columns": dict(sorted(cfg.columns.items())),
         "loss_on": cfg.loss_on,
+        "multi_turn": cfg.multi_turn,
         "on_bad_row": cfg.on_bad_row,
         "max_image_pixels": cfg.max_image_pixels,
         # how chat rows are rendered and masked (dsft.data.template.ChatOptions)

@@ -68,6 +68,7 @@ def validate(
     head: loss.Head | None = None,
     images: Any = None,
     toucher: Any = None,
+    router: Any = None,
 ) -> dict[str, float]:
     """Token-weighted loss, perplexity and token accuracy on response tokens.
 
@@ -77,7 +78,9 @@ def validate(
 
     With several datasets mixed, the same metrics per dataset appear as
     ``<name>/loss``, ``<name>/ppl`` and ``<name>/token_acc``. With ``head`` (the model's
-    LM head, ``train.fused_loss``) no full logits are made: dsft/loss.py.
+    LM head, ``train.fused_loss``) no full logits are made: dsft/loss.py. With ``router`` (a
+    mixture of experts' :class:`dsft.moe.RouterLoss`) also ``aux_loss``, the mean router
+    load-balancing loss of the batches (before its coefficient).
     """
     if not examples:
         return {}
@@ -86,6 +89,7 @@ def validate(
     # Per dataset: summed NLL, correct argmax predictions, target tokens, examples.
     sums = torch.zeros(len(names), 4, dtype=torch.float64)
     mine = eval_shard(len(examples), dist.get_world_size(), dist.get_rank())
+    aux = torch.zeros(2, dtype=torch.float64)  # summed router loss, batches
     dev = dist.device()
     for b in range(_lockstep_batches(len(mine), micro_batch)):
         idx = mine[b * micro_batch : (b + 1) * micro_batch]
@@ -94,19 +98,31 @@ def validate(
             images.add(batch, examples, idx or [0], packed=False)
         if toucher is not None:
             toucher.arm("pixel_values" not in batch)
+        router_logits: list | None = [] if router is not None else None
         if head is not None:
-            _fused_stats(model, head, batch, [col[examples[i].dataset] for i in idx], sums)
-            continue
-        batch = {k: v.to(dev) for k, v in batch.items()}
-        extra = {k: v for k, v in batch.items() if k not in ("labels", "lengths")}
-        logits = model(**extra).logits
-        for row, i in enumerate(idx):  # a dummy batch (no idx) contributes nothing
-            nll, c, n = token_stats(logits[row : row + 1], batch["labels"][row : row + 1])
-            sums[col[examples[i].dataset]] += torch.tensor(
-                [nll.item(), c, n, 1], dtype=torch.float64
-            )
+            cols = [col[examples[i].dataset] for i in idx]
+            _fused_stats(model, head, batch, cols, sums, router_logits)
+        else:
+            batch = {k: v.to(dev) for k, v in batch.items()}
+            extra = {k: v for k, v in batch.items() if k not in ("labels", "lengths")}
+            if router is not None:
+                extra["output_router_logits"] = True
+            res = model(**extra)
+            if router_logits is not None:
+                router_logits.extend(res.router_logits)
+            for row, i in enumerate(idx):  # a dummy batch (no idx) contributes nothing
+                nll, c, n = token_stats(res.logits[row : row + 1], batch["labels"][row : row + 1])
+                sums[col[examples[i].dataset]] += torch.tensor(
+                    [nll.item(), c, n, 1], dtype=torch.float64
+                )
+        if router_logits and idx:
+            value = router(router_logits, batch["attention_mask"])
+            aux += torch.tensor([float(value), 1.0], dtype=torch.float64)
     sums = dist.all_reduce_sum(sums.flatten()).view(len(names), 4)
     out = _ratios(sums.sum(0))
+    if router is not None:
+        aux_sum, batches = dist.all_reduce_sum(aux).tolist()
+        out["aux_loss"] = aux_sum / batches if batches else float("nan")
     if len(names) > 1:
         for n in names:
             out.update({f"{n}/{k}": v for k, v in _ratios(sums[col[n]]).items()})
@@ -114,7 +130,12 @@ def validate(
 
 
 def _fused_stats(
-    model: Callable, head: loss.Head, batch: dict[str, torch.Tensor], cols: list[int], sums
+    model: Callable,
+    head: loss.Head,
+    batch: dict[str, torch.Tensor],
+    cols: list[int],
+    sums: torch.Tensor,
+    router_logits: list | None = None,
 ) -> None:
     """Add one batch's per-dataset sums (NLL, correct, targets, examples) from the chunked
     head; ``cols`` = the dataset column of each real row (none for a dummy batch)."""
@@ -124,7 +145,7 @@ def _fused_stats(
     (chunks,) = loss.lockstep_chunks([len(targets)], head.vocab, dist.get_world_size() > 1)
     inputs = {k: v.to(dev) for k, v in batch.items() if k not in ("labels", "lengths")}
     nll, right = loss.fused_nll(
-        model, head, inputs, index.to(dev), targets.to(dev), chunks, per_token=True
+        model, head, inputs, index.to(dev), targets.to(dev), chunks, True, router_logits
     )
     assert right is not None
     rows = index // batch["labels"].size(1)
@@ -318,6 +339,7 @@ class Evaluator:
         synced: bool,
         fused_loss: bool = False,
         images: Any = None,
+        router: Any = None,
     ):
         self.engine, self.tokenizer, self.splits, self.cfg = engine, tokenizer, splits, cfg
         self.monitor, self.out_dir, self.synced = monitor, out_dir, synced
@@ -327,6 +349,7 @@ class Evaluator:
         # dummy tower run of batches without images (dsft.model.TowerTouch, set by train)
         self.images: Any = images
         self.toucher: Any = None
+        self.router = router  # MoE: validation reports the router loss too (dsft/moe.py)
         self.sample = (
             {"temperature": cfg.temperature, "top_p": cfg.top_p} if cfg.do_sample else None
         )
@@ -349,6 +372,7 @@ class Evaluator:
                 self.head,
                 getattr(self, "images", None),
                 getattr(self, "toucher", None),
+                self.router,
             )
             if metrics and split == "val" and self.cfg.metric in ("val/exact_match", "val/f1"):
                 metrics.update(self._generate(step, "val", self.splits.val_raw))

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from dsft import moe
 from dsft.config import FreezeConfig, LoraConfig
 from dsft.errors import ConfigError
 from dsft.flops import text_config, text_dims
@@ -42,16 +43,29 @@ class ModelFacts:
     lora_rank_width: int = 0  # LoRA: summed ranks of one block's adapters
     lora_dropout: bool = False
     kv_heads: int = 0  # key/value heads (0 = as many as attention heads)
+    # Mixture of experts: parameters a token uses (idle experts left out): FLOPs and time use
+    # these, memory the totals. 0 = a dense model (all active).
+    active_params: int = 0
+    active_trainable: int = 0
     config: Any = field(default=None, compare=False, repr=False)  # the HF config, for re-planning
 
     @property
     def lora(self) -> bool:
         return self.lora_rank_width > 0
 
+    @property
+    def active(self) -> tuple[int, int]:
+        """(total, trainable) parameters a token uses: all of them unless a MoE."""
+        if not self.active_params:
+            return self.total_params, self.trainable_params
+        return self.active_params, self.active_trainable
+
     def describe(self) -> str:
         kind = "LoRA" if self.lora else "full" if self.trainable_params == self.total_params else ""
+        moe = f" ({_count(self.active_params)} active)" if self.active_params else ""
         return (
-            f"{self.name}: {_count(self.total_params)} params, {_count(self.trainable_params)} "
+            f"{self.name}: {_count(self.total_params)} params{moe}, "
+            f"{_count(self.trainable_params)} "
             f"trainable{f' ({kind})' if kind else ''}; hidden {self.hidden}, {self.layers} layers, "
             f"vocab {self.vocab}, largest layer {_count(self.largest_layer_params)}"
         )
@@ -95,6 +109,7 @@ def model_facts(
         if freeze is not None:
             dsft_model.freeze(model, freeze)
     total, trainable = dsft_model.count_params(model)
+    idle, idle_trainable = moe.idle_params(model)  # experts a token does not use
     largest = max(sum(p.numel() for p in m.parameters(recurse=False)) for m in model.modules())
 
     text = text_config(config)
@@ -104,6 +119,7 @@ def model_facts(
     head_dim = int(getattr(text, "head_dim", None) or hidden // heads)
     kv_heads = int(getattr(text, "num_key_value_heads", None) or heads)
     ffn = int(getattr(text, "intermediate_size", None) or getattr(text, "n_inner", None) or 0)
+    ffn = moe.expert_width(config) if idle else ffn  # MoE: the k experts a token passes
 
     # Blocks below the first trainable parameter keep no activations (nothing to backprop
     # into); trainable embeddings (index -1) make every block keep them.
@@ -137,6 +153,8 @@ def model_facts(
         lora_max_input=max(lora_inputs, default=0),
         lora_rank_width=lora.r * len(lora_inputs) if lora is not None else 0,
         lora_dropout=bool(lora is not None and lora.enabled and lora.dropout > 0),
+        active_params=total - idle if idle else 0,
+        active_trainable=trainable - idle_trainable if idle else 0,
         config=config,
     )
 

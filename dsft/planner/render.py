@@ -16,9 +16,8 @@ DEFAULT_MFU = 0.4
 def flops_per_token(f: ModelFacts, seq: int, checkpointing: bool = False) -> float:
     """Training FLOPs per token of full ``seq``-token sequences, by :func:`dsft.flops.train_flops`
     (the formula MFU uses), with the recomputation of activation checkpointing."""
-    per_seq = train_flops(
-        f.total_params, f.trainable_params, f.layers, f.hidden, seq, seq * seq, checkpointing
-    )
+    active, trainable = f.active  # a mixture of experts: the parameters a token uses
+    per_seq = train_flops(active, trainable, f.layers, f.hidden, seq, seq * seq, checkpointing)
     return per_seq / seq
 
 
@@ -142,7 +141,8 @@ def render_family(
         "",
     ]
     head = (
-        f"  {'model':<12}{'params':>9}{'trainable':>11}  {'choice':<34}{'micro':>6}{'peak/GPU':>10}"
+        f"  {'model':<14}{'params':>9}{'active':>9}{'trainable':>11}  {'choice':<34}{'micro':>6}"
+        f"{'peak/GPU':>10}"
     )
     if tokens:
         head += f"{'train time':>12}"
@@ -150,8 +150,8 @@ def render_family(
     for p in plans:
         c = p.choice
         row = (
-            f"  {p.facts.name:<12}{_count(p.facts.total_params):>9}"
-            f"{_count(p.facts.trainable_params):>11}  "
+            f"  {p.facts.name:<14}{_count(p.facts.total_params):>9}"
+            f"{_count(p.facts.active[0]):>9}{_count(p.facts.trainable_params):>11}  "
         )
         if c is None:
             row += f"{'does not fit':<34}{'-':>6}{'-':>10}"

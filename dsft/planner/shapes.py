@@ -1,5 +1,5 @@
-"""Llama-shaped model presets to plan for without a model directory (`dsft plan --model
-llama-8b`, the benchmarks and the tests)."""
+"""Model presets to plan for without a model directory (`dsft plan --model llama-8b`, the
+benchmarks and the tests): Llama shapes and two mixtures of experts."""
 
 from __future__ import annotations
 
@@ -30,12 +30,42 @@ SHAPES: dict[str, dict[str, Any]] = {
     )
     for name, (h, layers, ffn, heads, kv, vocab, tied) in _LLAMA_SHAPES.items()
 }
+# Mixtures of experts (their config.json's shape fields; model_type picks the config class).
+SHAPES["qwen3-30b-a3b"] = dict(  # Qwen3-30B-A3B: 30.5B params, 3.3B active
+    model_type="qwen3_moe",
+    hidden_size=2048,
+    num_hidden_layers=48,
+    intermediate_size=6144,
+    moe_intermediate_size=768,
+    num_experts=128,
+    num_experts_per_tok=8,
+    num_attention_heads=32,
+    num_key_value_heads=4,
+    head_dim=128,
+    vocab_size=151936,
+    tie_word_embeddings=False,
+)
+SHAPES["gpt-oss-20b"] = dict(  # GPT-OSS-20B: 21B params, 3.6B active (input embedding aside)
+    model_type="gpt_oss",
+    hidden_size=2880,
+    num_hidden_layers=24,
+    intermediate_size=2880,
+    num_local_experts=32,
+    num_experts_per_tok=4,
+    num_attention_heads=64,
+    num_key_value_heads=8,
+    head_dim=64,
+    vocab_size=201088,
+    tie_word_embeddings=False,
+)
 
 
 def shape_config(name: str) -> Any:
-    """A Hugging Face ``LlamaConfig`` for one of the built-in :data:`SHAPES`."""
-    from transformers import LlamaConfig
+    """A Hugging Face config (``LlamaConfig`` unless a ``model_type`` says otherwise) for one
+    of the built-in :data:`SHAPES`."""
+    from transformers import AutoConfig
 
     if name not in SHAPES:
         raise ConfigError([f"unknown model shape {name!r}; built-in shapes: {', '.join(SHAPES)}"])
-    return LlamaConfig(**SHAPES[name])
+    fields = dict(SHAPES[name])
+    return AutoConfig.for_model(fields.pop("model_type", "llama"), **fields)

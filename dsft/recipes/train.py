@@ -62,13 +62,13 @@ def run(cfg: Config) -> dict[str, Any]:
         sources=splits.sources,
     )
     monitor = Monitor(out, cfg.logging, total_steps, resume_step=state.step, config=to_dict(cfg))
-    evaluator = job.evaluator(engine.ds, monitor, out)
+    evaluator = job.evaluator(engine.ds, monitor, out, router=engine.router)  # MoE: + aux loss
     evaluator.toucher = engine.toucher  # ZeRO-3 image rows: validation runs the tower alike
     tracker = engine.tracker(cfg)
     model_cfg = getattr(engine.ds.module, "config", None)
     peak = monitor.peak_flops * env.world_size
     meter = StepMeter(
-        FlopCounter(engine.params, engine.trainable_params, model_cfg, peak),
+        FlopCounter(*engine.active, model_cfg, peak),  # MoE: the parameters a token uses
         cfg.train.precision,
         cfg.train.max_bad_steps,
     )
@@ -80,6 +80,7 @@ def run(cfg: Config) -> dict[str, Any]:
         "data": splits.stats,
         "params": engine.params,
         "trainable_params": engine.trainable_params,
+        **({"active_params": engine.active[0]} if engine.idle_params else {}),
         "frozen_tensors": engine.frozen_tensors,
         "hardware": hardware_name(env.world_size),
     }
