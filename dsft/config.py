@@ -257,6 +257,14 @@ class CheckpointConfig:
     # resume and export reload the frozen weights from model.path, after checking that its
     # weight files are the ones the run started from.
     save_frozen: bool = False
+    # Unpickle checkpoint files that name Python globals outside DeepSpeed's allowlist
+    # (--trust-checkpoint). Such a file can run code: only for checkpoints you made.
+    trust: bool = False
+    # Resume although settings that change the run's meaning (data, model, objective,
+    # global batch, schedule, seed) differ from the checkpoint's (--allow-changes).
+    allow_changes: bool = False
+    # With resume=false: clear an output_dir that already holds a run (--overwrite).
+    overwrite: bool = False
 
 
 @dataclass
@@ -544,6 +552,8 @@ def validate(cfg: Config) -> list[str]:
         p.append(
             "eval.generate: needs a test split; set data.test_fraction > 0 or eval.generate=false"
         )
+    if not cfg.output_dir.strip():
+        p.append("output_dir: required (a folder for checkpoints, logs and the export)")
     if cfg.checkpoint.every < 0 or cfg.checkpoint.keep_last < 0:
         p.append("checkpoint.every and checkpoint.keep_last must be >= 0")
     if cfg.logging.every < 1:

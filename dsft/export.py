@@ -26,7 +26,7 @@ from dsft.checkpoint import check_base, consolidate, find, saved_config
 from dsft.config import Config, to_dict
 from dsft.data.cache import _file_digest
 from dsft.data.tokenize import apply_template
-from dsft.errors import ExportError
+from dsft.errors import ConfigError, ExportError
 from dsft.model import apply_lora, freeze, load_model, load_tokenizer, mutates_base
 
 log = logging.getLogger("dsft")
@@ -63,17 +63,42 @@ def export_hf(
     return out if dist.is_main() else None
 
 
-def export_checkpoint(path: str | Path, out: Path, merged: bool = True) -> Path:
-    """``dsft export``: a checkpoint (or run directory) to a Hugging Face directory."""
+def export_checkpoint(
+    path: str | Path,
+    out: Path,
+    merged: bool = True,
+    model_path: str | None = None,
+    trust_remote_code: bool = False,
+    trust_checkpoint: bool = False,
+) -> Path:
+    """``dsft export``: a checkpoint (or run directory) to a Hugging Face directory.
+
+    What may run code comes from the user, never from the checkpoint: ``trust_remote_code``
+    is the caller's (the checkpoint's own setting is ignored), and with it the base model
+    must be named by the caller (``model_path``) too; without it the checkpoint's
+    ``model.path`` is the default. Checkpoint files unpickle no code unless
+    ``trust_checkpoint``."""
     dist.configure_accelerator()  # zero_to_fp32 imports deepspeed
+    if trust_remote_code and not model_path:
+        raise ConfigError(
+            [
+                "--trust-remote-code: also name the base model with --model-path; the "
+                "checkpoint's own model.path is not trusted to choose code to run"
+            ]
+        )
     tag_dir = find(path)
     summary = tag_dir.parent.parent / "summary.json"  # the run's, when it finished
     run = json.loads(summary.read_text()) if summary.is_file() else {}
     run.setdefault("steps", json.loads((tag_dir / "dsft_state.json").read_text()).get("step"))
     cfg = saved_config(tag_dir)
+    saved_trust = cfg.model.trust_remote_code
+    cfg.model.path = model_path or cfg.model.path
+    cfg.model.trust_remote_code = trust_remote_code
+    if saved_trust and not trust_remote_code:
+        log.info("the checkpoint's model.trust_remote_code is ignored (pass --trust-remote-code)")
     # a lean checkpoint takes its frozen weights from model.path: the same ones?
     check_base(tag_dir, cfg.model.path, cfg.model.revision)
-    write_hf(cfg, consolidate(tag_dir), out, merged=merged, run=run)
+    write_hf(cfg, consolidate(tag_dir, trust_checkpoint), out, merged=merged, run=run)
     return out
 
 

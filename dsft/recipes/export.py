@@ -10,7 +10,14 @@ from dsft.export import export_checkpoint, push_to_hub
 
 
 def main(ns: argparse.Namespace) -> int:
-    out = export_checkpoint(ns.checkpoint, Path(ns.out), merged=not ns.adapter_only)
+    out = export_checkpoint(
+        ns.checkpoint,
+        Path(ns.out),
+        merged=not ns.adapter_only,
+        model_path=ns.model_path,
+        trust_remote_code=ns.trust_remote_code,
+        trust_checkpoint=ns.trust_checkpoint,
+    )
     if ns.push_to_hub:
         # The merged model is the export's top level; an adapter-only export (--adapter-only,
         # or QLoRA) has only the adapter to share.

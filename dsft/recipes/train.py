@@ -43,9 +43,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from dsft import checkpoint, crossval, data, distributed, export, faults, loss
+from dsft import checkpoint, crossval, data, distributed, export, faults, loss, run_dir
 from dsft import sequence_parallel as seqpar
-from dsft.config import Config, batch_shape, load_config, save_config, to_dict
+from dsft.config import Config, batch_shape, load_config, to_dict
 from dsft.data.collate import collate
 from dsft.data.packing import collate_packed
 from dsft.data.sampler import Mixer, mixed_batches, steps_per_epoch, train_batches
@@ -86,12 +86,16 @@ def run(cfg: Config) -> dict[str, Any]:
     # train.sequence_parallel: the ranks of a group share each micro-batch (the sampler
     # deals by data-parallel rank), each computing its slice of the rows.
     sp_groups = distributed.sequence_parallel_groups(shape.sequence_parallel)
-    if env.is_main:
-        out.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, out / "config.yaml")
-        (out / "plan.json").write_text(json.dumps(decision, indent=2, default=str))
-        (out / "ds_config.json").write_text(json.dumps(ds_config, indent=2))
-    distributed.barrier()
+    # One run per output_dir (owner lock), no silent fresh start over an old run, the
+    # resume point (newest intact checkpoint) and what the resume changes; config written.
+    resume_from = run_dir.open_run(
+        cfg,
+        shape.global_batch,
+        {
+            "plan.json": json.dumps(decision, indent=2, default=str),
+            "ds_config.json": json.dumps(ds_config, indent=2),
+        },
+    )
     seed_everything(cfg.train.seed)
     zero3 = cfg.deepspeed.zero_stage == 3
 
@@ -112,7 +116,6 @@ def run(cfg: Config) -> dict[str, Any]:
     # Resume from the latest complete checkpoint (or the one asked for). One saved on
     # another number of ranks or ZeRO stage cannot be loaded by DeepSpeed: its weights
     # are consolidated and loaded here, before the engine exists; moments start afresh.
-    resume_from = checkpoint.resume_point(out, cfg.checkpoint.resume, cfg.checkpoint.resume_from)
     if resume_from is not None:  # a lean checkpoint needs the base weights it was trained on
         checkpoint.check_base(resume_from, cfg.model.path, cfg.model.revision)
     reshard = resume_from is not None and checkpoint.needs_reshard(
@@ -120,7 +123,7 @@ def run(cfg: Config) -> dict[str, Any]:
     )
     frozen = freeze(model, cfg.model.freeze)
     if reshard:  # after freezing: frozen parameters keep model.path's values
-        checkpoint.load_weights(model, resume_from, zero3)
+        checkpoint.load_weights(model, resume_from, zero3, cfg.checkpoint.trust)
     if cfg.model.tiled_mlp:
         tiles = seqpar.tiles_for(cfg.data.max_len, shape.sequence_parallel, decision["hidden"])
         log.info("tiled MLP: %d blocks, %d tiles per row", seqpar.tile_mlp(model, tiles), tiles)
@@ -148,7 +151,7 @@ def run(cfg: Config) -> dict[str, Any]:
 
     start = {"step": 0, "epoch": 0, "window": 0}
     if reshard:
-        start = checkpoint.read_state(resume_from)
+        start = checkpoint.read_state(resume_from, cfg.checkpoint.trust)
         with warnings.catch_warnings():  # "scheduler.step() before optimizer.step()"
             warnings.simplefilter("ignore")
             for _ in range(start["step"]):
@@ -187,7 +190,7 @@ def run(cfg: Config) -> dict[str, Any]:
     )
     if resume_from is not None:
         if not reshard:
-            start = checkpoint.load(engine, resume_from)
+            start = checkpoint.load(engine, resume_from, cfg.checkpoint.trust)
         saved_batch = start.get("global_batch", shape.global_batch)
         if saved_batch != shape.global_batch:
             # Same examples consumed, counted in the new global batches (rounded down:
@@ -533,8 +536,14 @@ def main(ns: argparse.Namespace) -> int:
     fold of data.kfold."""
     if getattr(ns, "resume", None):
         ns.overrides.append(f"checkpoint.resume_from={ns.resume}")
-    if getattr(ns, "no_resume", False):
-        ns.overrides.append("checkpoint.resume=false")
+    for flag, override in (
+        ("no_resume", "checkpoint.resume=false"),
+        ("overwrite", "checkpoint.overwrite=true"),
+        ("allow_changes", "checkpoint.allow_changes=true"),
+        ("trust_checkpoint", "checkpoint.trust=true"),
+    ):
+        if getattr(ns, flag, False):
+            ns.overrides.append(override)
     cfg = load_config(ns.config, ns.overrides)  # validate before spawning anything
     nproc = ns.nproc
     if ns.command == "launch" and not distributed.in_launched_job():
