@@ -54,7 +54,14 @@ from dsft.ds_config import deepspeed_config
 from dsft.errors import ConfigError, Preempted, TrainingDiverged
 from dsft.eval import evaluator as evaluate
 from dsft.flops import FlopCounter
-from dsft.model import build_model, count_params, freeze, load_tokenizer, torch_dtype
+from dsft.model import (
+    build_model,
+    count_params,
+    freeze,
+    load_tokenizer,
+    torch_dtype,
+    warn_beyond_context,
+)
 from dsft.monitor import Monitor, StepProfiler
 from dsft.optim import (
     describe_groups,
@@ -113,6 +120,7 @@ def run(cfg: Config) -> dict[str, Any]:
     )
 
     model = build_model(cfg.model, torch_dtype(cfg.train.precision), ds_config)
+    warn_beyond_context(model.config, cfg.data.max_len)
     # Resume from the latest complete checkpoint (or the one asked for). One saved on
     # another number of ranks or ZeRO stage cannot be loaded by DeepSpeed: its weights
     # are consolidated and loaded here, before the engine exists; moments start afresh.
