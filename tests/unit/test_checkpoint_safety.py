@@ -102,7 +102,9 @@ class FakeEngine:
             raise self.fail
         d = Path(save_dir) / tag
         d.mkdir(parents=True, exist_ok=True)
-        torch.save({"module": self.module.state_dict(), **client_state}, d / "mp_rank_00_model_states.pt")
+        torch.save(
+            {"module": self.module.state_dict(), **client_state}, d / "mp_rank_00_model_states.pt"
+        )
 
 
 def _save(out: Path, step: int, keep_last: int = 0) -> Path:
@@ -151,7 +153,7 @@ def test_renames_are_fsynced(tmp_path: Path, monkeypatch) -> None:
 def test_full_disk_is_one_line(tmp_path: Path, monkeypatch) -> None:
     err = RuntimeError("PytorchStreamWriter failed writing file data/0: file write failed")
     monkeypatch.setattr(checkpoint, "_disk_full", lambda out: True)
-    with pytest.raises(CheckpointError, match="no space left on device at .*checkpoints"):
+    with pytest.raises(CheckpointError, match=r"no space left on device at .*checkpoints"):
         checkpoint.save(FakeEngine(fail=err), tmp_path, 5, {"step": 5}, 0, {})
     with pytest.raises(CheckpointError, match="no space left"):
         checkpoint.save(FakeEngine(fail=OSError(28, "No space left")), tmp_path, 5, {}, 0, {})
@@ -194,7 +196,9 @@ def test_no_resume_into_an_old_run_asks_for_overwrite(tmp_path: Path, cfg_factor
     (out / "metrics.jsonl").write_text("{}\n")
     with pytest.raises(CheckpointError, match="--overwrite"):
         run_dir.open_run(cfg_factory(out, "checkpoint.resume=false"), 8, {})
-    run_dir.open_run(cfg_factory(out, "checkpoint.resume=false", "checkpoint.overwrite=true"), 8, {})
+    run_dir.open_run(
+        cfg_factory(out, "checkpoint.resume=false", "checkpoint.overwrite=true"), 8, {}
+    )
     assert not (out / "checkpoints").exists() and not (out / "metrics.jsonl").exists()
     run_dir._release()
 
@@ -211,7 +215,7 @@ def test_output_dir_must_be_a_writable_folder(bad, tmp_path: Path, cfg_factory) 
         with pytest.raises(ConfigError, match="output_dir: required"):
             cfg_factory(tmp_path, "output_dir=")
     else:  # read-only /proc stops root too
-        with pytest.raises(ConfigError, match="cannot create|not writable"):
+        with pytest.raises(ConfigError, match=r"cannot create|not writable"):
             run_dir.open_run(cfg_factory(Path("/proc/dsft-test/run")), 8, {})
 
 
@@ -236,7 +240,14 @@ def test_resume_refuses_changes_of_meaning_and_keeps_each_segment_config(
 
 
 def test_meaningful_settings() -> None:
-    for key in ("data.path", "model.path", "train.lr", "train.seed", "train.schedule", "data.max_len"):
+    for key in (
+        "data.path",
+        "model.path",
+        "train.lr",
+        "train.seed",
+        "train.schedule",
+        "data.max_len",
+    ):
         assert run_dir.meaningful(key), key
     for key in ("logging.every", "eval.every", "train.max_steps", "checkpoint.keep_last",
                 "deepspeed.zero_stage", "train.micro_batch", "data.workers"):  # fmt: skip
