@@ -30,6 +30,7 @@ import random
 import re
 import shutil
 import time
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -116,8 +117,9 @@ def damaged(tag_dir: Path, hashes: bool = True) -> str | None:
     if not (tag_dir / "dsft_state.json").is_file():
         return f"{tag_dir}: no dsft_state.json (not a complete checkpoint)"
     manifest = tag_dir / MANIFEST
-    if not manifest.is_file():
-        return None
+    if not manifest.is_file():  # older checkpoints: a truncated zip has lost its directory
+        bad = [f for f in sorted(tag_dir.glob("*.pt")) if not zipfile.is_zipfile(f)]
+        return f"{bad[0]}: truncated or not a torch file" if bad else None
     try:
         files = json.loads(manifest.read_text())["files"]
     except (ValueError, KeyError, OSError):
