@@ -22,6 +22,6 @@ def main(ns: argparse.Namespace) -> int:
         # The merged model is the export's top level; an adapter-only export (--adapter-only,
         # or QLoRA) has only the adapter to share.
         folder = out if (out / "config.json").is_file() else out / "adapter"
-        url = push_to_hub(folder, ns.push_to_hub, private=ns.private)
+        url = push_to_hub(folder, ns.push_to_hub, private=not ns.public)
         print(f"uploaded {folder} to {url}", flush=True)
     return 0
