@@ -27,7 +27,13 @@ from dsft.data.cache import (
 from dsft.data.formats import Example, load_examples
 from dsft.data.packing import efficiency, pack
 from dsft.data.split import carve_arrays, reweight, split_count
-from dsft.data.tokenize import ChatOptions, Tokenized, apply_template, set_chat_options
+from dsft.data.tokenize import (
+    ChatOptions,
+    Tokenized,
+    apply_template,
+    char_cap,
+    set_chat_options,
+)
 from dsft.errors import DataError
 
 log = logging.getLogger("dsft")
@@ -145,7 +151,8 @@ def _settings(cfg: DataConfig) -> dict[str, Any]:
 
 
 def _stores(paths: list[str], cfg: DataConfig, tokenizer: Any, builder: bool) -> Corpus:
-    settings = _settings(cfg)
+    # only what data.max_len can use is tokenised: a huge line cannot exhaust memory
+    settings = {**_settings(cfg), "char_cap": char_cap(tokenizer, cfg.max_len)}
     opts = build_options(cfg)
     if not cfg.cache:
         return Corpus([fresh_store(p, tokenizer, settings, opts) for p in paths])

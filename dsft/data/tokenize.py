@@ -132,6 +132,9 @@ class ChatOptions:
     template_kwargs: tuple[tuple[str, Any], ...] = ()  # extra template variables
     template_date: str = ""  # YYYY-MM-DD: what strftime_now returns ("" = today)
     on_bad_row: str = "error"  # a row the template refuses: error | skip
+    # Characters kept of each message text (0 = all): enough for data.max_len tokens at the
+    # tokenizer's longest token (:func:`char_cap`), so a huge line is never tokenised whole.
+    char_cap: int = 0
 
     @classmethod
     def from_settings(cls, s: Mapping[str, Any]) -> ChatOptions:
@@ -144,6 +147,7 @@ class ChatOptions:
             template_kwargs=tuple(sorted((s.get("template_kwargs") or {}).items())),
             template_date=s.get("template_date", ""),
             on_bad_row=s.get("on_bad_row", "error"),
+            char_cap=int(s.get("char_cap", 0)),
         )
 
 
@@ -685,6 +689,7 @@ def encode(
         rendered = []
         for ex in chunk:
             try:
+                ex = cap_example(ex, opts.char_cap)
                 rendered.append(render_example(tokenizer, ex, opts.loss_on, opts))
                 kept.append(n)
             except DataError as e:
@@ -710,6 +715,47 @@ def encode(
     return Encoded(
         np.concatenate(ids_parts), np.concatenate(mask_parts), offsets, kept_or_none, skipped
     )
+
+
+def longest_token_chars(tokenizer: Any) -> int:
+    """The most characters one token of ``tokenizer`` stands for (its longest vocabulary
+    entry: a byte-level entry's length bounds its decoded characters)."""
+    vocab = tokenizer.get_vocab()
+    return max((len(t) for t in vocab), default=1) or 1
+
+
+def char_cap(tokenizer: Any, max_len: int) -> int:
+    """Characters of a message that can matter for ``max_len`` tokens, with a margin.
+
+    N tokens cover at most N x (longest token) characters, so a text cut at this many
+    characters still tokenises to more than ``max_len`` tokens (the truncation is seen as
+    truncation, exactly), and the first ``max_len`` are those of the whole text: the cut is
+    64 tokens past them. A power of two, so nearby ``max_len`` values share cache entries."""
+    need = (max_len + 64) * longest_token_chars(tokenizer)
+    return 1 << max(need - 1, 1).bit_length()
+
+
+def _cap_text(value: Any, cap: int) -> Any:
+    if isinstance(value, str):
+        return value[:cap]
+    if isinstance(value, list):  # content parts: cut their text
+        return [
+            {**p, "text": p["text"][:cap]}
+            if isinstance(p, dict) and isinstance(p.get("text"), str)
+            else p
+            for p in value
+        ]
+    return value
+
+
+def cap_example(ex: Example, cap: int) -> Example:
+    """``ex`` with every message text cut to ``cap`` characters (0: unchanged)."""
+    if not cap or not any(
+        len(v) > cap for m in ex.messages for v in m.values() if isinstance(v, str | list)
+    ):
+        return ex
+    messages = [{k: _cap_text(v, cap) for k, v in m.items()} for m in ex.messages]
+    return replace(ex, messages=messages)
 
 
 def _chunks(items: Iterable[Example], n: int) -> Iterator[list[Example]]:
