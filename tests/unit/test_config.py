@@ -199,3 +199,15 @@ def test_bad_config_files_are_one_line_errors(kind: str, message: str, tmp_path:
 def test_empty_output_dir_is_an_error(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="output_dir: required"):
         load_config(None, ["output_dir="])
+
+
+def test_max_len_above_the_model_context_warns(caplog) -> None:
+    from transformers import LlamaConfig
+
+    from dsft.model import warn_beyond_context
+
+    conf = LlamaConfig(max_position_embeddings=128)
+    with caplog.at_level("WARNING", logger="dsft"):
+        assert not warn_beyond_context(conf, 128)
+        assert warn_beyond_context(conf, 512)
+    assert "data.max_len=512 is above the model's context of 128 tokens" in caplog.text
