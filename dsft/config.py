@@ -131,6 +131,7 @@ class DataConfig:
     # counts packed rows.
     packing: bool = False
     on_bad_row: Literal["error", "skip"] = "error"  # skip = count, report and leave it out
+    max_line_mb: float = 1024.0  # a longer jsonl line is a located bad row (see on_bad_row)
     # Explicit validation / test files; when given, no validation / test split is carved
     # from `path`.
     val_path: list[str] = field(default_factory=list)
@@ -649,6 +650,8 @@ def validate(cfg: Config) -> list[str]:
         p.append(
             "eval.generate: needs a test split; set data.test_fraction > 0 or eval.generate=false"
         )
+    if not 0 < d.max_line_mb <= 1024:
+        p.append(f"data.max_line_mb: {d.max_line_mb} must be in (0, 1024]")
     if not cfg.output_dir.strip():
         p.append("output_dir: required (a folder for checkpoints, logs and the export)")
     if cfg.checkpoint.every < 0 or cfg.checkpoint.keep_last < 0:

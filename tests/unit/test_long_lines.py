@@ -48,3 +48,21 @@ def test_cap_grows_with_max_len_and_the_longest_token() -> None:
     longest = tokenize.longest_token_chars(tok)
     assert char_cap(tok, 1000) >= (1000 + 64) * longest
     assert char_cap(tok, 1000) == char_cap(tok, 1001)  # a power of two: cache entries shared
+
+
+def test_max_line_mb_bounds_a_row(tmp_path, monkeypatch) -> None:
+    from dsft.config import load_config
+    from dsft.data import readers
+    from dsft.data.formats import load_examples
+    from dsft.errors import ConfigError, DataError
+
+    monkeypatch.setattr(readers, "MAX_ROW_BYTES", readers.MAX_ROW_BYTES)  # restored after
+    ok = '{"text": "fine"}\n'
+    big = tmp_path / "big.jsonl"
+    big.write_text(ok + '{"text": "' + "x" * (2 << 20) + '"}\n' + ok)
+    readers.set_max_row_bytes(1 << 20)
+    with pytest.raises(DataError, match=r"big\.jsonl:2: a line longer than 1 MiB"):
+        load_examples([str(big)])
+    assert len(load_examples([str(big)], on_bad_row="skip").skipped) == 1
+    with pytest.raises(ConfigError, match=r"data\.max_line_mb"):
+        load_config(None, ["data.max_line_mb=0"])
