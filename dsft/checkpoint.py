@@ -305,7 +305,8 @@ def save(
         return _save(engine, out, step, state, keep_last, config)
     except (OSError, RuntimeError) as e:
         where = out / CHECKPOINTS / INCOMPLETE
-        if getattr(e, "errno", None) == errno.ENOSPC or _disk_full(out):
+        full = getattr(e, "errno", None) == errno.ENOSPC
+        if full or (_disk_full(out) and (isinstance(e, OSError) or "write" in str(e).lower())):
             raise CheckpointError(
                 f"no space left on device at {where} while saving the checkpoint of step "
                 f"{step}; `latest` still names the last complete checkpoint. Free space (or "
