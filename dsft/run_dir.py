@@ -78,11 +78,22 @@ _held: set[Path] = set()
 def _release() -> None:
     for lock in list(_held):
         if locks.owner(lock) == f"{socket.gethostname()}:{os.getpid()}":
+            lock.with_suffix(".job").unlink(missing_ok=True)
             lock.unlink(missing_ok=True)
         _held.discard(lock)
 
 
 atexit.register(_release)
+
+
+def _same_slurm_job(lock: Path) -> bool:
+    """The lock was taken by an earlier run of this Slurm job (requeued, maybe on another
+    node after a crash: its lock cannot be judged stale from here)."""
+    job = os.environ.get("SLURM_JOB_ID")
+    try:
+        return bool(job) and lock.with_suffix(".job").read_text().strip() == job
+    except OSError:
+        return False
 
 
 def acquire(out: Path) -> None:
@@ -91,12 +102,24 @@ def acquire(out: Path) -> None:
     me = f"{socket.gethostname()}:{os.getpid()}"
     if lock in _held and locks.owner(lock) == me:
         return
-    if not locks.take(lock):
+    took = locks.take(lock)
+    if not took and _same_slurm_job(lock):
+        log.info(
+            "taking over the lock of an earlier run of Slurm job %s", os.environ["SLURM_JOB_ID"]
+        )
+        lock.unlink(missing_ok=True)
+        took = locks.take(lock)
+    if not took:
         raise CheckpointError(
             f"output_dir {out} is in use by another dsft run (process {locks.owner(lock)}); "
             "wait for it to end or choose another output_dir. If that process is gone (a "
             f"crashed node), remove {lock}"
         )
+    job = lock.with_suffix(".job")
+    if os.environ.get("SLURM_JOB_ID"):
+        job.write_text(os.environ["SLURM_JOB_ID"])
+    else:
+        job.unlink(missing_ok=True)
     _held.add(lock)
 
 

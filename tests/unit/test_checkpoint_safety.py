@@ -252,3 +252,20 @@ def test_meaningful_settings() -> None:
     for key in ("logging.every", "eval.every", "train.max_steps", "checkpoint.keep_last",
                 "deepspeed.zero_stage", "train.micro_batch", "data.workers"):  # fmt: skip
         assert not run_dir.meaningful(key), key
+
+
+def test_a_requeued_slurm_job_takes_over_its_own_lock(
+    tmp_path: Path, cfg_factory, monkeypatch
+) -> None:
+    out = tmp_path / "run"
+    out.mkdir()
+    # held by this job's earlier run on another node (cannot be judged stale from here)
+    (out / run_dir.LOCK).write_text("other-node:12345")
+    (out / ".dsft-owner.job").write_text("777")
+    monkeypatch.setenv("SLURM_JOB_ID", "778")
+    with pytest.raises(CheckpointError, match="other-node:12345"):
+        run_dir.open_run(cfg_factory(out), 8, {})
+    monkeypatch.setenv("SLURM_JOB_ID", "777")
+    run_dir.open_run(cfg_factory(out), 8, {})
+    assert locks.owner(out / run_dir.LOCK).endswith(f":{os.getpid()}")
+    run_dir._release()
