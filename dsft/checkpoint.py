@@ -305,8 +305,9 @@ def save(
         return _save(engine, out, step, state, keep_last, config)
     except (OSError, RuntimeError) as e:
         where = out / CHECKPOINTS / INCOMPLETE
-        full = getattr(e, "errno", None) == errno.ENOSPC
-        if full or (_disk_full(out) and (isinstance(e, OSError) or "write" in str(e).lower())):
+        # torch reports a full disk in words of its own ("unexpected pos", "file write
+        # failed", "iostream error"): a failed write with (almost) no space left is one
+        if getattr(e, "errno", None) == errno.ENOSPC or _disk_full(out):
             raise CheckpointError(
                 f"no space left on device at {where} while saving the checkpoint of step "
                 f"{step}; `latest` still names the last complete checkpoint. Free space (or "
