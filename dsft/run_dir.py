@@ -172,11 +172,14 @@ def check_resume(cfg: Config, tag_dir: Path, global_batch: int) -> list[str]:
     meta = json.loads((tag_dir / "dsft_state.json").read_text())
     diff = differences(meta.get("config") or {}, to_dict(cfg))
     lines = {k: f"{k}: {old!r} -> {new!r}" for k, (old, new) in diff.items()}
-    bad = [lines[k] for k in diff if meaningful(k)]
+    # A lean checkpoint records a fingerprint of its base weights: another path to the same
+    # weights is fine, other weights are refused by checkpoint.check_base with the files.
+    fingerprinted = {"model.path", "model.revision"} if meta.get("base") else set()
+    bad = [lines[k] for k in diff if meaningful(k) and k not in fingerprinted]
     saved_batch = meta.get("global_batch", global_batch)
     if saved_batch != global_batch:
         bad.append(f"global batch: {saved_batch} -> {global_batch} sequences per step")
-    ok = [lines[k] for k in diff if not meaningful(k)]
+    ok = [lines[k] for k in diff if not meaningful(k) or k in fingerprinted]
     if bad and not cfg.checkpoint.allow_changes:
         raise CheckpointError(
             f"resume from {tag_dir}: {len(bad)} setting(s) that change the run differ from the "
