@@ -13,7 +13,7 @@ import pytest
 
 from dsft.config import Config, DataConfig, ModelConfig
 from dsft.errors import ExportError
-from dsft.export import model_card, push_to_hub
+from dsft.hf_export import model_card, push_to_hub
 
 from ..integration.test_practitioner import _Hub
 

@@ -11,7 +11,7 @@ from dsft.data import tokenize
 from dsft.data.formats import Example
 from dsft.data.tokenize import ChatOptions, char_cap, encode
 
-from .test_chat_templates import FAMILIES, family_tokenizer
+from .test_template import FAMILIES, family_tokenizer
 
 
 @pytest.mark.parametrize("kind", ["chat", "text"])
