@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from dsft.data.formats import Example, Message
+from dsft.data.readers import MAX_IMAGE_PIXELS
 from dsft.errors import DataError
 
 # Built-in templates for tokenizers without one (or to override theirs). Each renders
@@ -127,6 +128,7 @@ class ChatOptions:
     # tokenizer's longest token (dsft.data.tokenize.char_cap), so a huge line is never
     # tokenised whole.
     char_cap: int = 0
+    max_image_pixels: int = MAX_IMAGE_PIXELS  # larger images are bad rows
 
     @classmethod
     def from_settings(cls, s: Mapping[str, Any]) -> ChatOptions:
@@ -140,6 +142,7 @@ class ChatOptions:
             template_date=s.get("template_date", ""),
             on_bad_row=s.get("on_bad_row", "error"),
             char_cap=int(s.get("char_cap", 0)),
+            max_image_pixels=int(s.get("max_image_pixels") or MAX_IMAGE_PIXELS),
         )
 
 
