@@ -77,7 +77,9 @@ def main(argv: list[str] | None = None) -> int:
     }  # fmt: skip
     cfg = out / "profile.yaml"
     cfg.write_text(yaml.safe_dump(tree, sort_keys=False))
-    proc = subprocess.run([sys.executable, "-m", "dsft", "train", str(cfg), "--no-resume"])
+    proc = subprocess.run(
+        [sys.executable, "-m", "dsft", "train", str(cfg), "--no-resume", "--overwrite"]
+    )
     if proc.returncode:
         return proc.returncode
     rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]

@@ -341,7 +341,9 @@ class Bench:
 
     def run_dsft(self, out: Path, packed: bool, seed: int) -> dict[str, Any]:
         cfg = self._dsft_config(out, packed, seed)
-        cmd = local_launch_argv(self.cfg["nproc"], ["dsft", "train", str(cfg), "--no-resume"])
+        cmd = local_launch_argv(
+            self.cfg["nproc"], ["dsft", "train", str(cfg), "--no-resume", "--overwrite"]
+        )
         env = child_env(not self.cuda, self.cfg["nproc"])
         w = watch(cmd, env, out / "metrics.jsonl", out.parent / f"{out.name}.log")
         rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]

@@ -10,18 +10,27 @@ Lean checkpoints: frozen parameters (the LoRA base model, ``model.freeze``) are 
 change, so resume and export take them from ``model.path``; the checkpoint records a
 fingerprint of its weight files (:func:`base_fingerprint`) and a resume or export onto
 other base weights is refused.
+
+A checkpoint is data, never code (docs/long-jobs-guarantees.md): every ``.pt`` is read with
+``weights_only=True`` and DeepSpeed's allowlisted globals (dsft/safe_load.py), RNG state is
+safetensors, and ``manifest.json`` lists every file's size and sha256. Resume verifies the
+manifest and falls back to the newest intact checkpoint when ``latest`` names a missing or
+damaged one. Files and renames are fsynced before ``latest`` moves.
 """
 
 from __future__ import annotations
 
+import errno
 import functools
 import hashlib
 import json
 import logging
 import os
 import random
+import re
 import shutil
 import time
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -29,25 +38,145 @@ import numpy as np
 import torch
 
 from dsft import distributed as dist
-from dsft import faults
+from dsft import faults, safe_load
 from dsft.config import Config, config_from_dict
-from dsft.errors import ConfigError
+from dsft.errors import CheckpointError, ConfigError
 
 log = logging.getLogger("dsft")
 
 
 CHECKPOINTS = "checkpoints"
 INCOMPLETE = ".incomplete"  # where a checkpoint is written before it becomes visible
+MANIFEST = "manifest.json"  # every file of a checkpoint: size and sha256
+_STEP = re.compile(r"^step_(\d+)$")
 
 
 def _tag(step: int) -> str:
     return f"step_{step:08d}"
 
 
+def _step_of(p: Path) -> int:
+    m = _STEP.match(p.name)
+    return int(m.group(1)) if m else -1
+
+
+def _fsync(path: Path) -> None:
+    """Flush a file's or a directory's entries to the disk (a rename survives power loss)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    except OSError:  # some file systems refuse fsync on directories
+        pass
+    finally:
+        os.close(fd)
+
+
 def _write_atomic(path: Path, text: str) -> None:
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
+    with tmp.open("w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
     os.replace(tmp, path)  # readers see the old or the new content, never a torn file
+    _fsync(path.parent)
+
+
+def _sha256(path: Path) -> str:
+    with path.open("rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def _hash_files(tag_dir: Path, files: list[str]) -> dict[str, dict[str, Any]]:
+    """Size and sha256 of ``files`` (relative to ``tag_dir``), each fsynced on the way."""
+    out = {}
+    for rel in files:
+        f = tag_dir / rel
+        _fsync(f)
+        out[rel] = {"size": f.stat().st_size, "sha256": _sha256(f)}
+    return out
+
+
+def _write_manifest(tag_dir: Path) -> None:
+    """``manifest.json``: every file's size and sha256; all ranks share the hashing."""
+    files = sorted(
+        str(f.relative_to(tag_dir))
+        for f in tag_dir.rglob("*")
+        if f.is_file() and f.name != MANIFEST
+    )
+    rank, world = dist.get_rank(), dist.get_world_size()
+    parts = dist.all_gather_objects(_hash_files(tag_dir, files[rank::world]))
+    if dist.is_main():
+        merged = {k: v for part in parts for k, v in part.items()}
+        _write_atomic(tag_dir / MANIFEST, json.dumps({"files": merged}, indent=1, sort_keys=True))
+
+
+def damaged(tag_dir: Path, hashes: bool = True) -> str | None:
+    """Why ``tag_dir`` is not a complete, intact checkpoint (None when it is): a missing
+    ``dsft_state.json``, or a file missing, resized or changed against ``manifest.json``.
+    A checkpoint written before manifests existed is judged by its ``dsft_state.json``."""
+    if not (tag_dir / "dsft_state.json").is_file():
+        return f"{tag_dir}: no dsft_state.json (not a complete checkpoint)"
+    manifest = tag_dir / MANIFEST
+    if not manifest.is_file():  # older checkpoints: a truncated zip has lost its directory
+        bad = [f for f in sorted(tag_dir.glob("*.pt")) if not zipfile.is_zipfile(f)]
+        return f"{bad[0]}: truncated or not a torch file" if bad else None
+    try:
+        files = json.loads(manifest.read_text())["files"]
+    except (ValueError, KeyError, OSError):
+        return f"{manifest}: unreadable"
+    for rel, want in sorted(files.items()):
+        f = tag_dir / rel
+        if not f.is_file():
+            return f"{f}: missing"
+        size = f.stat().st_size
+        if size != want["size"]:
+            return f"{f}: {size} bytes, {want['size']} when saved (truncated or changed)"
+        if hashes and _sha256(f) != want["sha256"]:
+            return f"{f}: its sha256 differs from the one saved (damaged or changed)"
+    return None
+
+
+_RNG = "rng_rank{}.safetensors"
+
+
+def _save_rng(path: Path) -> None:
+    """This rank's RNG streams as safetensors (tensors plus a few numbers: no pickle)."""
+    from safetensors.torch import save_file
+
+    state = rng_state()
+    version, mt, gauss = state["python"]
+    name, keys, pos, has_gauss, cached = state["numpy"]
+    tensors = {
+        "python": torch.tensor(mt, dtype=torch.int64),
+        "numpy": torch.from_numpy(keys.astype(np.int64)),
+        "torch": state["torch"],
+    }
+    for i, s in enumerate(state.get("cuda", [])):
+        tensors[f"cuda{i}"] = s
+    meta = {
+        "python": json.dumps([version, gauss]),
+        "numpy": json.dumps([name, pos, has_gauss, cached]),
+    }
+    save_file(tensors, str(path), metadata=meta)
+
+
+def _load_rng(path: Path) -> dict[str, Any]:
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata()
+        t = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open has no iteration)
+    version, gauss = json.loads(meta["python"])
+    name, pos, has_gauss, cached = json.loads(meta["numpy"])
+    state: dict[str, Any] = {
+        "python": (version, tuple(int(x) for x in t["python"].tolist()), gauss),
+        "numpy": (name, t["numpy"].numpy().astype(np.uint32), pos, has_gauss, cached),
+        "torch": t["torch"],
+    }
+    cuda = [t[k] for k in sorted((k for k in t if k.startswith("cuda")), key=lambda k: int(k[4:]))]
+    if cuda:
+        state["cuda"] = cuda
+    return state
 
 
 def rng_state() -> dict[str, Any]:
@@ -165,11 +294,43 @@ def save(
 ) -> Path:
     """Save the whole run state as ``checkpoints/step_N``; all ranks call this together.
 
-    Everything is first written under ``checkpoints/.incomplete/``; only when every
-    rank has finished does rank 0 move it into place and then point ``latest`` at
-    it (an atomic rename each), so a kill at any moment leaves ``latest`` naming a
-    complete checkpoint. The ``keep_last`` newest are kept (0 = all).
+    Everything is first written under ``checkpoints/.incomplete/``, with a manifest of
+    every file's size and sha256, each file fsynced; only when every rank has finished
+    does rank 0 move it into place and then point ``latest`` at it (an atomic, fsynced
+    rename each), so a kill or a power loss at any moment leaves ``latest`` naming a
+    complete checkpoint. The ``keep_last`` newest are kept (0 = all); the one just
+    written, which ``latest`` names, never goes. A full disk is a one-line error.
     """
+    try:
+        return _save(engine, out, step, state, keep_last, config)
+    except (OSError, RuntimeError) as e:
+        where = out / CHECKPOINTS / INCOMPLETE
+        # torch reports a full disk in words of its own ("unexpected pos", "file write
+        # failed", "iostream error"): a failed write with (almost) no space left is one
+        if getattr(e, "errno", None) == errno.ENOSPC or _disk_full(out):
+            raise CheckpointError(
+                f"no space left on device at {where} while saving the checkpoint of step "
+                f"{step}; `latest` still names the last complete checkpoint. Free space (or "
+                "lower checkpoint.keep_last) and run the same command to resume"
+            ) from None
+        raise
+
+
+def _disk_full(out: Path, margin: int = 64 << 20) -> bool:
+    try:
+        return shutil.disk_usage(out).free < margin
+    except OSError:
+        return False
+
+
+def _save(
+    engine: Any,
+    out: Path,
+    step: int,
+    state: dict[str, Any],
+    keep_last: int,
+    config: dict[str, Any] | None,
+) -> Path:
     t0 = time.time()
     root = out / CHECKPOINTS
     tmp, tag = root / INCOMPLETE, _tag(step)
@@ -184,7 +345,7 @@ def save(
         str(tmp), tag=tag, client_state=state, save_latest=False, exclude_frozen_parameters=lean
     )
     # DeepSpeed's client_state is written by rank 0 only; RNG streams differ per rank.
-    torch.save(rng_state(), tmp / tag / f"rng_rank{dist.get_rank()}.pt")
+    _save_rng(tmp / tag / _RNG.format(dist.get_rank()))
     faults.kill_if("DSFT_FAULT_KILL_IN_SAVE", step, dist.get_rank())  # test: a torn save
     dist.barrier()
     if dist.is_main():
@@ -206,13 +367,18 @@ def save(
         if lean and frozen and model_cfg.get("path"):
             weights = _weights_dir(model_cfg["path"], model_cfg.get("revision", ""))
             meta["base"] = {**base_fingerprint(weights), "path": model_cfg["path"]}
-        (tmp / tag / "dsft_state.json").write_text(json.dumps(meta, indent=2, default=str))
+        _write_atomic(tmp / tag / "dsft_state.json", json.dumps(meta, indent=2, default=str))
+    dist.barrier()
+    _write_manifest(tmp / tag)  # every rank hashes (and fsyncs) its share of the files
+    if dist.is_main():
+        _fsync(tmp / tag)
         if (root / tag).exists():
             shutil.rmtree(root / tag)
         os.replace(tmp / tag, root / tag)
+        _fsync(root)
         _write_atomic(root / "latest", tag)
         if keep_last:
-            for old in sorted(root.glob("step_*"))[:-keep_last]:
+            for old in retired(root, tag, keep_last):
                 shutil.rmtree(old, ignore_errors=True)
     dist.barrier()
     if dist.is_main():
@@ -223,9 +389,23 @@ def save(
     return root / tag
 
 
+def retired(root: Path, current: str, keep_last: int) -> list[Path]:
+    """The checkpoints ``keep_last`` retention removes after ``current`` was written.
+
+    The newest are the ``keep_last`` highest steps, ``current`` counted as the newest of
+    all (a folder may hold higher steps from an older run); ``current`` and the checkpoint
+    ``latest`` names are never removed."""
+    latest = root / "latest"
+    keep = {current, latest.read_text().strip() if latest.is_file() else current}
+    others = sorted((p for p in root.glob("step_*") if p.name != current), key=_step_of)
+    ordered = [*others, root / current]
+    return [p for p in ordered[:-keep_last] if p.name not in keep]
+
+
 def find(path: str | Path) -> Path:
     """The checkpoint tag directory that ``path`` names: a ``step_N`` tag, a
-    ``checkpoints/`` folder or a run directory (both via their ``latest``)."""
+    ``checkpoints/`` folder or a run directory (both via their ``latest``). A damaged
+    checkpoint (against its manifest) is an error naming the file."""
     p = Path(path)
     if (p / CHECKPOINTS / "latest").is_file():  # a run directory
         p = p / CHECKPOINTS
@@ -238,17 +418,38 @@ def find(path: str | Path) -> Path:
                 "give a run directory, its checkpoints/ folder or checkpoints/step_N"
             ]
         )
+    why = damaged(p)
+    if why:
+        raise CheckpointError(f"checkpoint {p} is damaged: {why}")
     return p
 
 
-def resume_point(out: Path, resume: bool, resume_from: str) -> Path | None:
-    """The checkpoint to resume from: ``resume_from``, else the run's ``latest``, else None."""
+def choose_resume(out: Path, resume: bool, resume_from: str) -> Path | None:
+    """The checkpoint to resume from: ``resume_from``, else the run's ``latest``, else None.
+
+    A ``latest`` that names a missing or damaged checkpoint is a warning, and the newest
+    intact ``step_N`` is used instead. No collectives: call it on one rank."""
     if resume_from:
         return find(resume_from)
-    latest = out / CHECKPOINTS / "latest"
-    if resume and latest.is_file():
-        p = latest.parent / latest.read_text().strip()
-        return p if (p / "dsft_state.json").is_file() else None
+    if not resume:
+        return None
+    found = _newest_intact(out / CHECKPOINTS)
+    return Path(found) if found else None
+
+
+def _newest_intact(root: Path) -> str | None:
+    latest = root / "latest"
+    named = root / latest.read_text().strip() if latest.is_file() else None
+    steps = sorted(root.glob("step_*"), key=_step_of, reverse=True) if root.is_dir() else []
+    candidates = ([named] if named is not None else []) + [p for p in steps if p != named]
+    for i, p in enumerate(candidates):
+        why = damaged(p) if p.is_dir() else f"{p}: missing"
+        if why is None:
+            return str(p)
+        what = "`latest` names" if i == 0 and p == named else "checkpoint"
+        log.warning("resume: %s %s, which cannot be used (%s); trying an older one", what, p, why)
+    if named is not None:
+        log.warning("resume: no intact checkpoint in %s; starting from step 0", root)
     return None
 
 
@@ -265,16 +466,16 @@ def saved_config(tag_dir: Path) -> Config:
     return config_from_dict(state["config"])
 
 
-def consolidate(tag_dir: Path) -> dict[str, torch.Tensor]:
-    """The fp32 weights of a DeepSpeed checkpoint, from any ZeRO stage and rank count."""
+def consolidate(tag_dir: Path, trust: bool = False) -> dict[str, torch.Tensor]:
+    """The fp32 weights of a DeepSpeed checkpoint, from any ZeRO stage and rank count.
+    Every file is verified to unpickle no code first (unless ``trust``)."""
+    safe_load.verify_dir(tag_dir, trust)
     if any(tag_dir.glob("zero_pp_rank_*optim_states.pt")):
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
         return dict(get_fp32_state_dict_from_zero_checkpoint(str(tag_dir.parent), tag_dir.name))
     # ZeRO-0 keeps the whole module in the model-states file.
-    states = torch.load(
-        tag_dir / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False
-    )
+    states = safe_load.load(tag_dir / "mp_rank_00_model_states.pt", "cpu", trust=trust)
     return {k: v.float() if v.is_floating_point() else v for k, v in states["module"].items()}
 
 
@@ -286,9 +487,9 @@ def needs_reshard(path: Path, world_size: int, zero_stage: int) -> bool:
     return saved_stage != zero_stage or (saved_stage > 0 and meta["world_size"] != world_size)
 
 
-def load_weights(model: torch.nn.Module, path: Path, zero3: bool) -> None:
+def load_weights(model: torch.nn.Module, path: Path, zero3: bool, trust: bool = False) -> None:
     """Load a checkpoint's consolidated fp32 weights into a model not yet in an engine."""
-    sd = consolidate(path)
+    sd = consolidate(path, trust)
     deepspeed = dist.import_deepspeed()
     # Frozen parameters keep the values loaded from model.path (a lean checkpoint has none).
     missing = [n for n, p in model.named_parameters() if n not in sd and p.requires_grad]
@@ -308,16 +509,21 @@ def load_weights(model: torch.nn.Module, path: Path, zero3: bool) -> None:
                 p.data.copy_(sd[name].to(p.dtype))
 
 
-def read_state(path: Path) -> dict[str, Any]:
+def read_state(path: Path, trust: bool = False) -> dict[str, Any]:
     """The run position saved in a checkpoint, and this rank's RNG streams if saved."""
     meta = _meta(path)
-    _restore_rank_rng(path)
+    _restore_rank_rng(path, trust)
     return {k: meta[k] for k in ("step", "epoch", "window", "global_batch", "best") if k in meta}
 
 
-def load(engine: Any, path: Path) -> dict[str, Any]:
-    """Restore model, optimizer, scheduler and this rank's RNG; returns the run state."""
+def load(engine: Any, path: Path, trust: bool = False) -> dict[str, Any]:
+    """Restore model, optimizer, scheduler and this rank's RNG; returns the run state.
+
+    Every file is verified to unpickle no code (unless ``trust``), and DeepSpeed reads
+    them through the same verified loader."""
     t0 = time.time()
+    safe_load.verify_dir(path, trust)
+    safe_load.guard_engine(engine, trust)
     # A lean checkpoint lacks the frozen parameters: the engine keeps those it was built
     # with (model.path, checked by check_base); every other tensor must be there.
     lean = bool(_meta(path).get("frozen_excluded"))
@@ -327,11 +533,15 @@ def load(engine: Any, path: Path) -> dict[str, Any]:
     if load_path is None:
         raise ConfigError([f"{path}: DeepSpeed could not load this checkpoint"])
     log.info("checkpoint loaded: %s in %.2f s", path, time.time() - t0)
-    _restore_rank_rng(path)
+    _restore_rank_rng(path, trust)
     return state
 
 
-def _restore_rank_rng(path: Path) -> None:
-    rng = path / f"rng_rank{dist.get_rank()}.pt"
-    if rng.is_file():  # a checkpoint saved on fewer ranks has no stream for the others
-        restore_rng(torch.load(rng, weights_only=False))
+def _restore_rank_rng(path: Path, trust: bool = False) -> None:
+    # a checkpoint saved on fewer ranks has no stream for the others
+    rng = path / _RNG.format(dist.get_rank())
+    old = path / f"rng_rank{dist.get_rank()}.pt"  # written by dsft before safetensors
+    if rng.is_file():
+        restore_rng(_load_rng(rng))
+    elif old.is_file():
+        restore_rng(safe_load.load(old, trust=trust))

@@ -35,6 +35,15 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument(
         "--no-resume", action="store_true", help="start afresh even if output_dir has checkpoints"
     )
+    t.add_argument(
+        "--overwrite", action="store_true", help="with --no-resume: clear output_dir's old run"
+    )
+    t.add_argument(
+        "--allow-changes",
+        action="store_true",
+        help="resume although data/model/batch/schedule/seed differ from the checkpoint's",
+    )
+    _trust_flag(t)
     t.set_defaults(recipe="train")
 
     e = sub.add_parser(
@@ -73,6 +82,7 @@ def build_parser() -> argparse.ArgumentParser:
     h.add_argument(
         "--trust-remote-code", action="store_true", help="allow the model's own Python code"
     )
+    _trust_flag(e)
     e.set_defaults(recipe="evaluate")
 
     x = sub.add_parser("export", help="a checkpoint (any ZeRO stage) to a Hugging Face directory")
@@ -88,7 +98,23 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="ORG/NAME",
         help="upload the export (the merged model, or the adapter) and its model card",
     )
-    x.add_argument("--private", action="store_true", help="with --push-to-hub: a private repo")
+    x.add_argument(
+        "--public",
+        action="store_true",
+        help="with --push-to-hub: make a new repo public (default: private)",
+    )
+    x.add_argument("--private", action="store_true", help=argparse.SUPPRESS)  # the default now
+    x.add_argument(
+        "--model-path",
+        help="the base model (default: the checkpoint's model.path; required with "
+        "--trust-remote-code)",
+    )
+    x.add_argument(
+        "--trust-remote-code",
+        action="store_true",
+        help="run the base model repo's own Python (never taken from the checkpoint)",
+    )
+    _trust_flag(x)
     x.set_defaults(recipe="export", overrides=[])
 
     it = sub.add_parser(
@@ -214,6 +240,14 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--world-size", type=int, default=1)
     c.set_defaults(recipe="plan")
     return p
+
+
+def _trust_flag(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--trust-checkpoint",
+        action="store_true",
+        help="unpickle checkpoint files that name any Python code (only checkpoints you made)",
+    )
 
 
 def _shape_names() -> list[str]:

@@ -19,7 +19,14 @@ from dsft.data.sampler import steps_per_epoch
 from dsft.errors import ConfigError
 from dsft.eval.evaluator import BestTracker
 from dsft.job import Job
-from dsft.model import TowerTouch, build_model, count_params, freeze, torch_dtype
+from dsft.model import (
+    TowerTouch,
+    build_model,
+    count_params,
+    freeze,
+    torch_dtype,
+    warn_beyond_context,
+)
 from dsft.optim import describe_groups, lr_lambda, make_optimizer, param_groups
 
 log = logging.getLogger("dsft")
@@ -99,9 +106,8 @@ def build_engine(job: Job, units: int) -> Engine:
     # deals by data-parallel rank), each computing its slice of the rows.
     sp_groups = distributed.sequence_parallel_groups(shape.sequence_parallel)
     model = build_model(cfg.model, torch_dtype(cfg.train.precision), job.ds_config)
-    resume_from = checkpoint.resume_point(
-        job.out, cfg.checkpoint.resume, cfg.checkpoint.resume_from
-    )
+    warn_beyond_context(model.config, cfg.data.max_len)
+    resume_from = job.resume_from  # the newest intact checkpoint (dsft/run_dir.py)
     if resume_from is not None:  # a lean checkpoint needs the base weights it was trained on
         checkpoint.check_base(resume_from, cfg.model.path, cfg.model.revision)
     reshard = resume_from is not None and checkpoint.needs_reshard(
@@ -109,7 +115,7 @@ def build_engine(job: Job, units: int) -> Engine:
     )
     frozen = freeze(model, cfg.model.freeze)
     if reshard:  # after freezing: frozen parameters keep model.path's values
-        checkpoint.load_weights(model, resume_from, zero3)
+        checkpoint.load_weights(model, resume_from, zero3, cfg.checkpoint.trust)
     if cfg.model.tiled_mlp:
         tiles = tiled_mlp.tiles_for(cfg.data.max_len, shape.sequence_parallel, job.plan.hidden)
         log.info("tiled MLP: %d blocks, %d tiles per row", tiled_mlp.tile_mlp(model, tiles), tiles)
@@ -135,7 +141,7 @@ def build_engine(job: Job, units: int) -> Engine:
 
     start: dict[str, Any] = {"step": 0, "epoch": 0, "window": 0}
     if reshard:
-        start = checkpoint.read_state(resume_from)
+        start = checkpoint.read_state(resume_from, cfg.checkpoint.trust)
         with warnings.catch_warnings():  # "scheduler.step() before optimizer.step()"
             warnings.simplefilter("ignore")
             for _ in range(start["step"]):
@@ -220,7 +226,7 @@ def _restored(
     weights were already loaded for another rank count or stage: ``reshard``)."""
     global_batch = job.shape.global_batch
     if not reshard:
-        start = checkpoint.load(ds, resume_from)
+        start = checkpoint.load(ds, resume_from, job.cfg.checkpoint.trust)
     saved_batch = start.get("global_batch", global_batch)
     if saved_batch != global_batch:
         # Same examples consumed, counted in the new global batches (rounded down:

@@ -26,6 +26,13 @@ class HubError(ValueError):
     exit_code = 2
 
 
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be used safely: code in a pickle, a damaged file, a run
+    folder in use or changed settings on resume (one line, naming the file)."""
+
+    exit_code = 2
+
+
 class TrainingDiverged(RuntimeError):
     """Too many consecutive steps with a non-finite loss or gradient norm."""
 
@@ -44,4 +51,12 @@ class ExportError(RuntimeError):
     exit_code = 4
 
 
-USER_ERRORS = (ConfigError, DataError, HubError, TrainingDiverged, Preempted, ExportError)
+USER_ERRORS = (
+    ConfigError,
+    DataError,
+    HubError,
+    CheckpointError,
+    TrainingDiverged,
+    Preempted,
+    ExportError,
+)

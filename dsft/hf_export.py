@@ -14,8 +14,10 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import re
 import shutil
 import tempfile
+from fnmatch import fnmatch
 from pathlib import Path
 from typing import Any
 
@@ -25,10 +27,10 @@ import yaml
 from dsft import distributed as dist
 from dsft import moe
 from dsft.checkpoint import check_base, consolidate, find, saved_config
-from dsft.config import Config, to_dict
+from dsft.config import Config, is_hub_id, to_dict
 from dsft.data.cache import _file_digest
 from dsft.data.template import apply_template
-from dsft.errors import ExportError
+from dsft.errors import ConfigError, ExportError
 from dsft.flops import text_config
 from dsft.hub import model_path
 from dsft.model import (
@@ -74,17 +76,42 @@ def export_hf(
     return out if dist.is_main() else None
 
 
-def export_checkpoint(path: str | Path, out: Path, merged: bool = True) -> Path:
-    """``dsft export``: a checkpoint (or run directory) to a Hugging Face directory."""
+def export_checkpoint(
+    path: str | Path,
+    out: Path,
+    merged: bool = True,
+    model_path: str | None = None,
+    trust_remote_code: bool = False,
+    trust_checkpoint: bool = False,
+) -> Path:
+    """``dsft export``: a checkpoint (or run directory) to a Hugging Face directory.
+
+    What may run code comes from the user, never from the checkpoint: ``trust_remote_code``
+    is the caller's (the checkpoint's own setting is ignored), and with it the base model
+    must be named by the caller (``model_path``) too; without it the checkpoint's
+    ``model.path`` is the default. Checkpoint files unpickle no code unless
+    ``trust_checkpoint``."""
     dist.configure_accelerator()  # zero_to_fp32 imports deepspeed
+    if trust_remote_code and not model_path:
+        raise ConfigError(
+            [
+                "--trust-remote-code: also name the base model with --model-path; the "
+                "checkpoint's own model.path is not trusted to choose code to run"
+            ]
+        )
     tag_dir = find(path)
     summary = tag_dir.parent.parent / "summary.json"  # the run's, when it finished
     run = json.loads(summary.read_text()) if summary.is_file() else {}
     run.setdefault("steps", json.loads((tag_dir / "dsft_state.json").read_text()).get("step"))
     cfg = saved_config(tag_dir)
+    saved_trust = cfg.model.trust_remote_code
+    cfg.model.path = model_path or cfg.model.path
+    cfg.model.trust_remote_code = trust_remote_code
+    if saved_trust and not trust_remote_code:
+        log.info("the checkpoint's model.trust_remote_code is ignored (pass --trust-remote-code)")
     # a lean checkpoint takes its frozen weights from model.path: the same ones?
     check_base(tag_dir, cfg.model.path, cfg.model.revision)
-    write_hf(cfg, consolidate(tag_dir), out, merged=merged, run=run)
+    write_hf(cfg, consolidate(tag_dir, trust_checkpoint), out, merged=merged, run=run)
     return out
 
 
@@ -288,7 +315,7 @@ def model_card(cfg: Config, run: dict[str, Any] | None = None, adapter: bool = F
     how well it did, and the resolved config that reproduces it."""
     run = run or {}
     base = cfg.model.path
-    local = Path(base).is_dir()
+    local = Path(base).is_dir() or not is_hub_id(base)
     front = {"library_name": "peft" if adapter else "transformers", "tags": ["dsft", "sft"]}
     if not local:  # a Hub name: the Hub links the base model
         front["base_model"] = base
@@ -302,8 +329,7 @@ def model_card(cfg: Config, run: dict[str, Any] | None = None, adapter: bool = F
         "",
         f"# {Path(cfg.output_dir).name}",
         "",
-        f"Fine-tuned from `{Path(base).name if local else base}` with "
-        f"[dsft](https://github.com) ({_method(cfg)}).",
+        f"Fine-tuned from `{Path(base).name if local else base}` with dsft ({_method(cfg)}).",
     ]
     if adapter:
         lines += [
@@ -339,7 +365,7 @@ def model_card(cfg: Config, run: dict[str, Any] | None = None, adapter: bool = F
         "## Resolved config",
         "",
         "```yaml",
-        yaml.safe_dump(to_dict(cfg), sort_keys=False).strip(),
+        yaml.safe_dump(public_config(to_dict(cfg)), sort_keys=False).strip(),
         "```",
         "",
     ]
@@ -354,19 +380,79 @@ def write_model_card(
     return path
 
 
-def push_to_hub(folder: Path, repo_id: str, private: bool = False) -> str:
+def public_config(tree: Any) -> Any:
+    """The resolved config without local paths: an absolute path keeps its last name only
+    (data files are identified by name and sha256 in the card's data table)."""
+    if isinstance(tree, dict):
+        return {k: public_config(v) for k, v in tree.items()}
+    if isinstance(tree, list):
+        return [public_config(v) for v in tree]
+    if isinstance(tree, str) and (tree.startswith(("/", "~")) or re.match(r"^[A-Za-z]:\\", tree)):
+        return f".../{Path(tree).name}"
+    return tree
+
+
+# What an export holds and push_to_hub uploads: weights, configs, tokenizer, card, adapter.
+EXPORT_FILES = (
+    "*.safetensors",
+    "*.json",
+    "README.md",
+    "*.model",  # sentencepiece tokenizers
+    "*.tiktoken",
+    "*.jinja",  # chat templates
+    "merges.txt",
+    "vocab.txt",
+)
+
+
+def export_files(folder: Path) -> list[str]:
+    """The files of an export under ``folder`` that are uploaded (relative paths); raises
+    ExportError when ``folder`` is not an export (a run directory, a checkpoint)."""
+    is_model = (folder / "config.json").is_file() and any(folder.glob("*.safetensors"))
+    is_adapter = (folder / "adapter_config.json").is_file() and any(
+        folder.glob("adapter_model.safetensors")
+    )
+    run_like = [
+        n for n in ("checkpoints", "metrics.jsonl", "summary.json") if (folder / n).exists()
+    ]
+    if run_like or not (is_model or is_adapter):
+        raise ExportError(
+            f"{folder}: not an export (a Hugging Face model or adapter folder written by dsft "
+            f"export{'; it holds ' + ', '.join(run_like) if run_like else ''}); push the "
+            "export's folder, e.g. `dsft export RUN OUT --push-to-hub ORG/NAME`"
+        )
+    files = []
+    for f in sorted(folder.rglob("*")):
+        rel = f.relative_to(folder)
+        top_or_adapter = len(rel.parts) == 1 or (len(rel.parts) == 2 and rel.parts[0] == "adapter")
+        if f.is_file() and top_or_adapter and any(fnmatch(f.name, g) for g in EXPORT_FILES):
+            files.append(rel.as_posix())
+    return files
+
+
+def push_to_hub(folder: Path, repo_id: str, private: bool = True) -> str:
     """Upload an export (with its model card) to the Hub repo ``repo_id``; returns its URL.
 
-    The token and endpoint are huggingface_hub's own (HF_TOKEN / `hf auth login`,
-    HF_ENDPOINT)."""
+    Only the export's files go (:data:`EXPORT_FILES`: weights, configs, tokenizer, card,
+    adapter), listed before the upload. A new repo is private unless ``private=False``
+    (``--public``); an existing repo keeps its visibility. The token and endpoint are
+    huggingface_hub's own (HF_TOKEN / `hf auth login`, HF_ENDPOINT)."""
     from huggingface_hub import HfApi
 
+    files = export_files(folder)
+    size = sum((folder / f).stat().st_size for f in files)
+    print(
+        f"uploading {len(files)} files ({size / 2**20:.1f} MB) from {folder} to "
+        f"{repo_id} ({'private' if private else 'public'} if new): {', '.join(files)}",
+        flush=True,
+    )
     api = HfApi()
     url = api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
     api.upload_folder(
         folder_path=str(folder),
         repo_id=repo_id,
         repo_type="model",
+        allow_patterns=files,
         commit_message="Upload model fine-tuned with dsft",
     )
     return str(url)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,6 +43,19 @@ class HubDataset:
     revision: str | None = None
 
 
+# A Hub revision: a branch or tag name, a commit, or refs/pr/N (git's ref name rules, as the
+# Hub applies them: no "..", no leading or trailing "/", no control or special characters).
+_REVISION = re.compile(r"^(?!/)(?!.*\.\.)(?!.*//)[\w.\-/]{1,200}(?<![/.])$")
+_NAME = re.compile(r"^[\w.\-]{1,200}$")  # a dataset config or split name
+
+
+def check_revision(revision: str | None, where: str) -> list[str]:
+    """Problems with a Hub revision (none for a branch, tag, commit or refs/pr/N)."""
+    if revision and not _REVISION.match(revision):
+        return [f"{where}: {revision!r} is not a Hub revision (a branch, tag, commit or refs/pr/N)"]
+    return []
+
+
 def parse_dataset(spec: str) -> HubDataset:
     repo, _, query = spec.partition("?")
     q = {k: v[-1] for k, v in parse_qs(query, keep_blank_values=True).items()}
@@ -52,6 +66,14 @@ def parse_dataset(spec: str) -> HubDataset:
                 f"data.path: {spec!r}: unknown option(s) {', '.join(unknown)} (config, split, revision)"
             ]
         )
+    problems = check_revision(q.get("revision"), f"data.path: {spec!r}: revision")
+    problems += [
+        f"data.path: {spec!r}: {k}={q[k]!r} is not a config or split name"
+        for k in ("config", "split")
+        if q.get(k) and not _NAME.match(q[k])
+    ]
+    if problems:
+        raise ConfigError(problems)
     return HubDataset(repo, q.get("config") or None, q.get("split") or "train", q.get("revision"))
 
 
@@ -108,7 +130,13 @@ def _is_builder() -> bool:
 
 def snapshot(repo: str, repo_type: str = "model", revision: str | None = None) -> str:
     """The local snapshot directory of a Hub repository (see the module docstring)."""
-    name = f"{repo_type}s--{repo.replace('/', '--')}--{revision or 'main'}"
+    problems = check_revision(revision, f"{repo_type} {repo!r}: revision")
+    if problems:
+        raise ConfigError(problems)
+    # Lock and error files are named by a hash: a revision (refs/pr/1) or a name never
+    # becomes a path of its own.
+    key = hashlib.sha256(f"{repo_type}|{repo}|{revision or 'main'}".encode()).hexdigest()[:32]
+    name = f"{repo_type}s--{key}"
     lock_dir = _cache_dir() / ".dsft-locks"
     lock, error = lock_dir / f"{name}.lock", lock_dir / f"{name}.error"
     if _is_builder():

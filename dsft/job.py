@@ -10,8 +10,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from dsft import data, distributed
-from dsft.config import BatchShape, Config, DataConfig, batch_shape, save_config
+from dsft import data, distributed, run_dir
+from dsft.config import BatchShape, Config, DataConfig, batch_shape
 from dsft.data.collate import ImageInputs
 from dsft.ds_config import deepspeed_config
 from dsft.eval.evaluator import Evaluator
@@ -37,6 +37,7 @@ class Job:
     tokenizer: Any
     splits: data.Splits
     deepspeed: Any  # the deepspeed module (imported once the ranks exist)
+    resume_from: Path | None = None  # training: the checkpoint to resume from (run_dir)
 
     @property
     def out(self) -> Path:
@@ -77,14 +78,18 @@ def open_job(cfg: Config, training: bool, prepare: Prepare = data.prepare) -> Jo
     cfg, plan = resolve_plan(cfg, env)
     shape = batch_shape(cfg.train, env.world_size)
     ds_config = deepspeed_config(cfg, shape, plan.hidden)
+    resume_from = None
     if training:
-        out = Path(cfg.output_dir)
-        if env.is_main:
-            out.mkdir(parents=True, exist_ok=True)
-            save_config(cfg, out / "config.yaml")
-            (out / "plan.json").write_text(json.dumps(plan.record(), indent=2, default=str))
-            (out / "ds_config.json").write_text(json.dumps(ds_config, indent=2))
-        distributed.barrier()
+        # One run per output_dir (owner lock), no silent fresh start over an old run, the
+        # resume point (newest intact checkpoint) and what the resume changes; config written.
+        resume_from = run_dir.open_run(
+            cfg,
+            shape.global_batch,
+            {
+                "plan.json": json.dumps(plan.record(), indent=2, default=str),
+                "ds_config.json": json.dumps(ds_config, indent=2),
+            },
+        )
         seed_everything(cfg.train.seed)
     tokenizer = load_tokenizer(cfg.model)
     # Each node's local rank 0 tokenises (into the cache); the others wait for it.
@@ -92,4 +97,4 @@ def open_job(cfg: Config, training: bool, prepare: Prepare = data.prepare) -> Jo
     log.info("data: %s", splits.stats)
     # a multimodal model's processor: image rows get their pixels per batch
     splits.images = ImageInputs.of(tokenizer, cfg.data.max_image_pixels, cfg.train.precision)
-    return Job(env, cfg, plan, shape, ds_config, tokenizer, splits, deepspeed)
+    return Job(env, cfg, plan, shape, ds_config, tokenizer, splits, deepspeed, resume_from)

@@ -315,6 +315,30 @@ def build_model(cfg: ModelConfig, dtype: torch.dtype, ds_config: dict[str, Any])
     return model
 
 
+def context_length(model_config: Any) -> int | None:
+    """The longest sequence a model's config says it was built for (None: not stated)."""
+    for key in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
+        n = getattr(model_config, key, None)
+        if isinstance(n, int) and n > 0:
+            return n
+    return None
+
+
+def warn_beyond_context(model_config: Any, max_len: int) -> bool:
+    """Warn when ``data.max_len`` exceeds the model's context; True if it does."""
+    n = context_length(model_config)
+    if n is None or max_len <= n:
+        return False
+    log.warning(
+        "data.max_len=%d is above the model's context of %d tokens (max_position_embeddings): "
+        "positions past it were never trained and may give poor results; lower data.max_len or "
+        "use a model with a longer context (rope scaling)",
+        max_len,
+        n,
+    )
+    return True
+
+
 def apply_lora(model: torch.nn.Module, cfg: LoraConfig) -> torch.nn.Module:
     """Wrap the model with peft LoRA adapters (base weights frozen). On a multimodal model
     ``all-linear`` adapts the language model's linear layers only (name the tower's modules

@@ -3,6 +3,7 @@ this machine cannot do, and the resolution of "auto" settings by the memory plan
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import logging
 import random
@@ -13,7 +14,8 @@ import torch
 
 from dsft import distributed, planner
 from dsft.config import Config
-from dsft.errors import ConfigError
+from dsft.errors import ConfigError, HubError
+from dsft.hub import model_path
 
 log = logging.getLogger("dsft")
 
@@ -97,9 +99,19 @@ def resolve_plan(cfg: Config, env: distributed.DistEnv) -> tuple[Config, planner
     if env.is_main:
         try:
             hw = planner.job_hardware(env.world_size, env.local_world_size, free)
-            result = planner.resolve(cfg, hw)
+            # A Hub name is read from its cache snapshot (dsft/hub.py: one-line error if
+            # neither cached nor reachable); the resolved config keeps the name.
+            local = model_path(cfg.model.path, cfg.model.revision)
+            on_disk = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, path=local))
+            resolved, decision = planner.resolve(on_disk, hw)
+            resolved = dataclasses.replace(
+                resolved, model=dataclasses.replace(resolved.model, path=cfg.model.path)
+            )
+            result = (resolved, decision)
         except ConfigError as e:  # refused: every rank raises it (problems pickle, errors not)
             result = e.problems
+        except HubError as e:
+            result = [str(e)]
     result = distributed.broadcast_object(result)
     if isinstance(result, list):
         raise ConfigError(result)

@@ -15,6 +15,7 @@ from dsft.config.loading import (
     config_from_dict,
     load_config,
     parse_overrides,
+    read_yaml,
     save_config,
     to_dict,
 )
@@ -68,6 +69,7 @@ __all__ = [
     "load_config",
     "model_heads",
     "parse_overrides",
+    "read_yaml",
     "save_config",
     "to_dict",
     "validate",

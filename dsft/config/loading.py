@@ -141,6 +141,108 @@ def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+MAX_YAML_BYTES = 16 << 20  # a config file is small; anything bigger is a mistake
+MAX_YAML_DEPTH = 64  # nesting of mappings and lists
+MAX_YAML_ALIASES = 100  # `*alias` uses: a few are handy, thousands are an alias bomb
+MAX_YAML_NODES = 100_000  # values once aliases are expanded ("billion laughs")
+
+
+def _expanded_size(data: Any, limit: int) -> int:
+    """How many values ``data`` holds with shared (aliased) parts counted each time they
+    appear; stops counting past ``limit``."""
+    count, stack = 0, [data]
+    while stack and count <= limit:
+        item = stack.pop()
+        count += 1
+        if isinstance(item, dict):
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
+    return count
+
+
+class _StrictLoader(yaml.SafeLoader):
+    """PyYAML's safe loader that refuses duplicate keys, deep nesting and alias bombs."""
+
+    def __init__(self, stream: str):
+        super().__init__(stream)
+        self._depth = 0
+        self._aliases = 0
+
+    def compose_node(self, parent: Any, index: Any) -> Any:
+        if self.check_event(yaml.AliasEvent):
+            self._aliases += 1
+            if self._aliases > MAX_YAML_ALIASES:
+                mark = self.peek_event().start_mark
+                raise yaml.YAMLError(
+                    f"more than {MAX_YAML_ALIASES} aliases (*name), line {mark.line + 1}: "
+                    "refused as an alias bomb"
+                )
+        self._depth += 1
+        if self._depth > MAX_YAML_DEPTH:
+            mark = self.peek_event().start_mark
+            raise yaml.YAMLError(
+                f"nested deeper than {MAX_YAML_DEPTH} levels, line {mark.line + 1}"
+            )
+        try:
+            return super().compose_node(parent, index)
+        finally:
+            self._depth -= 1
+
+    def construct_mapping(self, node: Any, deep: bool = False) -> Any:
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            line = key_node.start_mark.line + 1
+            with contextlib.suppress(TypeError):  # unhashable keys: the base class reports
+                if key in seen:
+                    raise yaml.YAMLError(
+                        f"duplicate key {key!r} on line {line} (first on line {seen[key]}); "
+                        "the later one would silently win"
+                    )
+                seen[key] = line
+        return super().construct_mapping(node, deep)
+
+
+def read_yaml(path: Path) -> Any:
+    """A YAML file's content, every problem with the file a one-line ConfigError: missing,
+    a folder, too big, not UTF-8, not YAML, duplicate keys, too deep, an alias bomb."""
+    try:
+        if path.is_dir():
+            raise ConfigError([f"{path}: is a folder; give a YAML config file"])
+        size = path.stat().st_size
+        if size > MAX_YAML_BYTES:
+            raise ConfigError([f"{path}: {size} bytes is too big for a config file"])
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        raise ConfigError([f"{path}: config file not found"]) from None
+    except OSError as e:
+        raise ConfigError([f"{path}: cannot read it ({e.strerror or type(e).__name__})"]) from None
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = raw[: e.start].count(b"\n") + 1
+        raise ConfigError(
+            [f"{path}: not UTF-8 text (byte 0x{raw[e.start]:02x} on line {line}); save it as UTF-8"]
+        ) from None
+    loader = _StrictLoader(text)
+    try:
+        data = loader.get_single_data()
+        if _expanded_size(data, MAX_YAML_NODES) > MAX_YAML_NODES:
+            raise yaml.YAMLError(
+                f"more than {MAX_YAML_NODES} values once its aliases are expanded: refused as "
+                "an alias bomb"
+            )
+        return data
+    except yaml.YAMLError as e:
+        first = " ".join(str(e).split())
+        raise ConfigError([f"{path}: not valid YAML: {first}"]) from None
+    except RecursionError:
+        raise ConfigError([f"{path}: nested too deeply to read"]) from None
+    finally:
+        loader.dispose()
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
     """Build a validated :class:`Config` from an optional YAML file and dotted overrides.
 
@@ -151,12 +253,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     tree: dict[str, Any] = {}
     if path is not None:
         path = Path(path)
-        try:
-            loaded = yaml.safe_load(path.read_text())
-        except FileNotFoundError:
-            raise ConfigError([f"{path}: config file not found"]) from None
-        except yaml.YAMLError as e:
-            raise ConfigError([f"{path}: not valid YAML: {e}"]) from None
+        loaded = read_yaml(path)
         if loaded is None:
             loaded = {}
         if not isinstance(loaded, dict):

@@ -138,6 +138,7 @@ class DataConfig:
     # counts packed rows.
     packing: bool = False
     on_bad_row: Literal["error", "skip"] = "error"  # skip = count, report and leave it out
+    max_line_mb: float = 1024.0  # a longer jsonl line is a located bad row (see on_bad_row)
     # Images larger than this many pixels are bad rows (decompression bombs far above it)
     max_image_pixels: int = 40_000_000
     # Explicit validation / test files; when given, no validation / test split is carved
@@ -287,6 +288,14 @@ class CheckpointConfig:
     # resume and export reload the frozen weights from model.path, after checking that its
     # weight files are the ones the run started from.
     save_frozen: bool = False
+    # Unpickle checkpoint files that name Python globals outside DeepSpeed's allowlist
+    # (--trust-checkpoint). Such a file can run code: only for checkpoints you made.
+    trust: bool = False
+    # Resume although settings that change the run's meaning (data, model, objective,
+    # global batch, schedule, seed) differ from the checkpoint's (--allow-changes).
+    allow_changes: bool = False
+    # With resume=false: clear an output_dir that already holds a run (--overwrite).
+    overwrite: bool = False
 
 
 @dataclass
@@ -392,6 +401,10 @@ def validate(cfg: Config) -> list[str]:
         p.append(
             "eval.generate: needs a test split; set data.test_fraction > 0 or eval.generate=false"
         )
+    if not 0 < d.max_line_mb <= 1024:
+        p.append(f"data.max_line_mb: {d.max_line_mb} must be in (0, 1024]")
+    if not cfg.output_dir.strip():
+        p.append("output_dir: required (a folder for checkpoints, logs and the export)")
     if cfg.checkpoint.every < 0 or cfg.checkpoint.keep_last < 0:
         p.append("checkpoint.every and checkpoint.keep_last must be >= 0")
     if cfg.logging.every < 1:

@@ -21,9 +21,10 @@ from dsft.data.build import BuildOptions, cached_store, fresh_store, usable_core
 from dsft.data.cache import KINDS, TokenStore, cache_root
 from dsft.data.formats import Example
 from dsft.data.packing import efficiency, pack
+from dsft.data.readers import set_max_row_bytes
 from dsft.data.split import carve_arrays, reweight, split_count
 from dsft.data.template import ChatOptions, apply_template, set_chat_options
-from dsft.data.tokenize import Tokenized
+from dsft.data.tokenize import Tokenized, char_cap
 from dsft.errors import DataError
 
 log = logging.getLogger("dsft")
@@ -137,11 +138,14 @@ def _settings(cfg: DataConfig) -> dict[str, Any]:
         "reasoning": cfg.reasoning,
         "template_kwargs": dict(sorted(cfg.template_kwargs.items())),
         "template_date": cfg.template_date,
+        "max_line_mb": cfg.max_line_mb,  # longer lines are bad rows
     }
 
 
 def _stores(paths: list[str], cfg: DataConfig, tokenizer: Any, builder: bool) -> Corpus:
-    settings = _settings(cfg)
+    # only what data.max_len can use is tokenised: a huge line cannot exhaust memory
+    settings = {**_settings(cfg), "char_cap": char_cap(tokenizer, cfg.max_len)}
+    set_max_row_bytes(int(cfg.max_line_mb * 2**20))
     opts = build_options(cfg)
     if not cfg.cache:
         return Corpus([fresh_store(p, tokenizer, settings, opts) for p in paths])

@@ -35,6 +35,17 @@ _OTHER_BOMS = (
 )
 # The longest line (jsonl) or JSON file read; longer ones are bad rows, not a MemoryError.
 MAX_LINE_BYTES = 1 << 30
+# The longest jsonl line read as a row (data.max_line_mb); longer ones are bad rows.
+MAX_ROW_BYTES = MAX_LINE_BYTES
+
+
+def set_max_row_bytes(n: int) -> None:
+    """``data.max_line_mb`` in bytes: a longer jsonl line is a located bad row (forked
+    tokenisation workers inherit it)."""
+    global MAX_ROW_BYTES
+    MAX_ROW_BYTES = min(n, MAX_LINE_BYTES) if n > 0 else MAX_LINE_BYTES
+
+
 _DEEP = "JSON nested too deeply (deeper than Python's recursion limit)"
 # Long documents in one csv cell are normal for SFT data; the csv module's default limit
 # (128 KiB) would reject them.
@@ -110,17 +121,22 @@ def _no_bom(lines: Iterable[bytes | None]) -> Iterator[bytes | None]:
         yield raw.removeprefix(_BOM) if i == 0 and raw is not None else raw
 
 
+def _mib(n: int) -> str:
+    return f"{n / 2**20:g} MiB" if n >= 2**20 else f"{n} bytes"
+
+
 def _utf8_error(e: UnicodeDecodeError, col: int) -> str:
     return f"not valid UTF-8 (byte 0x{e.object[e.start]:02x} at column {col})"
 
 
 def _bounded_lines(f: BinaryIO) -> Iterator[bytes | None]:
-    """The file's lines; None for a line over MAX_LINE_BYTES (skipped without holding it)."""
+    """The file's lines; None for a line over MAX_ROW_BYTES (skipped without holding it)."""
+    limit = MAX_ROW_BYTES
     while True:
-        raw = f.readline(MAX_LINE_BYTES + 1)
+        raw = f.readline(limit + 1)
         if not raw:
             return
-        if len(raw) > MAX_LINE_BYTES and not raw.endswith(b"\n"):
+        if len(raw) > limit and not raw.endswith(b"\n"):
             while (rest := f.readline(1 << 20)) and not rest.endswith(b"\n"):
                 pass
             yield None
@@ -137,7 +153,10 @@ def _jsonl(
     for lineno, raw in enumerate(_no_bom(lines) if bom else lines, start=first):
         where = f"{path}:{lineno}"
         if raw is None:
-            yield Row(where, error=f"a line longer than {MAX_LINE_BYTES >> 20} MiB")
+            yield Row(
+                where,
+                error=f"a line longer than {_mib(MAX_ROW_BYTES)} (data.max_line_mb)",
+            )
             continue
         try:
             line = raw.decode("utf-8")

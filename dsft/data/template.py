@@ -124,6 +124,10 @@ class ChatOptions:
     template_kwargs: tuple[tuple[str, Any], ...] = ()  # extra template variables
     template_date: str = ""  # YYYY-MM-DD: what strftime_now returns ("" = today)
     on_bad_row: str = "error"  # a row the template refuses: error | skip
+    # Characters kept of each message text (0 = all): enough for data.max_len tokens at the
+    # tokenizer's longest token (dsft.data.tokenize.char_cap), so a huge line is never
+    # tokenised whole.
+    char_cap: int = 0
     max_image_pixels: int = MAX_IMAGE_PIXELS  # larger images are bad rows
 
     @classmethod
@@ -137,6 +141,7 @@ class ChatOptions:
             template_kwargs=tuple(sorted((s.get("template_kwargs") or {}).items())),
             template_date=s.get("template_date", ""),
             on_bad_row=s.get("on_bad_row", "error"),
+            char_cap=int(s.get("char_cap", 0)),
             max_image_pixels=int(s.get("max_image_pixels") or MAX_IMAGE_PIXELS),
         )
 

@@ -125,6 +125,7 @@ def encode(
         expansions: list[list[np.ndarray] | None] = []
         for ex in chunk:
             try:
+                ex = cap_example(ex, opts.char_cap)
                 expanded = image_expansions(tokenizer, ex, opts)
                 text, spans = render_example(
                     tokenizer, _with_image_token(tokenizer, ex), opts.loss_on, opts
@@ -158,6 +159,47 @@ def encode(
     return Encoded(
         np.concatenate(ids_parts), np.concatenate(mask_parts), offsets, kept_or_none, skipped
     )
+
+
+def longest_token_chars(tokenizer: Any) -> int:
+    """The most characters one token of ``tokenizer`` stands for (its longest vocabulary
+    entry: a byte-level entry's length bounds its decoded characters)."""
+    vocab = tokenizer.get_vocab()
+    return max((len(t) for t in vocab), default=1) or 1
+
+
+def char_cap(tokenizer: Any, max_len: int) -> int:
+    """Characters of a message that can matter for ``max_len`` tokens, with a margin.
+
+    N tokens cover at most N x (longest token) characters, so a text cut at this many
+    characters still tokenises to more than ``max_len`` tokens (the truncation is seen as
+    truncation, exactly), and the first ``max_len`` are those of the whole text: the cut is
+    64 tokens past them. A power of two, so nearby ``max_len`` values share cache entries."""
+    need = (max_len + 64) * longest_token_chars(tokenizer)
+    return 1 << max(need - 1, 1).bit_length()
+
+
+def _cap_text(value: Any, cap: int) -> Any:
+    if isinstance(value, str):
+        return value[:cap]
+    if isinstance(value, list):  # content parts: cut their text
+        return [
+            {**p, "text": p["text"][:cap]}
+            if isinstance(p, dict) and isinstance(p.get("text"), str)
+            else p
+            for p in value
+        ]
+    return value
+
+
+def cap_example(ex: Example, cap: int) -> Example:
+    """``ex`` with every message text cut to ``cap`` characters (0: unchanged)."""
+    if not cap or not any(
+        len(v) > cap for m in ex.messages for v in m.values() if isinstance(v, str | list)
+    ):
+        return ex
+    messages = [{k: _cap_text(v, cap) for k, v in m.items()} for m in ex.messages]
+    return replace(ex, messages=messages)
 
 
 # ------------------------------------------------------------------------------- images

@@ -53,7 +53,7 @@ def run_eval(cfg: Config, checkpoint: str, out_dir: str | None = None) -> dict[s
     model = build_model(cfg.model, torch_dtype(cfg.train.precision), job.ds_config)
     if kind == "deepspeed":
         # Consolidated weights load on any number of ranks and any ZeRO stage.
-        load_weights(model, where / str(tag), cfg.deepspeed.zero_stage == 3)
+        load_weights(model, where / str(tag), cfg.deepspeed.zero_stage == 3, cfg.checkpoint.trust)
     engine, *_ = job.deepspeed.initialize(model=model, config=job.ds_config)
     log.info(
         "evaluating %s (%s%s) on %d ranks",
@@ -137,6 +137,8 @@ def main(ns: argparse.Namespace) -> int:
                 "splits); or run benchmarks: dsft eval MODEL --tasks mmlu,gsm8k"
             ]
         )
+    if getattr(ns, "trust_checkpoint", False):
+        ns.overrides.append("checkpoint.trust=true")
     cfg = load_config(ns.config, ns.overrides)
     if ns.nproc > 1 and not distributed.in_launched_job():
         extra = ["--checkpoint", ns.checkpoint] + (["--out", ns.out] if ns.out else [])

@@ -10,11 +10,18 @@ from dsft.hf_export import export_checkpoint, push_to_hub
 
 
 def main(ns: argparse.Namespace) -> int:
-    out = export_checkpoint(ns.checkpoint, Path(ns.out), merged=not ns.adapter_only)
+    out = export_checkpoint(
+        ns.checkpoint,
+        Path(ns.out),
+        merged=not ns.adapter_only,
+        model_path=ns.model_path,
+        trust_remote_code=ns.trust_remote_code,
+        trust_checkpoint=ns.trust_checkpoint,
+    )
     if ns.push_to_hub:
         # The merged model is the export's top level; an adapter-only export (--adapter-only,
         # or QLoRA) has only the adapter to share.
         folder = out if (out / "config.json").is_file() else out / "adapter"
-        url = push_to_hub(folder, ns.push_to_hub, private=ns.private)
+        url = push_to_hub(folder, ns.push_to_hub, private=not ns.public)
         print(f"uploaded {folder} to {url}", flush=True)
     return 0

@@ -47,7 +47,7 @@ from typing import Any
 
 import yaml
 
-from dsft.config import load_config, to_dict
+from dsft.config import load_config, read_yaml, to_dict
 from dsft.errors import ConfigError
 
 LOWER_IS_BETTER = ("val/loss", "val/ppl")
@@ -75,7 +75,7 @@ class Sweep:
 
 def load_sweep(path: str | Path) -> Sweep:
     """Read and check a sweep file; every problem is reported at once."""
-    raw = yaml.safe_load(Path(path).read_text()) or {}
+    raw = read_yaml(Path(path)) or {}
     problems: list[str] = []
     if not isinstance(raw, dict):
         raise ConfigError([f"{path}: expected a mapping of sweep settings"])

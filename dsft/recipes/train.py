@@ -214,8 +214,14 @@ def main(ns: argparse.Namespace) -> int:
     fold of data.kfold."""
     if getattr(ns, "resume", None):
         ns.overrides.append(f"checkpoint.resume_from={ns.resume}")
-    if getattr(ns, "no_resume", False):
-        ns.overrides.append("checkpoint.resume=false")
+    for flag, override in (
+        ("no_resume", "checkpoint.resume=false"),
+        ("overwrite", "checkpoint.overwrite=true"),
+        ("allow_changes", "checkpoint.allow_changes=true"),
+        ("trust_checkpoint", "checkpoint.trust=true"),
+    ):
+        if getattr(ns, flag, False):
+            ns.overrides.append(override)
     cfg = load_config(ns.config, ns.overrides)  # validate before spawning anything
     nproc = ns.nproc
     if ns.command == "launch" and not distributed.in_launched_job():

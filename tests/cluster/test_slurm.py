@@ -96,7 +96,7 @@ def _check_trained(out: Path, world: int, log: str, source: str) -> None:
     state = json.loads((tag / "dsft_state.json").read_text())
     assert state["world_size"] == world and state["step"] == 6
     for rank in range(world):
-        assert (tag / f"rng_rank{rank}.pt").is_file(), rank
+        assert (tag / f"rng_rank{rank}.safetensors").is_file(), rank
         assert list(tag.glob(f"*zero_pp_rank_{rank}_*optim_states.pt")), rank
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import pytest
@@ -155,3 +156,58 @@ def test_zero_stage_and_micro_batch_auto(valid: Path) -> None:
     assert "train.micro_batch=auto: needs train.global_batch" in str(e.value)
     with pytest.raises(ConfigError, match=r"offload_params: needs deepspeed\.zero_stage=3"):
         load_config(valid, ["deepspeed.zero_stage=2", "deepspeed.offload_params=true"])
+
+
+# ------------------------------------------------------------------ bad config files
+
+
+def _bad_file(tmp_path: Path, kind: str) -> Path:
+    f = tmp_path / f"{kind}.yaml"
+    if kind == "latin1":
+        f.write_bytes("output_dir: caf\xe9\n".encode("latin-1"))
+    elif kind == "folder":
+        f.mkdir()
+    elif kind == "deep":
+        f.write_text("a: " + "[" * 5000 + "]" * 5000 + "\n")
+    elif kind == "bomb":  # "billion laughs": 9**9 strings once expanded
+        lines = ['a0: &a0 ["lol","lol","lol","lol","lol","lol","lol","lol","lol"]']
+        lines += [f"a{i}: &a{i} [" + ",".join([f"*a{i - 1}"] * 9) + "]" for i in range(1, 10)]
+        f.write_text("\n".join([*lines, "train: {lr: *a9}"]) + "\n")
+    elif kind == "duplicate":
+        f.write_text("train:\n  lr: 1.0e-3\ntrain:\n  epochs: 2\n")
+    return f
+
+
+@pytest.mark.parametrize(
+    ("kind", "message"),
+    [
+        ("latin1", "not UTF-8 text"),
+        ("folder", "is a folder"),
+        ("deep", "nested deeper than"),
+        ("bomb", "alias bomb"),
+        ("duplicate", "duplicate key 'train' on line 3"),
+    ],
+)
+def test_bad_config_files_are_one_line_errors(kind: str, message: str, tmp_path: Path) -> None:
+    t0 = time.time()
+    with pytest.raises(ConfigError, match=message) as e:
+        load_config(_bad_file(tmp_path, kind))
+    assert len(e.value.problems) == 1 and "\n" not in e.value.problems[0]
+    assert time.time() - t0 < 10
+
+
+def test_empty_output_dir_is_an_error(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="output_dir: required"):
+        load_config(None, ["output_dir="])
+
+
+def test_max_len_above_the_model_context_warns(caplog) -> None:
+    from transformers import LlamaConfig
+
+    from dsft.model import warn_beyond_context
+
+    conf = LlamaConfig(max_position_embeddings=128)
+    with caplog.at_level("WARNING", logger="dsft"):
+        assert not warn_beyond_context(conf, 128)
+        assert warn_beyond_context(conf, 512)
+    assert "data.max_len=512 is above the model's context of 128 tokens" in caplog.text

@@ -387,10 +387,13 @@ def test_no_traceback_from_pathological_data(tmp_path: Path, monkeypatch) -> Non
     (a := tmp_path / "deep.json").write_text("[" * 100_000 + "]" * 100_000)
     with pytest.raises(DataError, match=r"deep\.json: JSON nested too deeply"):
         load_examples([str(a)])
-    monkeypatch.setattr(readers, "MAX_LINE_BYTES", 64)
+    monkeypatch.setattr(readers, "MAX_ROW_BYTES", 64)  # data.max_line_mb
     (big := tmp_path / "big.jsonl").write_text(ok + '{"text": "' + "x" * 500 + '"}\n' + ok)
     loaded = load_examples([str(big)], on_bad_row="skip")
-    assert len(loaded.examples) == 2 and loaded.skipped == [f"{big}:2: a line longer than 0 MiB"]
+    assert len(loaded.examples) == 2
+    assert loaded.skipped == [f"{big}:2: a line longer than 64 bytes (data.max_line_mb)"]
+    with pytest.raises(DataError, match=r"big\.jsonl:2: a line longer than 64 bytes"):
+        load_examples([str(big)])
     monkeypatch.undo()
     (u16 := tmp_path / "u16.jsonl").write_bytes(ok.encode("utf-16"))
     with pytest.raises(DataError, match=r"u16\.jsonl: the file is UTF-16-encoded"):

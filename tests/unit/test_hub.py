@@ -97,3 +97,23 @@ def test_missing_hub_names_are_one_line_errors(offline_cache: Path) -> None:
         load_examples(["dsft-test/nope"])
     with pytest.raises(ConfigError, match=r"unknown option\(s\) spilt"):
         load_examples(["dsft-test/tasks?spilt=test"])
+
+
+def test_revisions_and_specs_never_become_paths(offline_cache: Path) -> None:
+    from dsft.config import ModelConfig
+    from dsft.data.formats import load_examples
+    from dsft.hub import snapshot
+    from dsft.model import load_tokenizer
+
+    # refs/pr/1 is a real Hub revision: not cached here, so a one-line HubError
+    with pytest.raises(HubError, match="refs/pr/1"):
+        load_tokenizer(ModelConfig(path="dsft-test/tiny-llama", revision="refs/pr/1"))
+    locks = offline_cache / ".dsft-locks"
+    assert all(p.parent == locks for p in locks.rglob("*"))  # one flat folder of names
+    # an encoded "/" in a dataset spec cannot climb out of the cache
+    spec = "dsft-test/tasks?revision=x%2F..%2F..%2Fescaped"
+    with pytest.raises(ConfigError, match="not a Hub revision"):
+        load_examples([spec])
+    with pytest.raises(ConfigError, match="not a Hub revision"):
+        snapshot("dsft-test/tasks", "dataset", "../../escaped")
+    assert not list(offline_cache.parent.rglob("*escaped*"))
