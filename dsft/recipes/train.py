@@ -44,10 +44,12 @@ import numpy as np
 import torch
 
 from dsft import checkpoint, crossval, data, distributed, export, faults, loss
+from dsft import preference as pref
 from dsft import sequence_parallel as seqpar
 from dsft.config import Config, batch_shape, load_config, save_config, to_dict
 from dsft.data.collate import collate
 from dsft.data.packing import collate_packed
+from dsft.data.preference import prepare_pairs
 from dsft.data.sampler import Mixer, mixed_batches, steps_per_epoch, train_batches
 from dsft.data.tokenize import IGNORE_INDEX
 from dsft.ds_config import deepspeed_config
@@ -97,7 +99,11 @@ def run(cfg: Config) -> dict[str, Any]:
 
     tokenizer = load_tokenizer(cfg.model)
     # Each node's local rank 0 tokenises (into the cache); the others wait for it.
-    splits = data.prepare(cfg.data, tokenizer, builder=env.local_rank == 0)
+    dpo = cfg.train.objective == "dpo"  # preference tuning (dsft/preference.py)
+    if dpo:
+        splits = prepare_pairs(cfg.data, tokenizer)
+    else:
+        splits = data.prepare(cfg.data, tokenizer, builder=env.local_rank == 0)
     log.info("data: %s", splits.stats)
     # The sampler deals out units: examples, or packed rows of examples (data.packing).
     units = splits.packs or [[i] for i in range(len(splits.train))]
@@ -162,6 +168,10 @@ def run(cfg: Config) -> dict[str, Any]:
     )
     if cfg.model.compile:
         engine.compile()  # DeepSpeed wraps torch.compile so its hooks stay in place
+    # preference: reference log-probs computed now, with the initial weights (or cached)
+    objective = (
+        pref.PreferenceRun(cfg, splits, engine, tokenizer.pad_token_id, out) if dpo else None
+    )
     log.info(
         "model: %s params, %s trainable | ranks %d (%s)%s | ZeRO-%d | %s | micro-batch %d x "
         "accum %d x data-parallel ranks %d = global batch %d | %d steps (%d per epoch)",
@@ -215,6 +225,7 @@ def run(cfg: Config) -> dict[str, Any]:
         out,
         synced=zero3 and env.world_size > 1,
         fused_loss=cfg.train.fused_loss,
+        extra=objective.validation if objective is not None else None,
     )
     head = loss.output_head(engine.module) if cfg.train.fused_loss else None
     tracker = evaluate.BestTracker(cfg.eval.metric, cfg.eval.patience, cfg.eval.min_delta)
@@ -268,6 +279,7 @@ def run(cfg: Config) -> dict[str, Any]:
     engine.train()
     step, epoch, next_window = start["step"], start["epoch"], start["window"]
     t_start = time.time()
+    pref_sums = np.zeros(len(pref.SUMS))  # preference: metric sums since the last log line
     log_loss_sum = log_targets = 0.0  # global summed NLL / target count since the last log line
     eval_loss_sum = eval_targets = 0.0  # ... since the last validation (for the train/val gap)
     tokens_seen = 0  # this rank's real tokens since the last log line (and their squares)
@@ -299,21 +311,44 @@ def run(cfg: Config) -> dict[str, Any]:
             next_window = first // shape.grad_accum + 1
             t_step = time.time()
             window = [
-                micro_batch(splits, units, b, pad_id)
+                objective.micro_batch(units, b)
+                if objective is not None
+                else micro_batch(splits, units, b, pad_id)
                 for b in batches[first : first + shape.grad_accum]
             ]
             # Count the response tokens of the whole global batch before any backward,
             # so every micro-batch can be weighted by the same global denominator
             # (counted on the host, from the CPU tensors: no device sync). The ranks of a
             # sequence-parallel group hold the same rows: the first counts them.
-            local_targets = sum(int((m["labels"][:, 1:] != IGNORE_INDEX).sum()) for m in window)
-            local_targets *= sp.rank == 0
-            global_targets = distributed.all_reduce_sum([local_targets])[0].item()
+            # (preference: the pairs and chosen response tokens)
+            if objective is not None:
+                global_pairs, global_chosen = distributed.all_reduce_sum(
+                    objective.step.counts(window)
+                ).tolist()
+                global_targets = global_pairs
+                step_sums = torch.zeros(len(pref.SUMS), dtype=torch.float64, device=dev)
+            else:
+                local_targets = sum(int((m["labels"][:, 1:] != IGNORE_INDEX).sum()) for m in window)
+                local_targets *= sp.rank == 0
+                global_targets = distributed.all_reduce_sum([local_targets])[0].item()
             own_norm = None
             step_nll = torch.zeros((), dtype=torch.float64, device=dev)  # summed on device
             skipped_before = engine.skipped_steps
             for i, micro in enumerate(window):
                 lengths = micro.pop("lengths")  # real tokens per example (for throughput)
+                if objective is not None:  # preference: its own forward, loss and backward
+                    total, sums = objective.step.loss(engine, micro, global_pairs, global_chosen)
+                    if step + 1 in fault_steps and env.is_main:
+                        total = total * float("nan")
+                    engine.backward(total * grad_divisor, scale_wrt_gas=False)
+                    if i == len(window) - 1 and zero0_fp32:
+                        own_norm = guard_zero0_fp32_step(engine)
+                    engine.step()
+                    step_nll += total.detach().double() * global_pairs
+                    step_sums += sums
+                    tokens_seen += int(lengths.sum())
+                    sq_tokens += int((lengths**2).sum())
+                    continue
                 # This rank's slice of the rows (all of them without sequence parallelism)
                 # and its targets, shifted before the split (on the host: no device sync).
                 micro, targets = sp.shard(micro, micro.pop("labels"))
@@ -346,9 +381,13 @@ def run(cfg: Config) -> dict[str, Any]:
             # One all-reduce (and the step's one wait for the device) gives the global loss
             # and whether any rank was asked to stop.
             stop = float(distributed.stop_requested() is not None)
-            nll_sum, stops = distributed.all_reduce_sum(
-                torch.stack([step_nll, torch.tensor(stop, dtype=torch.float64, device=dev)])
-            ).tolist()
+            parts = [step_nll, torch.tensor(stop, dtype=torch.float64, device=dev)]
+            if objective is not None:
+                parts.append(step_sums)
+            reduced = distributed.all_reduce_sum(torch.cat([t.reshape(-1) for t in parts])).tolist()
+            nll_sum, stops = reduced[:2]
+            if objective is not None:
+                pref_sums += np.asarray(reduced[2:])
             step_loss = nll_sum / global_targets
             skipped = engine.skipped_steps > skipped_before
             if not math.isfinite(step_loss) or (skipped and cfg.train.precision != "fp16"):
@@ -395,6 +434,9 @@ def run(cfg: Config) -> dict[str, Any]:
                     "bad_steps": bad_steps,
                     **flops.scalars(tokens_total, sq_total, step_seconds),
                 }
+                if objective is not None:
+                    scalars.update(objective.metrics(pref_sums.tolist()))
+                    pref_sums[:] = 0
                 if mixer is not None:
                     scalars.update(
                         mix_report(mixer, mix_seen, splits.sources, step * shape.global_batch)
