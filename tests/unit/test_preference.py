@@ -150,7 +150,7 @@ def test_orpo_odds_ratio_equals_trl() -> None:
     cfg = PreferenceConfig(loss_type="orpo", orpo_lambda=0.25)
     ours = pair_losses(cfg, pc, pr, None, None, nc, nr)
     stub = SimpleNamespace(beta=0.25, accelerator=SimpleNamespace(device="cpu"))
-    losses, cr, rj, _, _ = ORPOTrainer.odds_ratio_loss(stub, pc / nc, pr / nr)
+    losses, cr, _, _, _ = ORPOTrainer.odds_ratio_loss(stub, pc / nc, pr / nr)
     torch.testing.assert_close(ours.losses, -losses, rtol=1e-6, atol=1e-7)  # TRL: loss = nll - it
     torch.testing.assert_close(ours.chosen_rewards, cr)
 
