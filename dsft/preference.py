@@ -486,7 +486,15 @@ class PreferenceRun:
     validation metrics. The loop calls it where the SFT objective tokenises, collates and
     computes its token loss."""
 
-    def __init__(self, cfg: Any, splits: Any, engine: Any, pad_id: int, out_dir: Path) -> None:
+    def __init__(
+        self,
+        cfg: Any,
+        splits: Any,
+        engine: Any,
+        pad_id: int,
+        out_dir: Path,
+        weights_trained: bool = False,
+    ) -> None:
         from dsft.checkpoint import _weights_dir, base_fingerprint
         from dsft.data.cache import cache_root
         from dsft.loss import output_head
@@ -518,8 +526,15 @@ class PreferenceRun:
                 if not pairs:
                     continue
                 key = reference_key(base, cfg.train.precision, pairs, kind)
+                path = root / f"{key}.npy"
+                if weights_trained and not all(distributed.all_gather_objects(path.is_file())):
+                    raise_config(
+                        "preference.reference=precomputed: this resume loaded trained weights "
+                        f"before the engine, and the stored reference ({path}) is gone; "
+                        "resume on the original rank count and ZeRO stage, or restart"
+                    )
                 self.tables[name] = load_or_compute_reference(
-                    root / f"{key}.npy",
+                    path,
                     engine,
                     self.head,
                     pairs,
