@@ -170,7 +170,16 @@ def run(cfg: Config) -> dict[str, Any]:
         engine.compile()  # DeepSpeed wraps torch.compile so its hooks stay in place
     # preference: reference log-probs computed now, with the initial weights (or cached)
     objective = (
-        pref.PreferenceRun(cfg, splits, engine, tokenizer.pad_token_id, out) if dpo else None
+        pref.PreferenceRun(
+            cfg,
+            splits,
+            engine,
+            tokenizer.pad_token_id,
+            out,
+            weights_trained=reshard and not cfg.model.lora.enabled,
+        )
+        if dpo
+        else None
     )
     log.info(
         "model: %s params, %s trainable | ranks %d (%s)%s | ZeRO-%d | %s | micro-batch %d x "
