@@ -38,6 +38,7 @@ def run_trl(
     precompute: bool = True,
     seed: int = 42,
     label_smoothing: float = 0.0,
+    callbacks: list[Any] | None = None,
 ) -> dict[str, Any]:
     """Train TRL on ``data`` and return ``{"rows": per-step logs, "seconds", "tokens"}``."""
     import torch
@@ -100,9 +101,44 @@ def run_trl(
         def _get_train_sampler(self, *a: Any, **k: Any) -> Any:
             return SequentialSampler(self.train_dataset)
 
-    trainer = InOrder(model=model, args=args, train_dataset=_dataset(data), processing_class=tok)
+    trainer = InOrder(
+        model=model,
+        args=args,
+        train_dataset=_dataset(data),
+        processing_class=tok,
+        callbacks=callbacks,
+    )
     t0 = time.perf_counter()
     trainer.train()
     seconds = time.perf_counter() - t0
     rows = [r for r in trainer.state.log_history if "loss" in r and "train_runtime" not in r]
     return {"rows": rows, "seconds": seconds, "model": trainer.model}
+
+
+def main(spec_path: str) -> int:
+    """``python -m benchmarks.trl_dpo SPEC.json``: one timed TRL run for dpo_bench.py; writes
+    ``<out>/metrics.jsonl`` (per step: wall time, cumulative non-pad tokens)."""
+    from transformers import TrainerCallback
+
+    spec = json.loads(Path(spec_path).read_text())
+    out = Path(spec.pop("out"))
+    out.mkdir(parents=True, exist_ok=True)
+    rows: list[dict[str, Any]] = []
+
+    class Clock(TrainerCallback):
+        def on_log(self, args: Any, state: Any, control: Any, logs: Any = None, **kw: Any) -> None:
+            if logs and "num_tokens" in logs:
+                rows.append({"step": state.global_step, "wall": time.time(), **logs})
+                with (out / "metrics.jsonl").open("a") as f:
+                    f.write(json.dumps(rows[-1]) + "\n")
+
+    run_trl(
+        Path(spec.pop("model")), Path(spec.pop("data")), out / "trl", callbacks=[Clock()], **spec
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    import sys
+
+    raise SystemExit(main(sys.argv[1]))
