@@ -234,3 +234,46 @@ def test_packed_pairs_equal_unpacked(tmp_path: Path, tiny_model: Path, tok) -> N
     for a, b in zip(plain, packed, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
     assert math.isfinite(float(plain[1]))
+
+
+@pytest.mark.parametrize("kind", ["kto", "orpo", "simpo", "sigmoid"])
+def test_step_runs_every_loss(tmp_path: Path, tiny_model: Path, tok, kind: str) -> None:
+    """One micro-batch through PreferenceStep on a plain model: finite loss, gradients,
+    and the metric sums (KTO: mismatched KL sequences; sigmoid: live reference = the
+    LoRA adapter switched off, so the rewards start at exactly zero)."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from dsft.loss import output_head
+    from dsft.preference import PreferenceStep
+
+    if kind == "kto":
+        rows = [
+            {"prompt": f"Q{i}", "completion": f" answer {i}", "label": i % 2 == 0} for i in range(4)
+        ]
+    else:
+        from dsft.synthetic import generate_preference_pairs
+
+        rows = generate_preference_pairs(4, seed=8)
+    pairs, _ = tokenize_pairs(tok, read_pairs([str(_write(tmp_path, rows))]), ChatOptions(), 99)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32)
+    live = None
+    if kind == "sigmoid":
+        model = get_peft_model(model, LoraConfig(r=2, target_modules=["q_proj"]))
+        live = "adapter"
+    cfg = PreferenceConfig(loss_type=kind, rpo_alpha=0.5 if kind == "sigmoid" else 0.0)
+    step = PreferenceStep(cfg, output_head(model), torch.device("cpu"), live)
+    micro = collate_pairs(pairs, tok.pad_token_id)
+    if kind == "kto":
+        micro["ref"] = torch.full((8,), -1000.0)  # far below: a positive KL estimate
+    n_pairs, n_tokens = step.counts([micro])
+    total, sums = step.loss(model, micro, n_pairs, n_tokens)
+    total.backward()
+    assert math.isfinite(float(total.detach()))
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in model.parameters())
+    m = step_metrics(sums.tolist(), cfg, kto=kind == "kto")
+    assert m["loss"] == pytest.approx(float(total.detach()), rel=1e-5)
+    if kind == "kto":
+        assert m["kl"] > 0
+    if kind == "sigmoid":
+        assert m["rewards/chosen"] == 0.0 and m["loss"] > math.log(2)  # + the NLL term
