@@ -767,8 +767,13 @@ def validate_preference(cfg: Config) -> list[str]:
             f"preference.reference=none: loss_type={pr.loss_type} needs a reference; use "
             "precomputed (default) or live, or a reference-free loss (orpo, simpo)"
         )
-    if cfg.train.sequence_parallel not in (1, "auto"):
-        p.append("train.objective=dpo: not with train.sequence_parallel > 1 (not supported yet)")
+    if cfg.train.sequence_parallel != 1:
+        p.append("train.objective=dpo: needs train.sequence_parallel=1 (not supported yet)")
+    if cfg.train.micro_batch == "auto":
+        p.append(
+            "train.objective=dpo: set train.micro_batch (pairs per rank; the planner sizes "
+            "single sequences, not pairs)"
+        )
     if cfg.data.packing and pr.loss_type == "kto":
         p.append("data.packing: not with preference.loss_type=kto (unpaired rows)")
     return p

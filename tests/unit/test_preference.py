@@ -277,3 +277,34 @@ def test_step_runs_every_loss(tmp_path: Path, tiny_model: Path, tok, kind: str) 
         assert m["kl"] > 0
     if kind == "sigmoid":
         assert m["rewards/chosen"] == 0.0 and m["loss"] > math.log(2)  # + the NLL term
+
+
+def test_config_problems_are_collected(tiny_model: Path, tmp_path: Path) -> None:
+    from dsft.config import load_config
+    from dsft.errors import ConfigError
+
+    data = _write(tmp_path, [{"prompt": "q", "chosen": "a", "rejected": "b"}])
+    with pytest.raises(ConfigError) as e:
+        load_config(
+            None,
+            [
+                f"model.path={tiny_model}",
+                f"data.path=[{data}]",
+                "train.objective=dpo",
+                "preference.beta=0",
+                "preference.loss_type=robust",
+                "preference.label_smoothing=0.6",
+                "preference.reference=none",
+                "train.micro_batch=auto",
+                "train.global_batch=8",
+                "eval.metric=val/rewards/accuracy",
+            ],
+        )
+    text = str(e.value)
+    for needle in ("preference.beta", "label_smoothing", "reference=none", "micro_batch"):
+        assert needle in text
+    with pytest.raises(ConfigError, match=r"needs train\.objective=dpo"):
+        load_config(
+            None,
+            [f"model.path={tiny_model}", f"data.path=[{data}]", "eval.metric=val/rewards/accuracy"],
+        )
