@@ -49,6 +49,8 @@ from dsft.data.packing import collate_packed
 from dsft.data.preference import Pair
 from dsft.data.tokenize import IGNORE_INDEX
 from dsft.loss import Head, final_hidden
+from dsft.optim import guard_zero0_fp32_step
+from dsft.step import Objective, StepResult, Window
 
 log = logging.getLogger("dsft")
 
@@ -529,9 +531,9 @@ class PreferenceRun:
                 path = root / f"{key}.npy"
                 if weights_trained and not all(distributed.all_gather_objects(path.is_file())):
                     raise_config(
-                        "preference.reference=precomputed: this resume loaded trained weights "
-                        f"before the engine, and the stored reference ({path}) is gone; "
-                        "resume on the original rank count and ZeRO stage, or restart"
+                        "preference.reference=precomputed: a resumed full fine-tune has trained "
+                        f"weights, and the reference the first run stored ({path}) is gone; "
+                        "restore data.cache_dir or start the run afresh"
                     )
                 self.tables[name] = load_or_compute_reference(
                     path,
@@ -570,6 +572,60 @@ class PreferenceRun:
     def metrics(self, sums: Sequence[float]) -> dict[str, float]:
         return step_metrics(sums, self.pref, self.kto)
 
+    def batch(
+        self, splits: Any, units: list[list[int]], batch: list[int], pad_id: int
+    ) -> dict[str, Any]:
+        """The objective's ``batch`` (dsft.step.Objective)."""
+        return self.micro_batch(units, batch)
+
+    def train_step(self, engine: Any, window: Window) -> StepResult:
+        """One optimizer step of preference tuning on ``window`` (dsft.step.Objective.step).
+
+        The pairs and chosen response tokens of the global batch are counted on the host
+        before any forward (one all-reduce); each micro-batch backwards its share of the
+        step loss (pair losses over the global pair count, plus the NLL term over the global
+        chosen-token count) times DeepSpeed's gradient divisor, so neither accumulation nor
+        the number of ranks changes the step. The loss, the stop flag and the metric sums
+        travel in one all-reduce after the step.
+        """
+        ds, dev = engine.ds, engine.device
+        pairs, chosen = distributed.all_reduce_sum(self.step.counts(window.micro_batches))
+        pairs, chosen = float(pairs), float(chosen)
+        own_norm = None
+        step_loss = torch.zeros((), dtype=torch.float64, device=dev)
+        sums = torch.zeros(len(SUMS), dtype=torch.float64, device=dev)
+        tokens = sq_tokens = 0
+        skipped_before = ds.skipped_steps
+        for i, micro in enumerate(window.micro_batches):
+            lengths = micro.pop("lengths")  # real tokens per sequence (for throughput)
+            total, s = self.step.loss(ds, micro, pairs, chosen)
+            if window.nan_fault:
+                total = total * float("nan")  # test hook: a step whose loss blows up
+            ds.backward(total * engine.grad_divisor, scale_wrt_gas=False)
+            if i == len(window.micro_batches) - 1 and engine.zero0_fp32:
+                own_norm = guard_zero0_fp32_step(ds)
+            ds.step()  # clips and steps only at the accumulation boundary
+            step_loss += total.detach().double()
+            sums += s
+            tokens += int(lengths.sum())
+            sq_tokens += int((lengths**2).sum())
+        stop = torch.tensor([float(distributed.stop_requested() is not None)], device=dev)
+        reduced = distributed.all_reduce_sum(
+            torch.cat([step_loss.reshape(1), stop.double(), sums])
+        ).tolist()
+        metrics = self.metrics(reduced[2:])
+        metrics.pop("loss")
+        return StepResult(
+            loss=reduced[0],
+            targets=pairs,
+            tokens=tokens,
+            sq_tokens=sq_tokens,
+            skipped=ds.skipped_steps > skipped_before,
+            stop=bool(reduced[1]),
+            grad_norm=own_norm,
+            metrics=metrics,
+        )
+
     @torch.no_grad()
     def validation(self, engine: Any) -> dict[str, float]:
         """Preference metrics of the validation pairs (exact over ranks: sums, one reduce)."""
@@ -606,3 +662,36 @@ def raise_config(message: str) -> None:
     from dsft.errors import ConfigError
 
     raise ConfigError([message])
+
+
+# --------------------------------------------------------------------------- the objective
+
+
+def prepare(cfg: Any, tokenizer: Any, builder: bool = True) -> Any:
+    """The objective's data preparation (dsft.job.open_job): tokenised pairs per split."""
+    from dsft.data.preference import prepare_pairs
+
+    return prepare_pairs(cfg, tokenizer)
+
+
+def start(job: Any, engine: Any) -> Objective:
+    """The preference objective bound to the built engine: references computed (or loaded)
+    now, before the first step; with a resume, read from the store the first run left."""
+    cfg = job.cfg
+    run = PreferenceRun(
+        cfg,
+        job.splits,
+        engine.ds,
+        job.tokenizer.pad_token_id,
+        job.out,
+        weights_trained=engine.resumed_from is not None and not cfg.model.lora.enabled,
+    )
+    return Objective("dpo", prepare, run.batch, run.train_step, validation=run.validation)
+
+
+def _not_started(*_: Any) -> Any:
+    raise RuntimeError("the dpo objective runs once started (Objective.start) on its engine")
+
+
+# train.objective=dpo (dsft.objectives): started on the engine by the loop
+DPO = Objective("dpo", prepare, _not_started, _not_started, start=start)
