@@ -308,3 +308,18 @@ def test_config_problems_are_collected(tiny_model: Path, tmp_path: Path) -> None
             None,
             [f"model.path={tiny_model}", f"data.path=[{data}]", "eval.metric=val/rewards/accuracy"],
         )
+
+
+def test_data_inspect_shows_both_sides(tiny_model: Path, tmp_path: Path, tok) -> None:
+    from dsft.config import load_config
+    from dsft.recipes.inspect import report
+    from dsft.synthetic import generate_preference_pairs
+
+    data = _write(tmp_path, generate_preference_pairs(20, seed=2))
+    cfg = load_config(
+        None,
+        [f"model.path={tiny_model}", f"data.path=[{data}]", "train.objective=dpo"],
+    )
+    text = report(cfg, tok, examples=1)
+    assert "train pair 0" in text and ") chosen:" in text and ") rejected:" in text
+    assert text.count("<|assistant|>[[") == 2 and "pairs                train" in text
