@@ -5,7 +5,8 @@
 
 The same randomly initialised Llama (the demo's character tokenizer), the same pairs in the
 same order, batch size, fp32, one process on the CPU, sigmoid loss with beta 0.1, and
-precomputed reference log-probs on both sides. Each system runs as its own process;
+precomputed reference log-probs on both sides. Each system runs as its own process,
+alternating (``--repeats``, medians reported);
 tokens/s counts the real (non-pad) tokens of both sides of every pair over the steps after
 the first two (warm-up), peak memory is the process's peak RSS (sampled every 50 ms, so
 the reference pass is included). Not a timed test: a measurement (docs/preference.md).
@@ -15,6 +16,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
+import statistics
 import sys
 from pathlib import Path
 
@@ -49,6 +52,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--pairs", type=int, default=512)
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--steps", type=int, default=24)
+    ap.add_argument("--repeats", type=int, default=3, help="alternating runs; medians reported")
     ns = ap.parse_args(argv)
     w = Path(ns.workdir)
     w.mkdir(parents=True, exist_ok=True)
@@ -84,13 +88,6 @@ def main(argv: list[str] | None = None) -> int:
         "logging": {"every": 1, "progress": False, "report_to": []},
     }
     (w / "dsft.yaml").write_text(yaml.safe_dump(cfg))
-    ours = watch(
-        [sys.executable, "-m", "dsft", "train", str(w / "dsft.yaml")],
-        env,
-        w / "dsft" / "metrics.jsonl",
-        w / "dsft.log",
-    )
-    ours["tokens_per_s"] = dsft_rate(w / "dsft" / "metrics.jsonl")
     spec = {
         "out": str(w / "trl"),
         "model": str(model),
@@ -99,15 +96,31 @@ def main(argv: list[str] | None = None) -> int:
         "batch": ns.batch,
         "lr": lr,
     }
-    (w / "trl.json").write_text(json.dumps(spec))
-    theirs = watch(
-        [sys.executable, "-m", "benchmarks.trl_dpo", str(w / "trl.json")],
-        env,
-        w / "trl" / "metrics.jsonl",
-        w / "trl.log",
+    runs: dict[str, list[dict[str, float]]] = {"dsft": [], "trl": []}
+    for r in range(ns.repeats):  # alternating, so a change of machine load hits both
+        for d in (w / "dsft", w / "trl"):
+            shutil.rmtree(d, ignore_errors=True)
+        (w / "trl.json").write_text(json.dumps(spec))
+        ours = watch(
+            [sys.executable, "-m", "dsft", "train", str(w / "dsft.yaml")],
+            env,
+            w / "dsft" / "metrics.jsonl",
+            w / f"dsft{r}.log",
+        )
+        ours["tokens_per_s"] = dsft_rate(w / "dsft" / "metrics.jsonl")
+        theirs = watch(
+            [sys.executable, "-m", "benchmarks.trl_dpo", str(w / "trl.json")],
+            env,
+            w / "trl" / "metrics.jsonl",
+            w / f"trl{r}.log",
+        )
+        theirs["tokens_per_s"] = trl_rate(w / "trl" / "metrics.jsonl")
+        runs["dsft"].append(ours)
+        runs["trl"].append(theirs)
+    ours, theirs = (
+        {k: statistics.median(x[k] for x in runs[n]) for k in runs[n][0]} for n in ("dsft", "trl")
     )
-    theirs["tokens_per_s"] = trl_rate(w / "trl" / "metrics.jsonl")
-    result = {"dsft": ours, "trl": theirs}
+    result: dict = {"dsft": ours, "trl": theirs, "runs": runs}
     result["tokens_per_s_ratio"] = ours["tokens_per_s"] / theirs["tokens_per_s"]
     result["peak_rss_ratio"] = ours["peak_rss_gb"] / theirs["peak_rss_gb"]
     (w / "result.json").write_text(json.dumps(result, indent=2))
