@@ -135,7 +135,7 @@ if ! grep -q "tiled_mlp" dsft/config.py 2>/dev/null; then
 elif ((LEFT < 20)); then
   printf 'tiling\tskipped (%ss left of the 6 minutes)\t0s\n' "$LEFT" >>"$STATUS"
 else
-  stage tiling "$LEFT" "$PY" -m benchmarks.longest_seq --out "$OUT/tiling" \
+  stage tiling "$LEFT" "$PY" -m benchmarks.tiled_mlp_longest_seq --out "$OUT/tiling" \
     $([[ $DRY == 1 ]] && echo --dry-run)
 fi
 

@@ -223,8 +223,8 @@ class Bench:
     # ------------------------------------------------------------------ inputs
     def build_inputs(self) -> None:
         """Data files, tokenizer, model, the pre-tokenised dataset for TRL."""
-        from benchmarks.data import build_tokenizer, generate_rows, length_stats, write_jsonl
-        from benchmarks.model import PRESETS
+        from benchmarks.chat_data import build_tokenizer, generate_rows, length_stats, write_jsonl
+        from benchmarks.model_presets import PRESETS
         from dsft.synthetic import build_model_dir
 
         c, w = self.cfg, self.work
@@ -656,13 +656,13 @@ def run(ns: argparse.Namespace) -> int:
     result["params"] = bench.n_params
     result["data"] = bench.data_stats
     if c["prep_examples"] and "trl-default" in systems:
-        from benchmarks.data import generate_rows, write_jsonl
+        from benchmarks.chat_data import generate_rows, write_jsonl
         from benchmarks.prep import run_prep
 
         path = write_jsonl(
             bench.work / "prep.jsonl", generate_rows(c["prep_examples"], 7, c["scale"])
         )
-        from dsft.data.cache import usable_cores
+        from dsft.data.build import usable_cores
 
         workers = tuple(
             sorted({int(x) for x in (ns.prep_workers or f"1,{usable_cores()}").split(",")})
