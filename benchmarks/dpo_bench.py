@@ -23,7 +23,7 @@ from pathlib import Path
 
 import yaml
 
-from benchmarks.bench import child_env, watch
+from benchmarks.vs_trl import child_env, watch
 from dsft.data.split import carve_arrays
 from dsft.synthetic import build_model_dir, generate_preference_pairs, write_tasks
 

@@ -33,14 +33,8 @@ from dsft.data.formats import CHAT_ROLES, Example, Message, _BadRow, normaliser
 from dsft.data.packing import efficiency, pack
 from dsft.data.readers import read_rows
 from dsft.data.split import carve_arrays, split_count
-from dsft.data.tokenize import (
-    IGNORE_INDEX,
-    ChatOptions,
-    Tokenized,
-    apply_template,
-    encode,
-    set_chat_options,
-)
+from dsft.data.template import ChatOptions, apply_template, set_chat_options
+from dsft.data.tokenize import IGNORE_INDEX, Tokenized, encode
 from dsft.errors import DataError
 
 log = logging.getLogger("dsft")

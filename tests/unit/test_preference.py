@@ -12,7 +12,7 @@ import torch
 
 from dsft.config import PreferenceConfig
 from dsft.data.preference import read_pairs, tokenize_pairs
-from dsft.data.tokenize import ChatOptions
+from dsft.data.template import ChatOptions
 from dsft.errors import DataError
 from dsft.preference import (
     SUMS,
