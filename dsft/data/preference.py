@@ -95,6 +95,13 @@ class _PairNormaliser:
         return self.norm.message_list(record, name, "role", "content", CHAT_ROLES)
 
     def __call__(self, record: Any, where: str) -> PairExample:
+        self.norm.images = []  # the record's image references (none allowed here)
+        out = self.pair(record, where)
+        if self.norm.images:
+            raise _BadRow("image content in a preference row: preference tuning is text-only")
+        return out
+
+    def pair(self, record: Any, where: str) -> PairExample:
         if not isinstance(record, dict):
             raise _BadRow(f"expected an object, got {type(record).__name__}")
         if "rejected_response" in record:
