@@ -152,6 +152,11 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("overrides", nargs="*", help="dotted overrides of the demo config")
     d.add_argument("--nproc", type=int, default=1, help="number of local ranks")
     d.add_argument("--workdir", help="where the model, config and run go (default: a temp dir)")
+    d.add_argument(
+        "--preference",
+        action="store_true",
+        help="then DPO on preference pairs of the same tasks (reuses the workdir's SFT demo)",
+    )
     d.set_defaults(recipe="demo")
 
     dp = sub.add_parser("data", help="look at the prepared data").add_subparsers(

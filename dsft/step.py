@@ -5,7 +5,7 @@ An objective is what the training loop is generic over: how its data is prepared
 (``batch``), how one optimizer step runs on a window of them (``step``) and the objective's own
 scalars (``StepResult.metrics``, averaged over the good steps by the StepMeter). Supervised
 fine-tuning (``sft``) is the one today; a preference objective adds its own ``prepare``,
-``batch`` and ``step`` and an entry in :func:`objective_for`, and runs in the same loop, with
+``batch`` and ``step`` and an entry in :func:`dsft.objectives.objective_for`, and runs in the same loop, with
 the same checkpoints, resume, logging and planner. A step that needs state built from the
 engine (reference log-probs) can be a bound method of an object made after build_engine.
 """
@@ -19,7 +19,6 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from dsft import distributed, loss, moe
-from dsft.config import Config
 from dsft.data import Splits, prepare
 from dsft.data.collate import collate
 from dsft.data.packing import collate_packed
@@ -65,6 +64,11 @@ class Objective:
     prepare: Prepare  # (data config, tokenizer, builder) -> Splits (see dsft.data.prepare)
     batch: Batch  # (splits, units, unit indices of one micro-batch, pad id) -> tensors
     step: Step  # (engine, window) -> StepResult; forward, backward and engine.step()
+    # Objectives with state built from the engine (preference: reference log-probs): the
+    # objective the loop runs once the engine exists (None: this one as it is).
+    start: Callable[[Any, Engine], Objective] | None = None
+    # The objective's own validation metrics, merged into the Evaluator's (None: none).
+    validation: Callable[[Any], dict[str, float]] | None = None
 
 
 def sft_batch(
@@ -188,9 +192,3 @@ def reduce_with_stop(values: torch.Tensor, dev: Any) -> tuple[list[float], bool]
 
 
 SFT = Objective("sft", prepare, sft_batch, sft_step)
-
-
-def objective_for(cfg: Config) -> Objective:
-    """The training objective of ``cfg``: supervised fine-tuning (the one there is today; a
-    ``train.objective`` setting picks between objectives here)."""
-    return SFT

@@ -202,7 +202,44 @@ def generate_tasks(n: int = 8000, seed: int = 1234) -> list[dict[str, str]]:
     return rows
 
 
-def write_tasks(path: str | Path, rows: list[dict[str, str]]) -> None:
+def _wrong(rng: random.Random, task: str, inp: str, right: str) -> str:
+    """A plausible wrong answer: the kind of mistake a half-trained model makes."""
+    if task == "Add":
+        a, b = (int(x) for x in inp.split("+"))
+        return str(a + b + rng.choice([-2, -1, 1, 2, 10]))
+    if task == "Capitalise":
+        k = rng.randrange(len(right))
+        return right[:k] + right[k].lower() + right[k + 1 :]
+    wrong = list(right)
+    i = rng.randrange(len(wrong) - 1)
+    j = rng.randrange(i + 1, len(wrong))
+    wrong[i], wrong[j] = wrong[j], wrong[i]
+    out = "".join(wrong)
+    return out if out != right else right[1:] + right[0] if len(set(right)) > 1 else inp + "x"
+
+
+def generate_preference_pairs(n: int = 2000, seed: int = 4321) -> list[dict[str, Any]]:
+    """``n`` preference rows (TRL's conversational format) from the demo's four tasks: the
+    chosen answer is correct, the rejected one plausible and wrong (an off-by-one sum, two
+    letters swapped, one letter not capitalised)."""
+    rng = random.Random(seed)
+    rows = []
+    for r in generate_tasks(n, seed):
+        prompt = f"{r['instruction']}\n\n{r['input']}"  # as dsft renders instruction rows
+        wrong = _wrong(rng, r["instruction"], r["input"], r["output"])
+        if wrong == r["output"]:
+            continue
+        rows.append(
+            {
+                "prompt": [{"role": "user", "content": prompt}],
+                "chosen": [{"role": "assistant", "content": r["output"]}],
+                "rejected": [{"role": "assistant", "content": wrong}],
+            }
+        )
+    return rows
+
+
+def write_tasks(path: str | Path, rows: list[dict[str, Any]]) -> None:
     with Path(path).open("w", encoding="utf-8") as f:
         for r in rows:
             f.write(json.dumps(r) + "\n")

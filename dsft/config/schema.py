@@ -209,6 +209,33 @@ class TrainConfig:
     # Mixture of experts: the router load-balancing loss's weight; null = the model's own
     # router_aux_loss_coef, 0 = off (docs/moe.md).
     router_aux_loss_coef: float | None = None
+    # What the loop optimises: "sft" (next-token loss on responses) or "dpo" (preference
+    # tuning on chosen/rejected pairs, or KTO's labelled completions; see `preference`).
+    objective: Literal["sft", "dpo"] = "sft"
+
+
+@dataclass
+class PreferenceConfig:
+    """Preference tuning (train.objective=dpo): the loss and its reference (docs/preference.md)."""
+
+    # sigmoid (DPO), ipo, hinge, robust (noise-robust DPO), orpo, simpo (both reference-free),
+    # kto (unpaired prompt/completion/label rows).
+    loss_type: Literal["sigmoid", "ipo", "hinge", "robust", "orpo", "simpo", "kto"] = "sigmoid"
+    beta: float = 0.1  # DPO's temperature; ORPO's lambda is `orpo_lambda`, SimPO's beta is this
+    # sigmoid: conservative DPO (cDPO) label smoothing; robust: the assumed flip rate (< 0.5).
+    label_smoothing: float = 0.0
+    simpo_gamma: float = 0.5  # SimPO's target reward margin (TRL CPOConfig's default)
+    orpo_lambda: float = 0.1  # weight of ORPO's odds-ratio term (TRL ORPOConfig's beta)
+    # Weight of an added NLL on the chosen responses (RPO; CPO's cpo_alpha for simpo);
+    # 0 = none. ORPO always adds its NLL.
+    rpo_alpha: float = 0.0
+    kto_desirable_weight: float = 1.0  # KTO: weight of desirable examples' losses
+    kto_undesirable_weight: float = 1.0  # KTO: weight of undesirable examples' losses
+    # Reference log-probs: "precomputed" = one pass before training with the same engine
+    # (LoRA adapter off, or the initial weights), cached beside the token cache; "live" =
+    # a second frozen copy of the model computes them every step; "none" = reference-free
+    # (orpo and simpo need none and ignore this).
+    reference: Literal["precomputed", "live", "none"] = "precomputed"
 
 
 @dataclass
@@ -260,9 +287,16 @@ class EvalConfig:
     label_metrics: Literal["auto", "on", "off"] = "auto"
     # Early stopping and best model: the validation metric to watch. val/exact_match and
     # val/f1 generate on the validation split at every evaluation (up to max_generate).
-    metric: Literal["val/loss", "val/ppl", "val/token_acc", "val/exact_match", "val/f1"] = (
-        "val/loss"
-    )
+    # With train.objective=dpo also val/rewards/accuracy and val/rewards/margin.
+    metric: Literal[
+        "val/loss",
+        "val/ppl",
+        "val/token_acc",
+        "val/exact_match",
+        "val/f1",
+        "val/rewards/accuracy",
+        "val/rewards/margin",
+    ] = "val/loss"
     patience: int = 0  # evaluations without improvement before stopping; 0 = never stop
     min_delta: float = 0.0  # the smallest change that counts as an improvement
     save_best: bool = True  # export the best model to <output_dir>/best (needs eval.every)
@@ -330,6 +364,7 @@ class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    preference: PreferenceConfig = field(default_factory=PreferenceConfig)
     deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
@@ -385,6 +420,8 @@ def validate(cfg: Config) -> list[str]:
         p.append("eval.patience and eval.min_delta must be >= 0")
     if ev.patience and not ev.every:
         p.append("eval.patience: early stopping needs periodic validation; set eval.every > 0")
+    if ev.metric.startswith("val/rewards") and t.objective != "dpo":
+        p.append(f"eval.metric={ev.metric}: needs train.objective=dpo")
     if ev.metric.startswith(("val/exact", "val/f1")) and not has_val_split(d):
         p.append(f"eval.metric={ev.metric} needs a validation split; set data.val_fraction > 0")
     if not (ev.temperature > 0 and 0 < ev.top_p <= 1):
@@ -430,6 +467,7 @@ def validate(cfg: Config) -> list[str]:
             f"{', '.join(ATTENTION)}"
         )
     p.extend(validate_sequence_parallel(cfg))
+    p.extend(validate_preference(cfg))
     lora = cfg.model.lora
     if lora.enabled and (lora.r < 1 or lora.alpha <= 0 or not 0 <= lora.dropout < 1):
         p.append("model.lora: r >= 1, alpha > 0 and dropout in [0, 1) are required")
@@ -593,6 +631,42 @@ def validate_data(d: DataConfig) -> list[str]:
 
 # Attention implementations the Ulysses all-to-all wraps (dsft/sequence_parallel.py).
 SP_ATTENTION = ("sdpa", "eager", "flash_attention_2")
+
+
+REFERENCE_FREE = ("orpo", "simpo")
+
+
+def validate_preference(cfg: Config) -> list[str]:
+    """Problems of the ``preference`` section (only read with train.objective=dpo)."""
+    pr, p = cfg.preference, []
+    if cfg.train.objective != "dpo":
+        return p
+    if not (pr.beta > 0 and math.isfinite(pr.beta)):
+        p.append(f"preference.beta: {pr.beta} must be a positive number")
+    if pr.loss_type == "robust" and not 0.0 <= pr.label_smoothing < 0.5:
+        p.append("preference.label_smoothing: must be in [0, 0.5) for loss_type=robust")
+    elif not 0.0 <= pr.label_smoothing < 1.0:
+        p.append("preference.label_smoothing: must be in [0, 1)")
+    for name in ("rpo_alpha", "orpo_lambda", "simpo_gamma"):
+        if getattr(pr, name) < 0:
+            p.append(f"preference.{name}: must be >= 0")
+    if pr.kto_desirable_weight <= 0 or pr.kto_undesirable_weight <= 0:
+        p.append("preference.kto_desirable_weight / kto_undesirable_weight: must be > 0")
+    if pr.loss_type not in REFERENCE_FREE and pr.reference == "none":
+        p.append(
+            f"preference.reference=none: loss_type={pr.loss_type} needs a reference; use "
+            "precomputed (default) or live, or a reference-free loss (orpo, simpo)"
+        )
+    if cfg.train.sequence_parallel != 1:
+        p.append("train.objective=dpo: needs train.sequence_parallel=1 (not supported yet)")
+    if cfg.train.micro_batch == "auto":
+        p.append(
+            "train.objective=dpo: set train.micro_batch (pairs per rank; the planner sizes "
+            "single sequences, not pairs)"
+        )
+    if cfg.data.packing and pr.loss_type == "kto":
+        p.append("data.packing: not with preference.loss_type=kto (unpaired rows)")
+    return p
 
 
 def validate_sequence_parallel(cfg: Config) -> list[str]:

@@ -338,10 +338,14 @@ class Evaluator:
         out_dir: Path,
         synced: bool,
         fused_loss: bool = False,
+        extra: Callable[[Any], dict[str, float]] | None = None,
         images: Any = None,
         router: Any = None,
     ):
         self.engine, self.tokenizer, self.splits, self.cfg = engine, tokenizer, splits, cfg
+        # The objective's own validation metrics (preference: rewards, its loss as "loss";
+        # the token loss on the chosen responses stays as "nll_chosen")
+        self.extra = extra
         self.monitor, self.out_dir, self.synced = monitor, out_dir, synced
         # train.fused_loss: validation losses from the chunked head too (dsft/loss.py)
         self.head = loss.output_head(self._module()) if fused_loss else None
@@ -374,6 +378,9 @@ class Evaluator:
                 getattr(self, "toucher", None),
                 self.router,
             )
+            if metrics and split == "val" and self.extra is not None:
+                metrics["nll_chosen"] = metrics["loss"]
+                metrics.update(self.extra(self.engine))
             if metrics and split == "val" and self.cfg.metric in ("val/exact_match", "val/f1"):
                 metrics.update(self._generate(step, "val", self.splits.val_raw))
         finally:

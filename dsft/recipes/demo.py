@@ -16,7 +16,7 @@ import yaml
 
 from dsft import distributed
 from dsft.config import load_config
-from dsft.synthetic import DEMO_DATA, build_model_dir
+from dsft.synthetic import DEMO_DATA, build_model_dir, generate_preference_pairs, write_tasks
 
 
 def demo_config(workdir: Path, nproc: int) -> dict[str, Any]:
@@ -78,17 +78,103 @@ def format_report(summary: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def preference_config(workdir: Path, nproc: int) -> dict[str, Any]:
+    """The preference stage: DPO from the SFT demo's export on pairs of the same tasks."""
+    return {
+        "output_dir": str(workdir / "dpo"),
+        "model": {"path": str(workdir / "run" / "final")},
+        "data": {
+            "path": [str(workdir / "pairs.jsonl")],
+            "max_len": 64,
+            "val_fraction": 0.05,
+            "test_fraction": 0.1,
+        },
+        "train": {
+            "objective": "dpo",
+            "epochs": 1,
+            "micro_batch": 16 // nproc,
+            "grad_accum": 1,
+            "lr": 5e-4,
+            "warmup_steps": 5,
+            "schedule": "cosine",
+            "max_grad_norm": 1.0,
+            "precision": "fp32",
+            "fused_loss": False,
+        },
+        "preference": {"loss_type": "sigmoid", "beta": 0.1},
+        "deepspeed": {"zero_stage": 0 if nproc == 1 else 2},
+        "eval": {"every": 0, "micro_batch": 64, "max_generate": 200, "max_new_tokens": 12},
+        "checkpoint": {"every": 0},
+        "logging": {"every": 20, "progress": True},
+    }
+
+
+def format_preference_report(summary: dict[str, Any]) -> str:
+    """Before/after numbers of the preference stage."""
+    b, a = summary.get("before", {}), summary["after"]
+    lines = [
+        "",
+        "dsft demo --preference: DPO (sigmoid, beta 0.1) from the SFT demo's model",
+        f"  ranks {summary['world_size']}, {summary['total_steps']} steps, "
+        f"{summary['train_seconds']:.0f}s of training (+ the reference pass)",
+        f"  {'':34}{'before':>10}{'after':>10}",
+    ]
+    for label, split, key in (
+        ("val reward accuracy", "val", "rewards/accuracy"),
+        ("val reward margin", "val", "rewards/margin"),
+        ("val log p(chosen) - log p(rejected)", "val", "logp_gap"),
+        ("test exact match", "test", "exact_match"),
+    ):
+        for d in (b.get(split, {}), a.get(split, {})):
+            if key == "logp_gap" and "logps/chosen" in d:
+                d["logp_gap"] = d["logps/chosen"] - d["logps/rejected"]
+        if key not in a.get(split, {}):
+            continue
+        before = b.get(split, {}).get(key, float("nan"))
+        lines.append(f"  {label:34}{before:>10.3f}{a[split][key]:>10.3f}")
+    lines.append("  (rewards are beta * (log p - log p_ref): zero before training by definition)")
+    lines.append(f"  exported model: {summary.get('export')}")
+    return "\n".join(lines)
+
+
+def run_preference(workdir: Path, ns: Any) -> int:
+    """DPO on the SFT demo's exported model (run it first when the work dir has none)."""
+    if not (workdir / "run" / "final" / "config.json").is_file():
+        print("no SFT demo model in the work dir yet: running the SFT demo first", flush=True)
+        rc = run_sft(workdir, ns, [])
+        if rc:
+            return rc
+    write_tasks(workdir / "pairs.jsonl", generate_preference_pairs(2000, seed=99))
+    cfg_path = workdir / "dpo.yaml"
+    cfg_path.write_text(yaml.safe_dump(preference_config(workdir, ns.nproc), sort_keys=False))
+    cfg = load_config(cfg_path, ns.overrides)
+    print(f"preference stage: {cfg_path}", flush=True)
+    rc = distributed.launch_local(ns.nproc, ["train", str(cfg_path), *ns.overrides])
+    if rc:
+        return rc
+    summary = json.loads((Path(cfg.output_dir) / "summary.json").read_text())
+    print(format_preference_report(summary), flush=True)
+    return 0
+
+
 def main(ns: Any) -> int:
     """``dsft demo``: write the model and config, train on ``--nproc`` ranks, print the report."""
     workdir = Path(ns.workdir or tempfile.mkdtemp(prefix="dsft-demo-"))
     workdir.mkdir(parents=True, exist_ok=True)
+    if getattr(ns, "preference", False):
+        return run_preference(workdir, ns)
+    return run_sft(workdir, ns, ns.overrides)
+
+
+def run_sft(workdir: Path, ns: Any, overrides: list[str]) -> int:
+    """The SFT demo in ``workdir``."""
     build_model_dir(workdir / "model")
     cfg_path = workdir / "demo.yaml"
     cfg_path.write_text(yaml.safe_dump(demo_config(workdir, ns.nproc), sort_keys=False))
-    cfg = load_config(cfg_path, ns.overrides)  # validate before spawning anything
+    cfg = load_config(cfg_path, overrides)  # validate before spawning anything
     print(f"demo work dir: {workdir} (config: {cfg_path})", flush=True)
     # The training recipe runs as its own process(es): commands do not import each other.
-    rc = distributed.launch_local(ns.nproc, ["train", str(cfg_path), *ns.overrides])
+    rc = distributed.launch_local(ns.nproc, ["train", str(cfg_path), *overrides])
     if rc:
         return rc
     summary = json.loads((Path(cfg.output_dir) / "summary.json").read_text())

@@ -43,6 +43,8 @@ def _lengths_line(split: Split) -> str:
 def report(cfg: Config, tokenizer: Any, examples: int = 2, split: str = "train",
            color: bool = False) -> str:  # fmt: skip
     """Rendered examples with trained tokens marked, then the data statistics."""
+    if cfg.train.objective == "dpo":
+        return pair_report(cfg, tokenizer, examples, split, color)
     s = prepare(cfg.data, tokenizer)
     chosen: Split = getattr(s, split)
     lines: list[str] = []
@@ -89,6 +91,41 @@ def report(cfg: Config, tokenizer: Any, examples: int = 2, split: str = "train",
         eff = efficiency(lengths, pack(lengths, cfg.data.max_len), cfg.data.max_len)
         lines.append(
             f"packing              off (data.packing=true would fill {100 * eff:.1f}% of slots)"
+        )
+    return "\n".join(lines)
+
+
+def pair_report(cfg: Config, tokenizer: Any, examples: int, split: str, color: bool) -> str:
+    """train.objective=dpo: both sides of each pair (scored tokens marked), then statistics."""
+    from dsft.data.preference import prepare_pairs
+
+    s = prepare_pairs(cfg.data, tokenizer)
+    pairs = getattr(s, f"{split}_pairs")
+    mark = "(marked green)" if color else "(inside [[ ]])"
+    lines: list[str] = []
+    for k, p in enumerate(pairs[:examples]):
+        names = ["chosen", "rejected"] if p.rejected is not None else [f"label={p.label}"]
+        for name, t in zip(names, p.sides, strict=True):
+            lines += [
+                f"--- {split} pair {k} ({p.source}) {name}: {len(t.input_ids)} tokens, "
+                f"{t.num_target_tokens} scored {mark}",
+                mark_trained(tokenizer, t, color),
+            ]
+        lines.append("")
+    st = s.stats
+    lines += [
+        "--- statistics",
+        f"rows read            {st['examples']} ({st['kind']})",
+        f"pairs                train {st['train']}  val {st['val']}  test {st['test']}",
+        f"train tokens         {st['train_tokens']} (both sides)",
+        f"truncated (kept)     {sum(st.get(f'{x}_truncated', 0) for x in ('train', 'val', 'test'))}",
+        f"dropped, no target   "
+        f"{sum(st.get(f'{x}_dropped_no_target', 0) for x in ('train', 'val', 'test'))}",
+    ]
+    if s.packs is not None:
+        lines.append(
+            f"packing              {st['train']} pairs -> {st['packed_rows']} rows of "
+            f"{2 * cfg.data.max_len}, efficiency {100 * st['packing_efficiency']:.1f}%"
         )
     return "\n".join(lines)
 

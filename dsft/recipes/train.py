@@ -32,20 +32,23 @@ from dsft.flops import FlopCounter
 from dsft.job import open_job
 from dsft.meter import StepMeter
 from dsft.monitor import Monitor, StepProfiler
+from dsft.objectives import objective_for
 from dsft.runtime import hardware_name
-from dsft.step import Window, objective_for
+from dsft.step import Window
 
 log = logging.getLogger("dsft")
 
 
 def run(cfg: Config) -> dict[str, Any]:
     """Fine-tune ``cfg.model.path`` on ``cfg.data``; returns the run summary (on every rank)."""
-    objective = objective_for(cfg)  # what the loop trains for: SFT (dsft.step)
+    objective = objective_for(cfg)  # what the loop trains for: SFT or DPO (dsft.objectives)
     job = open_job(cfg, training=True, prepare=objective.prepare)
     cfg, env, shape, splits, out = job.cfg, job.env, job.shape, job.splits, job.out
     # The sampler deals out units: examples, or packed rows of examples (data.packing).
     units = splits.packs or [[i] for i in range(len(splits.train))]
     engine = build_engine(job, len(units))
+    if objective.start is not None:  # preference: reference log-probs, with the initial weights
+        objective = objective.start(job, engine)
     state, total_steps = engine.state, engine.total_steps
     dealer = Dealer(
         units=len(units),
@@ -63,6 +66,7 @@ def run(cfg: Config) -> dict[str, Any]:
     )
     monitor = Monitor(out, cfg.logging, total_steps, resume_step=state.step, config=to_dict(cfg))
     evaluator = job.evaluator(engine.ds, monitor, out, router=engine.router)  # MoE: + aux loss
+    evaluator.extra = objective.validation  # the objective's own validation metrics
     evaluator.toucher = engine.toucher  # ZeRO-3 image rows: validation runs the tower alike
     tracker = engine.tracker(cfg)
     model_cfg = getattr(engine.ds.module, "config", None)
