@@ -1,7 +1,7 @@
 """Preference tuning: the DPO family's losses, sequence log-probs, references and metrics.
 
 The objective ``train.objective=dpo`` runs in the same training loop as SFT; this module
-supplies what differs: the batch (both sides of every pair; dsft.data.preference), the
+supplies what differs: the batch (both sides of every pair; dsft.data.pairs), the
 micro-batch step (forward, per-sequence log-probs, the loss, backward) and the metrics.
 
 Losses (``preference.loss_type``), per pair, with policy log-probs ``pc``/``pr`` and
@@ -46,7 +46,7 @@ from dsft import distributed
 from dsft.config import REFERENCE_FREE, PreferenceConfig
 from dsft.data.collate import collate
 from dsft.data.packing import collate_packed
-from dsft.data.preference import Pair
+from dsft.data.pairs import Pair
 from dsft.data.tokenize import IGNORE_INDEX
 from dsft.loss import Head, final_hidden
 from dsft.optim import guard_zero0_fp32_step
@@ -669,7 +669,7 @@ def raise_config(message: str) -> None:
 
 def prepare(cfg: Any, tokenizer: Any, builder: bool = True) -> Any:
     """The objective's data preparation (dsft.job.open_job): tokenised pairs per split."""
-    from dsft.data.preference import prepare_pairs
+    from dsft.data.pairs import prepare_pairs
 
     return prepare_pairs(cfg, tokenizer)
 

@@ -97,7 +97,7 @@ def report(cfg: Config, tokenizer: Any, examples: int = 2, split: str = "train",
 
 def pair_report(cfg: Config, tokenizer: Any, examples: int, split: str, color: bool) -> str:
     """train.objective=dpo: both sides of each pair (scored tokens marked), then statistics."""
-    from dsft.data.preference import prepare_pairs
+    from dsft.data.pairs import prepare_pairs
 
     s = prepare_pairs(cfg.data, tokenizer)
     pairs = getattr(s, f"{split}_pairs")

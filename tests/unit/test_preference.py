@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from dsft.config import PreferenceConfig
-from dsft.data.preference import read_pairs, tokenize_pairs
+from dsft.data.pairs import read_pairs, tokenize_pairs
 from dsft.data.template import ChatOptions
 from dsft.errors import DataError
 from dsft.preference import (
