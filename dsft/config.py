@@ -67,7 +67,11 @@ class ModelConfig:
     path: str = ""
     revision: str = ""  # Hub ids: a branch, tag or commit ("" = main)
     trust_remote_code: bool = False  # never run a model repo's own Python unless asked
-    attn_implementation: str = "sdpa"  # "eager", "sdpa" or "flash_attention_2"
+    # "auto": varlen on CUDA with packed rows, else sdpa (eager for a family without it, e.g.
+    # GPT-OSS on CPU; FlexAttention there on CUDA) — docs/gpu-path.md; or one of "varlen"
+    # (flash varlen on packed rows' segments), "sdpa", "eager", "flash_attention_2",
+    # "flex_attention"
+    attn_implementation: str = "auto"
     gradient_checkpointing: bool = (
         False  # recompute activations in backward: less memory, ~30% slower
     )
@@ -589,7 +593,8 @@ def validate(cfg: Config) -> list[str]:
     return p
 
 
-ATTENTION = ("eager", "sdpa", "flash_attention_2", "flex_attention")
+# model.attn_implementation: dsft's own ("auto", "varlen": dsft/attention.py), transformers'
+ATTENTION = ("auto", "varlen", "eager", "sdpa", "flash_attention_2", "flex_attention")
 COLUMNS = [
     "instruction",
     "input",
@@ -702,7 +707,7 @@ def validate_data(d: DataConfig) -> list[str]:
 
 
 # Attention implementations the Ulysses all-to-all wraps (dsft/sequence_parallel.py).
-SP_ATTENTION = ("sdpa", "eager", "flash_attention_2")
+SP_ATTENTION = ("auto", "sdpa", "eager", "flash_attention_2")
 
 
 def validate_sequence_parallel(cfg: Config) -> list[str]:

@@ -9,6 +9,7 @@ from typing import Any
 
 import torch
 
+from dsft.attention import hf_name
 from dsft.config import FreezeConfig, LoraConfig, ModelConfig
 from dsft.errors import ConfigError
 from dsft.hub import model_path
@@ -37,7 +38,8 @@ def load_model(
 
     Under ZeRO-3 call this while a ``HfDeepSpeedConfig`` is alive, so that
     transformers partitions the weights as it loads them (zero.Init). ``training=False``
-    (exports, their checks, chat): the CPU-safe sdpa attention and no checkpointing.
+    (exports, their checks, chat): the family's CPU-safe attention (sdpa, eager for a family
+    without it) and no checkpointing.
     """
     from transformers import AutoModelForCausalLM
 
@@ -51,7 +53,11 @@ def load_model(
         path or model_path(cfg.path, cfg.revision),
         dtype=dtype,
         trust_remote_code=cfg.trust_remote_code,
-        attn_implementation=cfg.attn_implementation if training else "sdpa",
+        attn_implementation=hf_name(
+            cfg.attn_implementation if training else "auto",
+            str(path or model_path(cfg.path, cfg.revision)),
+            cfg.trust_remote_code,
+        ),
         **extra,
     )
     if quantized:

@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from dsft import distributed, planner
+from dsft import attention, distributed, planner
 from dsft.config import Config
 from dsft.errors import ConfigError
 
@@ -85,7 +85,8 @@ def hardware_name(world_size: int) -> str:
 
 
 def resolve_plan(cfg: Config, env: distributed.DistEnv) -> tuple[Config, dict[str, Any]]:
-    """Resolve "auto" (ZeRO stage, offload, micro-batch) for this job's hardware.
+    """Resolve "auto" (attention: dsft.attention; ZeRO stage, offload, micro-batch) for this
+    job's hardware.
 
     Rank 0 plans and the others receive its decision, so every rank builds the same engine;
     the free GPU memory that bounds the plan is the smallest of all ranks'.
@@ -97,6 +98,7 @@ def resolve_plan(cfg: Config, env: distributed.DistEnv) -> tuple[Config, dict[st
     if env.is_main:
         try:
             hw = planner.job_hardware(env.world_size, env.local_world_size, free)
+            cfg = attention.resolve_config(cfg, torch.cuda.is_available())  # "auto" attention
             resolved, decision = planner.resolve(cfg, hw)
             decision["hidden"] = decision.get("model", {}).get("hidden") or planner.hidden_size(
                 cfg.model.path, cfg.model.trust_remote_code

@@ -43,7 +43,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from dsft import checkpoint, crossval, data, distributed, export, faults, loss
+from dsft import attention, checkpoint, crossval, data, distributed, export, faults, loss
 from dsft import sequence_parallel as seqpar
 from dsft.config import Config, batch_shape, load_config, save_config, to_dict
 from dsft.data.collate import collate
@@ -283,6 +283,7 @@ def run(cfg: Config) -> dict[str, Any]:
     stopped_early = False
     saved_step = -1  # the step of the last periodic checkpoint
     deal = functools.partial(mixed_batches, mixer) if mixer is not None else train_batches
+    segments = attention.wants_segments(cfg.model.attn_implementation)  # varlen: cu_seqlens
     while step < total_steps and not stopped_early:
         batches = deal(
             len(units),
@@ -299,7 +300,7 @@ def run(cfg: Config) -> dict[str, Any]:
             next_window = first // shape.grad_accum + 1
             t_step = time.time()
             window = [
-                micro_batch(splits, units, b, pad_id)
+                micro_batch(splits, units, b, pad_id, segments)
                 for b in batches[first : first + shape.grad_accum]
             ]
             # Count the response tokens of the whole global batch before any backward,
@@ -499,11 +500,17 @@ def mix_report(
 
 
 def micro_batch(
-    splits: data.Splits, units: list[list[int]], batch: list[int], pad_id: int
+    splits: data.Splits,
+    units: list[list[int]],
+    batch: list[int],
+    pad_id: int,
+    segments: bool = False,
 ) -> dict[str, torch.Tensor]:
-    """The tensors of one micro-batch: padded examples, or packed rows (data.packing)."""
+    """The tensors of one micro-batch: padded examples, or packed rows (data.packing), with
+    their segments' cu_seqlens for the varlen attention when ``segments``."""
     if splits.packs:
-        return collate_packed([[splits.train[i] for i in units[u]] for u in batch], pad_id)
+        rows = [[splits.train[i] for i in units[u]] for u in batch]
+        return collate_packed(rows, pad_id, cu_seqlens=segments)
     return collate([splits.train[units[u][0]] for u in batch], pad_id)
 
 
