@@ -33,6 +33,7 @@ from __future__ import annotations
 import functools
 import importlib.util
 import inspect
+import itertools
 import logging
 import sys
 from collections.abc import Callable
@@ -79,7 +80,7 @@ def family_support(path: str, trust_remote_code: bool = False, revision: str = "
             model_path(path, revision), trust_remote_code=trust_remote_code
         )
         cls = AutoModelForCausalLM._model_mapping[type(config)]
-    except Exception as e:  # noqa: BLE001 - remote code, a shape name, a missing file
+    except Exception as e:  # remote code, a shape name, a missing file
         log.debug("attention: no class for %s (%s); assuming sdpa support", path, e)
         return Support(family=str(path))
     return support_of(cls, config)
@@ -278,7 +279,7 @@ def reference_varlen(
     bounds = cu.tolist()
     rep = q.shape[1] // k.shape[1]
     outs = []
-    for a, b in zip(bounds[:-1], bounds[1:], strict=True):
+    for a, b in itertools.pairwise(bounds):
         qs, ks, vs = (t[a:b].transpose(0, 1) for t in (q, k, v))  # [H, n, D]
         if rep > 1:
             ks, vs = ks.repeat_interleave(rep, 0), vs.repeat_interleave(rep, 0)

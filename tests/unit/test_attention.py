@@ -184,4 +184,7 @@ def test_family_support_is_read_from_the_class() -> None:
     assert not oss.sdpa and oss.flex and oss.no_varlen == "attention sinks"
     mistral = attention.support_of(MistralForCausalLM, MistralConfig(sliding_window=64))
     assert mistral.no_varlen == "sliding-window layers"
-    assert attention.support_of(MistralForCausalLM, MistralConfig(sliding_window=None)).no_varlen is None
+    assert (
+        attention.support_of(MistralForCausalLM, MistralConfig(sliding_window=None)).no_varlen
+        is None
+    )
