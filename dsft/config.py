@@ -75,10 +75,13 @@ class ModelConfig:
     gradient_checkpointing: bool = (
         False  # recompute activations in backward: less memory, ~30% slower
     )
-    compile: bool = False  # torch.compile the model: faster steps after a slow first one (CUDA)
+    # torch.compile: "regional" = each decoder layer, true = the whole model, false = off;
+    # "auto" = regional on CUDA where the GPU check measured it helps, else off (dsft/fastpath.py)
+    compile: bool | Literal["auto", "regional"] = "auto"
     # Fused kernels patched into the model before loading: "liger" = Liger Kernel's
-    # RMSNorm, RoPE and SwiGLU (CUDA, `pip install dsft[gpu]`); "none" = transformers' own.
-    kernels: Literal["none", "liger"] = "none"
+    # RMSNorm, RoPE and SwiGLU (CUDA, `pip install dsft[gpu]`); "none" = transformers' own;
+    # "auto" = liger on CUDA where measured to help and installed, else none (docs/gpu-path.md)
+    kernels: Literal["auto", "none", "liger"] = "auto"
     # Long sequences: run each block's MLP over tiles of the sequence and recompute them in
     # backward, so its wide intermediate activations never exist for the whole sequence
     # (DeepSpeed's ALST tiled compute; about one extra MLP forward of time).

@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from dsft import attention, distributed, planner
+from dsft import attention, distributed, fastpath, planner
 from dsft.config import Config
 from dsft.errors import ConfigError
 
@@ -56,7 +56,7 @@ def check_runtime(cfg: Config) -> None:
                 "model.kernels=liger: the liger-kernel package is not installed; "
                 "pip install 'dsft[gpu]' (or liger-kernel>=0.8), or use model.kernels=none"
             )
-    if cfg.model.compile and not cuda:
+    if cfg.model.compile in (True, "regional") and not cuda:
         log.warning("model.compile on CPU works but is rarely faster; it is meant for CUDA")
     bnb = importlib.util.find_spec("bitsandbytes") is not None
     for what, asked in (
@@ -98,7 +98,9 @@ def resolve_plan(cfg: Config, env: distributed.DistEnv) -> tuple[Config, dict[st
     if env.is_main:
         try:
             hw = planner.job_hardware(env.world_size, env.local_world_size, free)
-            cfg = attention.resolve_config(cfg, torch.cuda.is_available())  # "auto" attention
+            cuda = torch.cuda.is_available()
+            cfg = attention.resolve_config(cfg, cuda)  # "auto" attention
+            cfg = fastpath.resolve_config(cfg, cuda)  # "auto" kernels and compile
             resolved, decision = planner.resolve(cfg, hw)
             decision["hidden"] = decision.get("model", {}).get("hidden") or planner.hidden_size(
                 cfg.model.path, cfg.model.trust_remote_code

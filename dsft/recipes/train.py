@@ -43,7 +43,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from dsft import attention, checkpoint, crossval, data, distributed, export, faults, loss
+from dsft import attention, checkpoint, crossval, data, distributed, export, fastpath, faults, loss
 from dsft import sequence_parallel as seqpar
 from dsft.config import Config, batch_shape, load_config, save_config, to_dict
 from dsft.data.collate import collate
@@ -160,8 +160,11 @@ def run(cfg: Config) -> dict[str, Any]:
         config=ds_config,
         mpu=sp_groups.mpu,  # sequence parallelism: ZeRO over all ranks, averaging over dp
     )
-    if cfg.model.compile:
-        engine.compile()  # DeepSpeed wraps torch.compile so its hooks stay in place
+    if cfg.model.compile:  # "regional": each decoder layer; true: the whole model (DeepSpeed's)
+        log.info(
+            "torch.compile: %d regions",
+            fastpath.compile_model(engine, engine.module, cfg.model.compile),
+        )
     log.info(
         "model: %s params, %s trainable | ranks %d (%s)%s | ZeRO-%d | %s | micro-batch %d x "
         "accum %d x data-parallel ranks %d = global batch %d | %d steps (%d per epoch)",
