@@ -54,7 +54,7 @@ from typing import Any
 from dsft.config import Config, FreezeConfig, LoraConfig, batch_shape
 from dsft.ds_config import bucket_sizes
 from dsft.errors import ConfigError
-from dsft.flops import DEFAULT_PEAK_TFLOPS, text_config, text_dims, train_flops
+from dsft.flops import DEFAULT_PEAK_TFLOPS, KERNEL_EFFICIENCY, text_config, text_dims, train_flops
 from dsft.loss import chunk_rows
 
 log = logging.getLogger("dsft")
@@ -64,7 +64,7 @@ CONTEXT_BYTES = 1 * GiB  # CUDA context, cuBLAS workspace, NCCL: not in PyTorch'
 # Pinned staging buffers for offload: DeepSpeed's additional_buffer_factor.
 HOST_BUFFER_FACTOR = 1.5
 DEFAULT_HEADROOM = 0.9
-DEFAULT_MFU = 0.4
+DEFAULT_MFU = KERNEL_EFFICIENCY  # measured efficiency of dsft's step (dsft/flops.py)
 
 # Llama-shaped models to plan for without a directory (there is no hub access to read their
 # config.json): hidden, layers, MLP width, heads, key/value heads, vocabulary, tied embeddings.
