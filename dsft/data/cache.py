@@ -33,6 +33,7 @@ import logging
 import multiprocessing as mp
 import os
 import shutil
+import signal
 import socket
 import tempfile
 import time
@@ -44,12 +45,12 @@ from typing import Any
 
 import numpy as np
 
-from dsft import faults, locks
+from dsft import distributed, faults, locks
 from dsft.config import is_hub_id
 from dsft.data.formats import Example, check_not_empty, examples_of, normaliser
 from dsft.data.readers import line_ranges, read_range, read_rows, splittable
 from dsft.data.tokenize import IGNORE_INDEX, ChatOptions, Encoded, Tokenized, encode
-from dsft.errors import DataError
+from dsft.errors import DataError, Preempted
 
 log = logging.getLogger("dsft")
 
@@ -286,6 +287,30 @@ def _encode_chunk(k: int, task: tuple) -> tuple[str, Any]:
     return "ok", len(examples)
 
 
+# How long a finished pool's workers get to leave before they are killed and reported.
+_JOIN_TIMEOUT = 60.0
+
+
+def _worker_init() -> None:
+    """Pool initializer: a forked worker drops the parent's stop handlers
+    (``distributed.catch_stop_signals`` only records a stop for the training loop), so the
+    pool's terminate() and a job's SIGTERM end it; SIGINT is left to the parent."""
+    for sig in (signal.SIGTERM, signal.SIGUSR1):
+        signal.signal(sig, signal.SIG_DFL)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+def _check_stop() -> None:
+    """Data preparation ends promptly on a stop request (SIGTERM/SIGUSR1 caught by the
+    training recipe): there is nothing to save yet, so the job stops as preempted."""
+    signum = distributed.stop_requested()
+    if signum is not None:
+        raise Preempted(
+            f"stopped during data preparation by {signal.Signals(signum).name}; nothing was "
+            "trained yet (the tokenised parts done so far stay in the cache for the next run)"
+        )
+
+
 class _Runner:
     """Runs chunks in forked worker processes, a bounded number in flight, results in
     chunk order (so the first bad row in file order is the one reported); or in this
@@ -299,6 +324,7 @@ class _Runner:
         self.env: str | None = None  # TOKENIZERS_PARALLELISM before the workers
 
     def submit(self, k: int, task: tuple) -> None:
+        _check_stop()
         if self.workers <= 1:
             self.on_done(k, _encode_chunk(k, task))
             return
@@ -310,7 +336,7 @@ class _Runner:
             # in close: the parent's own later tokenising keeps its threads)
             self.env = os.environ.get("TOKENIZERS_PARALLELISM")
             os.environ["TOKENIZERS_PARALLELISM"] = "false"
-            self.pool = mp.get_context("fork").Pool(self.workers)
+            self.pool = mp.get_context("fork").Pool(self.workers, initializer=_worker_init)
             self.pending.append((self.first[0], self.pool.apply_async(_encode_chunk, self.first)))
             self.first = None
         self.pending.append((k, self.pool.apply_async(_encode_chunk, (k, task))))
@@ -319,6 +345,9 @@ class _Runner:
 
     def _collect(self) -> None:
         k, res = self.pending.popleft()
+        while not res.ready():  # not a blocking get: a stop request is seen while waiting
+            res.wait(0.2)
+            _check_stop()
         self.on_done(k, res.get())
 
     def finish(self) -> None:
@@ -328,14 +357,36 @@ class _Runner:
         while self.pending:
             self._collect()
 
-    def close(self) -> None:
-        if self.pool is not None:
-            self.pool.terminate()
-            self.pool.join()
-            if self.env is None:
-                os.environ.pop("TOKENIZERS_PARALLELISM", None)
-            else:
-                os.environ["TOKENIZERS_PARALLELISM"] = self.env
+    def close(self, finished: bool) -> None:
+        """End the pool: a finished one is closed and joined (its workers leave at the end
+        of their queue); after an error or a stop, the workers are terminated. A worker
+        still alive after ``_JOIN_TIMEOUT`` seconds is killed and named in an error."""
+        if self.pool is None:
+            return
+        pool, self.pool = self.pool, None
+        workers = list(pool._pool)  # the pool's processes (no public accessor)
+        if finished:
+            pool.close()
+        else:
+            pool.terminate()
+        deadline = time.monotonic() + _JOIN_TIMEOUT
+        for w in workers:
+            w.join(max(0.0, deadline - time.monotonic()))
+        stuck = [w for w in workers if w.is_alive()]
+        for w in stuck:
+            w.kill()
+            w.join()
+        pool.join()
+        if self.env is None:
+            os.environ.pop("TOKENIZERS_PARALLELISM", None)
+        else:
+            os.environ["TOKENIZERS_PARALLELISM"] = self.env
+        if stuck and finished:
+            raise DataError(
+                "data: tokenising worker(s) "
+                + ", ".join(f"pid {w.pid}" for w in stuck)
+                + f" did not exit within {_JOIN_TIMEOUT:.0f}s of the end of the build; killed"
+            )
 
 
 def _fork_ok() -> bool:
@@ -358,6 +409,7 @@ class _Waiter:
 
     def sleep(self, doing: Any) -> None:
         time.sleep(0.2)
+        _check_stop()
         if time.time() - self.last >= 60:
             self.last = time.time()
             log.info("data: waiting %.0fs for %s: %s", self.waited, self.path, doing())
@@ -420,6 +472,7 @@ def _build(
                 (parts / f"{k:06d}.claim").unlink(missing_ok=True)
 
             runner = _Runner(opts.workers if _fork_ok() else 1, done)
+            finished = False
             try:
                 for k, task in _tasks(path, norm.record_keys, opts):
                     n = k + 1
@@ -427,8 +480,9 @@ def _build(
                         continue
                     runner.submit(k, task)
                 runner.finish()
+                finished = True
             finally:
-                runner.close()
+                runner.close(finished)
             # Every chunk is done or claimed by another builder: wait for theirs, take
             # over any whose builder died here, then one builder merges.
             while not (entry / "meta.json").is_file():

@@ -92,3 +92,32 @@ def test_data_inspect(tiny_model: Path, tiny_data: Path, tmp_path: Path, capsys)
     assert "train length         p50" in out and "would fill" in out
     assert main(["data", "inspect", str(cfg)]) == 2  # without skip: the bad row is an error
     assert "tasks.parquet:row 201" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_two_ranks_prepare_several_chunks_with_a_real_bpe_tokenizer(tmp_path: Path) -> None:
+    """The data-prep hang: 2 ranks, ~2.4 MB of chat rows (three 1 MB prep chunks, so the
+    forked worker pool runs), a byte-level BPE tokenizer, the cache on. It hung in the
+    pool's shutdown every time before the workers dropped the stop handlers."""
+    from benchmarks.data import build_tokenizer, generate_rows, write_jsonl
+    from dsft.synthetic import build_model_dir
+
+    rows = generate_rows(2600, seed=0)
+    data = write_jsonl(tmp_path / "chat.jsonl", rows)
+    assert data.stat().st_size > 2 << 20  # several 1 MB chunks
+    tok = build_tokenizer(tmp_path / "tok", rows[:500], vocab_size=1024)
+    model = build_model_dir(tmp_path / "model", hidden=32, layers=1, tokenizer=tok)
+    tree = base_config(
+        model,
+        data,
+        tmp_path / "run",
+        data={"max_len": 64, "val_fraction": 0.01, "test_fraction": 0.0, "workers": 2},
+        train={"max_steps": 2, "grad_accum": 1},
+        eval={"generate": False, "before_training": False},
+        checkpoint={"save_final": False, "export": False},
+    )
+    cfg = write_config(tmp_path / "c.yaml", tree)
+    proc = run_dsft(["train", str(cfg)], nproc=2, timeout=300)
+    assert proc.returncode == 0
+    assert read_summary(tmp_path / "run")["data"]["train"] > 500

@@ -255,3 +255,64 @@ def test_packing_with_and_without_mix(tmp_path: Path, tok, mix: list[float]) -> 
         assert s.unit_source.tolist() == [files[row[0]] for row in s.packs]
         assert s.stats["train_per_source"] == {"a": int((s.unit_source == 0).sum()),
                                                "b": int((s.unit_source == 1).sum())}  # fmt: skip
+
+
+def _build_with_stop_handlers(path: str, root: str, q) -> None:
+    """A forked-worker build in a process that installed the training recipe's stop
+    handlers first (as `dsft train` does before data preparation)."""
+    from dsft import distributed
+
+    distributed.catch_stop_signals()
+    tok = build_tokenizer()
+    for i in range(6):  # repeated: the hang was a race between the pool's end and its workers
+        cached_store(path, tok, SETTINGS, Path(root) / str(i), True,
+                     BuildOptions(workers=2, chunk_bytes=1500))  # fmt: skip
+    q.put(sorted(p.pid for p in mp.active_children()))
+
+
+@pytest.mark.distributed
+def test_worker_pool_finishes_with_stop_handlers_installed(tmp_path: Path) -> None:
+    """Workers inherit SIGTERM/SIGUSR1 handlers that only record a stop: the pool must
+    still end (workers reset the signals; a finished pool closes, never terminates)."""
+    src = _data(tmp_path / "d.jsonl", n=400, bad=False)
+    ctx = mp.get_context("spawn")
+    q = ctx.Queue()
+    p = ctx.Process(target=_build_with_stop_handlers, args=(str(src), str(tmp_path / "c"), q))
+    p.start()
+    p.join(timeout=120)
+    alive = p.is_alive()
+    if alive:
+        p.kill()
+    assert not alive, "the forked-worker build hung"
+    assert p.exitcode == 0
+    assert q.get(timeout=5) == []  # no worker left behind
+
+
+def _stop_during_prep(path: str, root: str) -> None:
+    from dsft import distributed
+
+    distributed.catch_stop_signals()
+    os.environ["DSFT_FAULT_SLOW_CHUNK"] = "0.5"  # a slow build: the signal lands during it
+    cached_store(path, build_tokenizer(), SETTINGS, Path(root), True,
+                 BuildOptions(workers=2, chunk_bytes=500))  # fmt: skip
+
+
+@pytest.mark.distributed
+def test_sigterm_during_data_preparation_stops_promptly(tmp_path: Path) -> None:
+    import signal
+    import time
+
+    src = _data(tmp_path / "d.jsonl", n=400, bad=False)
+    ctx = mp.get_context("spawn")
+    p = ctx.Process(target=_stop_during_prep, args=(str(src), str(tmp_path / "c")))
+    p.start()
+    time.sleep(6)  # started, tokenising (300 rows in ~100 chunks of 0.5 s each, 2 workers)
+    assert p.is_alive()
+    t0 = time.time()
+    os.kill(p.pid, signal.SIGTERM)
+    p.join(timeout=30)
+    stopped = not p.is_alive()
+    if not stopped:
+        p.kill()
+    assert stopped and time.time() - t0 < 15, "data preparation ignored the stop request"
+    assert p.exitcode != 0
