@@ -676,7 +676,7 @@ def table(result: dict[str, Any]) -> str:
         meas, pred = m.get("step_time"), m.get("predicted_step_time")
         err = (pred - meas) / meas if meas and pred else None
         notes.append(
-            f"| {name} | {_fmt(meas, '.3f')} | {_fmt(pred, '.3f')} | {_fmt(err, '+.0%')} |"
+            f"| {name} | {_fmt(meas, '.4g')} | {_fmt(pred, '.4g')} | {_fmt(err, '+.0%')} |"
             + (f" {_fmt(m.get('mfu_4nt'), '.1%')} |" if lora else "")
         )
     notes += [
@@ -684,8 +684,8 @@ def table(result: dict[str, Any]) -> str:
         f"{c['mode']} mode{' (dry run)' if c['dry_run'] else ''}: model {c['preset']} "
         f"({result['params'] / 1e6:.2f}M params"
         f"{f', LoRA r={lora} all-linear' if lora else ', full fine-tuning'}), {c['precision']}, "
-        f"max_len {c['max_len']}, attention dsft {result.get('dsft_attention', 'auto')} / "
-        f"TRL {c['attn_implementation']}, ZeRO-{c['zero_stage']} (the same DeepSpeed JSON for both), "
+        f"max_len {c['max_len']}, attention: {result.get('dsft_attention') or 'auto'}; "
+        f"TRL {c['attn_implementation']}; ZeRO-{c['zero_stage']} (the same DeepSpeed JSON for both), "
         f"{c['nproc']} rank(s) each, micro-batch {c['micro_batch']} (packed: "
         f"{c['packed_micro_batch']} rows) × accumulation {c['grad_accum']}; {c['steps']} steps "
         f"per run, first {c['skip_steps']} skipped; medians of {c['repeats']} alternating runs; "

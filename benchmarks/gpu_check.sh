@@ -116,7 +116,7 @@ if [[ $DRY == 1 ]]; then
   P1=(--dry-run --steps 2)
   P8=(--dry-run --steps 2 --lora-r 16)
   B1=(--steps 2 --skip-steps 0)
-  B8=(--steps 2 --skip-steps 0 --systems dsft-packed,trl-default,trl-best)
+  B8=(--steps 2 --skip-steps 0 --systems dsft-packed,trl-best)
   EX=(--train-examples 80)
 else
   S1=(--preset 1b)

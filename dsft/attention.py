@@ -4,8 +4,8 @@
 by :func:`resolve` from the model family's support (read from its class, not by loading it),
 the hardware and the batch shape:
 
-- CUDA, packed rows (``data.packing``), a family whose attention is plain causal softmax
-  attention: ``varlen`` — a flash kernel on the rows' segment boundaries, no 4-D mask;
+- CUDA, packed rows (``data.packing``), bf16/fp16, a family whose attention is plain causal
+  softmax attention: ``varlen`` — a flash kernel on the rows' segment boundaries, no 4-D mask;
 - CUDA otherwise: ``sdpa``; a family without sdpa (GPT-OSS: attention sinks): FlexAttention
   where the family has it, else ``eager``;
 - CPU: ``sdpa``, or ``eager`` for a family without sdpa;
@@ -70,7 +70,8 @@ class Support:
 
 def family_support(path: str, trust_remote_code: bool = False, revision: str = "") -> Support:
     """The attention support of the causal LM class for the model at ``path`` (its
-    config.json only: nothing is loaded). Unknown classes are assumed to support sdpa."""
+    config.json only: nothing is loaded). Unknown classes (remote code) are assumed to
+    support sdpa, and auto does not pick varlen for them."""
     try:
         from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -82,7 +83,7 @@ def family_support(path: str, trust_remote_code: bool = False, revision: str = "
         cls = AutoModelForCausalLM._model_mapping[type(config)]
     except Exception as e:  # remote code, a shape name, a missing file
         log.debug("attention: no class for %s (%s); assuming sdpa support", path, e)
-        return Support(family=str(path))
+        return Support(family=str(path), no_varlen="an unknown model class")
     return support_of(cls, config)
 
 
@@ -132,14 +133,16 @@ def resolve(
     cuda: bool,
     packed: bool,
     sequence_parallel: int = 1,
+    half: bool = True,
 ) -> str:
     """The attention implementation a run uses (``auto`` resolved; an explicit choice
-    checked against the family). Raises :class:`ConfigError` for one the family lacks."""
+    checked against the family). Raises :class:`ConfigError` for one the family lacks.
+    ``half``: bf16/fp16 training (the flash kernels' dtypes; fp32 would run the reference)."""
     if requested == AUTO:
         plain = "sdpa" if support.sdpa else "eager"
         if sequence_parallel > 1:
             return plain
-        if cuda and packed and support.no_varlen is None:
+        if cuda and packed and half and support.no_varlen is None:
             return "varlen"
         if cuda and not support.sdpa and support.flex:
             return "flex_attention"
@@ -387,6 +390,7 @@ def resolve_config(cfg: Any, cuda: bool) -> Any:
         cuda=cuda,
         packed=bool(cfg.data.packing),
         sequence_parallel=sp if isinstance(sp, int) else 1,
+        half=cfg.train.precision != "fp32",
     )
     if chosen == m.attn_implementation:
         return cfg

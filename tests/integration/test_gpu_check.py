@@ -18,11 +18,12 @@ from .test_bench import _check_figures
 pytestmark = pytest.mark.slow
 
 
+@pytest.mark.timeout(1600)  # ten stages, each a fresh process; on 2 shared cores
 def test_gpu_check_dry_run_writes_every_result(tmp_path: Path) -> None:
     out = tmp_path / "check"
     env = {k: v for k, v in cpu_env(threads=2).items() if k != "OUT"}
     proc = subprocess.run(["bash", "benchmarks/gpu_check.sh", "--dry-run", str(out)], env=env,
-                          capture_output=True, text=True, timeout=900, cwd=ROOT)  # fmt: skip
+                          capture_output=True, text=True, timeout=1500, cwd=ROOT)  # fmt: skip
     stages = (out / "stages.tsv").read_text() if (out / "stages.tsv").is_file() else ""
     assert proc.returncode == 0, stages + proc.stdout[-4000:] + proc.stderr[-3000:]
     status = dict(line.split("\t")[:2] for line in stages.splitlines())
@@ -53,8 +54,8 @@ def test_gpu_check_dry_run_writes_every_result(tmp_path: Path) -> None:
         result = json.loads((out / name / "bench.json").read_text())
         if not lora:
             _check_figures(result, mfu=True)
-        else:  # the LoRA shape's dry run skips padded dsft
-            assert set(result["medians"]) == {"dsft-packed", "trl-default", "trl-best"}
+        else:  # the LoRA shape's dry run: the packed systems only (time)
+            assert set(result["medians"]) == {"dsft-packed", "trl-best"}
             assert all(m["tokens_per_s"] > 0 and m["mfu_4nt"] > 0
                        for m in result["medians"].values())  # fmt: skip
         s = result["settings"]

@@ -158,6 +158,10 @@ def test_auto_resolves_by_family_hardware_and_rows(support, cuda, packed, sp, wa
     assert resolve("auto", support, cuda=cuda, packed=packed, sequence_parallel=sp) == want
 
 
+def test_auto_keeps_sdpa_for_fp32_on_cuda() -> None:  # no flash kernel for fp32
+    assert resolve("auto", LLAMA, cuda=True, packed=True, half=False) == "sdpa"
+
+
 def test_explicit_choice_a_family_lacks_is_a_config_error() -> None:
     with pytest.raises(ConfigError, match="GptOssForCausalLM does not support it") as e:
         resolve("sdpa", GPT_OSS, cuda=False, packed=True)
