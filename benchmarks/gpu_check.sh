@@ -28,7 +28,8 @@
 #                       (MFU also as 4·N·T, NeMo AutoModel's count)   -> bench-8b/bench.md
 #   7. pytest           pytest -m gpu: varlen/flex/compile/Liger/fused loss against the
 #                       plain path, CUDA precisions, the planner's 1B peak-memory check
-#   8. loss_memory, tiling   only with time left
+#   8. profile_1b_fast, loss_memory, tiling   only with time left (profile_1b_fast: the 1B
+#                       profile with DSFT_FAST_DEFAULTS=liger,compile, to set fastpath's verdicts)
 # DSFT_FAST_DEFAULTS (dsft/fastpath.py) set for the whole check flips Liger / regional compile
 # on for every "auto" run (e.g. DSFT_FAST_DEFAULTS=liger,compile bash benchmarks/gpu_check.sh).
 # Then summary.md: each stage's status and time, and the result tables.
@@ -165,7 +166,16 @@ stage pytest $((DRY ? 300 : 100)) bash -c '
   ((a == 5)) && a=0; ((b == 5)) && b=0  # 5: nothing collected
   exit $((a || b))' _ "$PY" "$OUT" "${FIRST[@]}" "${PYTEST[@]}"
 
-# 8. with the time left: the loss's memory (fused vs full logits), tiling (model.tiled_mlp)
+# 8. with the time left: Liger + regional compile on the 1B shape (the verdicts of
+#    dsft/fastpath.py: compare its step time and kernel table with profile_1b's); the loss's
+#    memory (fused vs full logits); tiling (model.tiled_mlp)
+if [[ $DRY == 1 ]]; then  # the same script as profile_1b; on a CPU both stay off anyway
+  printf 'profile_1b_fast\tskipped (dry run: the profile_1b script with DSFT_FAST_DEFAULTS)\t0s\n' >>"$STATUS"
+else
+  stage profile_1b_fast 60 "${PROF[@]}" "${P1[@]}" --fast liger,compile \
+    --label "1B full FT, defaults + Liger + regional compile" --out "$OUT/profile_1b_fast" \
+    --model "$OUT/bench-1b/model" --data "$OUT/bench-1b/train.jsonl"
+fi
 if [[ $DRY == 1 ]]; then
   LM=(--device cpu --tiny --seq 256 --steps 1)
 else
@@ -199,6 +209,8 @@ section() {  # section TITLE FILE
   section "profile: 1B full FT, before (sdpa, 4-D mask)" "$OUT/profile_before/summary.md"
   section "profile: 1B full FT, defaults" "$OUT/profile_1b/summary.md"
   section "profile: 8B LoRA r=16, defaults" "$OUT/profile_8b/summary.md"
+  section "profile: 1B full FT, defaults + Liger + regional compile" \
+    "$OUT/profile_1b_fast/summary.md"
   section "dsft bench --mode gpu: 1B full FT" "$OUT/bench-1b/bench.md"
   section "dsft bench --mode gpu: 8B LoRA r=16" "$OUT/bench-8b/bench.md"
   echo
