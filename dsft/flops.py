@@ -77,8 +77,11 @@ def train_flops(
 
 def text_config(model_config: Any) -> Any:
     """The language model's part of a Hugging Face config (multimodal configs nest it; a
-    plain causal LM's config is its own). The one home of this fallback: the planner, sequence
-    parallelism and the FLOP counter read shapes through it."""
+    plain causal LM's config is its own), or of a config.json read as a dict (its
+    "text_config"). The one home of this fallback: the planner, sequence parallelism, the FLOP
+    counter and the config's head-count check read shapes through it."""
+    if isinstance(model_config, dict):
+        return model_config.get("text_config") or model_config
     get = getattr(model_config, "get_text_config", None)
     return (get() if get else None) or model_config
 

@@ -84,9 +84,9 @@ def hardware_name(world_size: int) -> str:
     return f"{world_size} CPU rank{'s' * (world_size > 1)} ({torch.get_num_threads()} threads each)"
 
 
-def resolve_plan(cfg: Config, env: distributed.DistEnv) -> tuple[Config, dict[str, Any]]:
-    """Resolve "auto" (attention: dsft.attention; ZeRO stage, offload, micro-batch) for this
-    job's hardware.
+def resolve_plan(cfg: Config, env: distributed.DistEnv) -> tuple[Config, planner.Decision]:
+    """Resolve "auto" (attention and kernels: dsft.attention, dsft.fastpath; ZeRO stage,
+    offload, micro-batch) for this job's hardware.
 
     Rank 0 plans and the others receive its decision, so every rank builds the same engine;
     the free GPU memory that bounds the plan is the smallest of all ranks'.
@@ -101,27 +101,23 @@ def resolve_plan(cfg: Config, env: distributed.DistEnv) -> tuple[Config, dict[st
             cuda = torch.cuda.is_available()
             cfg = attention.resolve_config(cfg, cuda)  # "auto" attention
             cfg = fastpath.resolve_config(cfg, cuda)  # "auto" kernels and compile
-            resolved, decision = planner.resolve(cfg, hw)
-            decision["hidden"] = decision.get("model", {}).get("hidden") or planner.hidden_size(
-                cfg.model.path, cfg.model.trust_remote_code
-            )
-            result = (resolved, decision)
+            result = planner.resolve(cfg, hw)
         except ConfigError as e:  # refused: every rank raises it (problems pickle, errors not)
             result = e.problems
     result = distributed.broadcast_object(result)
     if isinstance(result, list):
         raise ConfigError(result)
     resolved, decision = result
-    if "table" in decision:
-        log.info("memory plan (%s):\n%s", decision["decided_by"], decision["table"])
+    if decision.table is not None:
+        log.info("memory plan (%s):\n%s", decision.decided_by, decision.table)
     ds = resolved.deepspeed
     log.info(
         "plan: ZeRO-%d%s%s, micro-batch %d x accum %d (decided by %s)",
         ds.zero_stage,
         " + optimizer offload" if ds.offload_optimizer else "",
         " + param offload" if ds.offload_params else "",
-        decision["micro_batch"],
-        decision["grad_accum"],
-        decision["decided_by"],
+        decision.micro_batch,
+        decision.grad_accum,
+        decision.decided_by,
     )
     return resolved, decision

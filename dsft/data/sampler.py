@@ -13,6 +13,8 @@ from __future__ import annotations
 import math
 import random
 from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
@@ -141,3 +143,51 @@ def mixed_batches(
         units = np.take_along_axis(units, np.argsort(keys, axis=1, kind="stable"), axis=1)
     mine = units[:, rank * micro_batch : (rank + 1) * micro_batch]
     return mine.tolist()
+
+
+@dataclass
+class Dealer:
+    """This rank's training micro-batches, epoch by epoch: each epoch a permutation of the
+    units, or with data.mix (``mixer``) units drawn from the sources in fixed proportions."""
+
+    units: int  # training units: examples, or packed rows
+    micro_batch: int
+    data_parallel: int  # ranks that see different micro-batches
+    rank: int  # this rank's data-parallel rank
+    seed: int
+    shuffle: bool
+    grad_accum: int
+    mixer: Mixer | None = None
+    sources: list[str] = field(default_factory=list)  # the mixer's source names
+    # data.mix: samples drawn per source so far (slots [0, upto) of the run), kept up to date
+    # at each log line; a pure function of the step, so exact after a resume too
+    upto: int = 0
+    drawn: np.ndarray | None = None
+
+    def epoch(self, epoch: int) -> list[list[int]]:
+        """This rank's micro-batches (lists of unit indices) of ``epoch``."""
+        args = (self.units, self.micro_batch, self.data_parallel, self.rank, epoch, self.seed)
+        if self.mixer is not None:
+            return mixed_batches(self.mixer, *args, self.shuffle, self.grad_accum)
+        return train_batches(*args, self.shuffle, self.grad_accum)
+
+    def mix_scalars(self, upto: int) -> dict[str, float]:
+        """data.mix: the samples (units) drawn from each source in the run's first ``upto``
+        slots, as ``mix/<source>`` scalars (none without data.mix)."""
+        if self.mixer is None:
+            return {}
+        if self.drawn is None:
+            self.drawn = np.zeros(len(self.sources), np.int64)
+        self.drawn += self.mixer.counts(self.upto, upto)
+        self.upto = upto
+        return {f"mix/{name}": int(c) for name, c in zip(self.sources, self.drawn, strict=True)}
+
+    def mix_summary(self, upto: int, mix: Sequence[float]) -> dict[str, Any]:
+        """data.mix: per source, the share asked for and the samples drawn in ``upto`` slots."""
+        self.mix_scalars(upto)
+        assert self.drawn is not None
+        total = max(int(self.drawn.sum()), 1)
+        return {
+            name: {"target": w / sum(mix), "drawn": int(c), "share": round(c / total, 4)}
+            for name, w, c in zip(self.sources, mix, self.drawn, strict=True)
+        }

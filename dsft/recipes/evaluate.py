@@ -16,14 +16,12 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from dsft import data, distributed
+from dsft import distributed
 from dsft.checkpoint import find, load_weights
-from dsft.config import Config, LoraConfig, batch_shape, load_config
-from dsft.ds_config import deepspeed_config
-from dsft.eval import evaluator as evaluate
-from dsft.model import build_model, load_tokenizer, torch_dtype
+from dsft.config import Config, LoraConfig, load_config
+from dsft.job import open_job
+from dsft.model import build_model, torch_dtype
 from dsft.monitor import Monitor
-from dsft.runtime import check_runtime, resolve_plan
 
 log = logging.getLogger("dsft")
 
@@ -40,9 +38,6 @@ def locate(path: str | Path) -> tuple[str, Path, str | None]:
 def run_eval(cfg: Config, checkpoint: str, out_dir: str | None = None) -> dict[str, Any]:
     """Evaluate ``checkpoint`` on the validation and test splits of ``cfg.data``."""
     kind, where, tag = locate(checkpoint)
-    env = distributed.setup()
-    deepspeed = distributed.import_deepspeed()
-    check_runtime(cfg)
     # Evaluation runs whole sequences on every rank (train.sequence_parallel is for training).
     cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, sequence_parallel=1))
     if kind == "hf":
@@ -50,15 +45,13 @@ def run_eval(cfg: Config, checkpoint: str, out_dir: str | None = None) -> dict[s
         cfg = dataclasses.replace(
             cfg, model=dataclasses.replace(cfg.model, path=str(where), lora=LoraConfig())
         )
-    cfg, decision = resolve_plan(cfg, env)  # "auto" ZeRO stage / micro-batch
-    ds_config = deepspeed_config(cfg, batch_shape(cfg.train, env.world_size), decision["hidden"])
-    tokenizer = load_tokenizer(cfg.model)
-    splits = data.prepare(cfg.data, tokenizer, builder=env.local_rank == 0)
-    model = build_model(cfg.model, torch_dtype(cfg.train.precision), ds_config)
+    job = open_job(cfg, training=False)
+    cfg, env = job.cfg, job.env
+    model = build_model(cfg.model, torch_dtype(cfg.train.precision), job.ds_config)
     if kind == "deepspeed":
         # Consolidated weights load on any number of ranks and any ZeRO stage.
         load_weights(model, where / str(tag), cfg.deepspeed.zero_stage == 3)
-    engine, *_ = deepspeed.initialize(model=model, config=ds_config)
+    engine, *_ = job.deepspeed.initialize(model=model, config=job.ds_config)
     log.info(
         "evaluating %s (%s%s) on %d ranks",
         where,
@@ -77,16 +70,7 @@ def run_eval(cfg: Config, checkpoint: str, out_dir: str | None = None) -> dict[s
         report_to=[r for r in cfg.logging.report_to if r == "tensorboard"],
     )
     monitor = Monitor(out, logging_cfg, 0)
-    evaluator = evaluate.Evaluator(
-        engine,
-        tokenizer,
-        splits,
-        cfg.eval,
-        monitor,
-        out,
-        synced=cfg.deepspeed.zero_stage == 3 and env.world_size > 1,
-        fused_loss=cfg.train.fused_loss,
-    )
+    evaluator = job.evaluator(engine, monitor, out)
     results: dict[str, Any] = {
         "checkpoint": str(checkpoint),
         "kind": kind,

@@ -278,7 +278,7 @@ def main(ns: argparse.Namespace) -> int:
         f"# dsft config written by `dsft init {' '.join(map(shlex.quote, _argv(ns)))}` on "
         f"{datetime.date.today()}.",
         "# Every value is chosen by a documented rule (README, 'A config to start from: dsft init');",
-        "# edit freely. Keys not written keep their defaults (dsft/config.py).",
+        "# edit freely. Keys not written keep their defaults (dsft/config/schema.py).",
         "#",
         f"# model: {planned.describe()}",
         f"# data:  {n} examples in {len(data)} file(s); formats {formats}"

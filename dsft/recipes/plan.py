@@ -103,10 +103,6 @@ def ds_config(ns: argparse.Namespace) -> int:
     cfg = load_config(ns.config, ns.overrides)
     hw = planner.job_hardware(ns.world_size, ns.world_size, planner.free_gpu_memory())
     cfg, decision = planner.resolve(cfg, hw)  # "auto" as `dsft train` would resolve it here
-    hidden = decision.get("model", {}).get("hidden") or planner.hidden_size(
-        cfg.model.path, cfg.model.trust_remote_code
-    )
-    print(
-        json.dumps(deepspeed_config(cfg, batch_shape(cfg.train, ns.world_size), hidden), indent=2)
-    )
+    shape = batch_shape(cfg.train, ns.world_size)
+    print(json.dumps(deepspeed_config(cfg, shape, decision.hidden), indent=2))
     return 0

@@ -10,7 +10,14 @@ import sys
 from pathlib import Path
 
 PKG = Path(__file__).resolve().parents[2] / "dsft"
-BOTTOM = {"dsft.errors", "dsft.config"}
+BOTTOM = {
+    "dsft.errors",
+    "dsft.flops",  # formulas and a table; imports nothing from dsft
+    "dsft.config",
+    "dsft.config.schema",
+    "dsft.config.loading",
+    "dsft.config.batch",
+}
 
 
 def _module_name(path: Path) -> str:

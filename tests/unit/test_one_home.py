@@ -121,7 +121,7 @@ def test_facts_live_once() -> None:
     # (tests/cluster builds its own two-node rendezvous line, a different argv)
     single_node = [p for p in where(r'"torch\.distributed\.run"') if "cluster/" not in p]
     assert single_node == ["dsft/distributed.py"]
-    assert where(r"2048, 16, 8192, 32, 8, 128256") == ["dsft/planner.py"]  # the Llama 3.2 1B shape
+    assert where(r"2048, 16, 8192, 32, 8, 128256") == ["dsft/planner/shapes.py"]  # Llama 3.2 1B
     assert where(r"def build_model_dir") == ["dsft/synthetic.py"]
     assert where(r"get_text_config") == ["dsft/flops.py"]
     assert PEAK_TFLOPS["H100"] == PEAK_TFLOPS["H200"] == 989.0

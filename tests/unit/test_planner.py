@@ -326,29 +326,29 @@ def test_zero_stage_auto_resolves_on_cpu(tiny_model: Path, tiny_data: Path, tmp_
     one, rec = planner.resolve(cfg, planner.job_hardware(1, 1, None))
     two, rec2 = planner.resolve(cfg, planner.job_hardware(2, 2, None))
     assert one.deepspeed.zero_stage == 0 and two.deepspeed.zero_stage == 2
-    assert rec["decided_by"] == rec2["decided_by"] == "cpu"
-    assert (rec2["micro_batch"], rec2["grad_accum"], rec2["global_batch"]) == (4, 2, 16)
+    assert rec.decided_by == rec2.decided_by == "cpu"
+    assert (rec2.micro_batch, rec2.grad_accum, rec2.global_batch) == (4, 2, 16)
     # explicit choices win
     cfg3 = dataclasses.replace(cfg, deepspeed=dataclasses.replace(cfg.deepspeed, zero_stage=3))
     assert planner.resolve(cfg3, planner.job_hardware(2, 2, None))[0].deepspeed.zero_stage == 3
     # micro_batch auto: the planner fits the whole per-rank share (a tiny model)
     auto = _cfg(tiny_model, tiny_data, tmp_path, train={"micro_batch": "auto", "global_batch": 16})
     resolved, rec = planner.resolve(auto, planner.job_hardware(2, 2, None))
-    assert resolved.train.micro_batch == 8 and rec["grad_accum"] == 1 and "table" in rec
+    assert resolved.train.micro_batch == 8 and rec.grad_accum == 1 and rec.table is not None
 
 
 def test_resolve_on_gpus_plans_warns_and_refuses(tiny_model: Path, tiny_data: Path, tmp_path):
     cfg = _cfg(tiny_model, tiny_data, tmp_path)
     gpus = Hardware(2, 1, 16 * GB, device="cuda", source="test")
     resolved, rec = planner.resolve(cfg, gpus)
-    assert rec["decided_by"] == "planner" and resolved.deepspeed.zero_stage == 0
-    assert rec["predicted_gpu_bytes"] < 2 * GB and not rec["warnings"]
+    assert rec.decided_by == "planner" and resolved.deepspeed.zero_stage == 0
+    assert rec.predicted_gpu_bytes < 2 * GB and not rec.warnings
     tiny_gpus = dataclasses.replace(gpus, gpu_mem=GB)  # less than the CUDA context allowance
     with pytest.raises(ConfigError, match="no DeepSpeed setup fits"):
         planner.resolve(cfg, tiny_gpus)
     explicit = dataclasses.replace(cfg, deepspeed=dataclasses.replace(cfg.deepspeed, zero_stage=1))
     resolved, rec = planner.resolve(explicit, tiny_gpus)  # the user's choice wins, with a warning
-    assert resolved.deepspeed.zero_stage == 1 and "may not fit" in rec["warnings"][0]
+    assert resolved.deepspeed.zero_stage == 1 and "may not fit" in rec.warnings[0]
 
 
 def test_ds_config_resolves_auto(tiny_model: Path, tiny_data: Path, tmp_path, capsys) -> None:

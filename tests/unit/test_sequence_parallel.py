@@ -206,8 +206,8 @@ def test_smallest_degree_that_fits_and_auto_resolution() -> None:
         ),
     )
     resolved, record = planner.resolve(cfg, hw, facts=f)
-    assert resolved.train.sequence_parallel == n == record["sequence_parallel"]
-    assert record["micro_batch"] * record["grad_accum"] * 8 // n == 8
+    assert resolved.train.sequence_parallel == n == record.sequence_parallel
+    assert record.micro_batch * record.grad_accum * 8 // n == 8
     table = planner.render_sequence_parallel([f], hw, w)
     assert f"llama-8b    SP {n}" in table and "tiled" in table
 
