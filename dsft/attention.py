@@ -15,11 +15,13 @@ An explicit choice the family cannot run is a :class:`ConfigError` naming what i
 transformers' traceback from inside ``from_pretrained``.
 
 ``varlen`` (registered with transformers' ``AttentionInterface`` as :data:`VARLEN`) attends
-within each packed example of a row. The examples' boundaries come from the host:
-``collate_packed(..., cu_seqlens=True)`` adds ``dsft_cu_seqlens``, the cumulative lengths of
-every segment of the flattened batch (the pad tail of a row is a segment of its own), which
-the model's forward passes down to every attention call; without it they are found from
-``position_ids`` (where a position does not continue the previous one). Its registered mask
+within each packed example of a row. The examples' boundaries come from the host: the
+training step's batches carry ``dsft_cu_seqlens`` (dsft.step.with_segments, from the CPU
+position ids; ``collate_packed(..., cu_seqlens=True)`` counts the same from the lengths), the
+cumulative lengths of every segment of the flattened batch (the pad tail of a row is a
+segment of its own), which the model's forward passes down to every attention call; without
+it they are found on the device from ``position_ids`` (where a position does not continue the
+previous one). Its registered mask
 function tells transformers to build no mask for such rows. Kernels, first available:
 ``torch.nn.attention.varlen.varlen_attn`` (torch's flash varlen), flash-attn's
 ``flash_attn_varlen_func``, and on a CPU the reference: one ``sdpa`` call per segment, the

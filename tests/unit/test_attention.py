@@ -192,3 +192,20 @@ def test_family_support_is_read_from_the_class() -> None:
         attention.support_of(MistralForCausalLM, MistralConfig(sliding_window=None)).no_varlen
         is None
     )
+
+
+def test_the_training_step_batches_carry_segments_only_for_varlen() -> None:
+    """dsft.step.with_segments: the objective's packed batches get the rows' cu_seqlens
+    (the same as collate_packed counts) for varlen, and nothing changes otherwise."""
+    from dsft.step import SFT, with_segments
+
+    exs = _examples()
+    rows = [exs[:2], exs[2:]]
+
+    def batch(*_args):
+        return collate_packed(rows, 0)
+
+    obj = type(SFT)("t", SFT.prepare, batch, SFT.step)
+    assert with_segments(obj, "sdpa") is obj
+    got = with_segments(obj, "varlen").batch(None, None, None, 0)[attention.SEGMENTS_KEY]
+    assert got.tolist() == collate_packed(rows, 0, cu_seqlens=True)[attention.SEGMENTS_KEY].tolist()
