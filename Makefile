@@ -1,10 +1,11 @@
-# The README's two commands: `make demo` (set up + run the demo) and `make test`.
+# The README's two commands: `make demo` (set up + run the demo) and `make test`;
+# `make check` before a push, `make docs` for the site.
 VENV ?= .venv
 PY := $(VENV)/bin/python
 export HF_HUB_OFFLINE := 1
 export HF_DATASETS_OFFLINE := 1
 
-.PHONY: setup demo test test-fast lint format
+.PHONY: setup demo test test-fast check lint format docs
 $(VENV)/.installed: pyproject.toml constraints-cpu.txt launch/setup.sh
 	VENV=$(VENV) bash launch/setup.sh
 	touch $@
@@ -20,8 +21,20 @@ test: setup
 test-fast: setup
 	$(PY) -m pytest -m "unit and not slow" $(ARGS)
 
+# Before a push: lint, format check and the fast unit tests (the make test-fast set).
+check: setup
+	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .
+	$(PY) -m pytest -q -m "unit and not slow" $(ARGS)
+
 lint: setup
 	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .
 
 format: setup
 	$(VENV)/bin/ruff format . && $(VENV)/bin/ruff check --fix .
+
+# The docs site into site/ (git-ignored). The configuration reference is generated from the
+# config dataclasses while it builds (scripts/mkdocs_hooks.py). The dev extra carries MkDocs;
+# an older .venv gets the docs extra here.
+docs: setup
+	$(PY) -c "import mkdocs, material" 2>/dev/null || $(VENV)/bin/pip install --quiet -e '.[docs]'
+	NO_MKDOCS_2_WARNING=1 $(PY) -m mkdocs build --strict

@@ -37,18 +37,42 @@ def build_parser() -> argparse.ArgumentParser:
     )
     t.set_defaults(recipe="train")
 
-    e = sub.add_parser("eval", help="metrics of a saved model on the val/test split, no training")
-    e.add_argument("config", help="the run's YAML config (data, split, eval settings)")
+    e = sub.add_parser(
+        "eval",
+        help="metrics of a saved model on the val/test split, or lm-eval benchmarks (--tasks)",
+    )
+    e.add_argument(
+        "config",
+        metavar="CONFIG_OR_MODEL",
+        help="the run's YAML config (data, split, eval settings); with --tasks: the model "
+        "(an export, a run dir, a LoRA adapter or a Hub name)",
+    )
     e.add_argument("overrides", nargs="*", help="dotted overrides, e.g. eval.max_generate=0")
     e.add_argument(
-        "--checkpoint",
-        required=True,
-        help="exported model dir, run dir, checkpoints/ dir or checkpoints/step_N",
+        "--checkpoint", help="exported model dir, run dir, checkpoints/ dir or checkpoints/step_N"
     )
     e.add_argument(
         "--out", help="where results.json and predictions go (default: <output_dir>/eval)"
     )
     e.add_argument("--nproc", type=int, default=1, help="spawn N local ranks via torchrun")
+    h = e.add_argument_group("benchmarks (lm-evaluation-harness; pip install 'dsft[eval]')")
+    h.add_argument("--tasks", help="comma-separated lm-eval tasks, e.g. mmlu,gsm8k,ifeval")
+    h.add_argument("--limit", type=float, help="documents per task (a fraction when < 1)")
+    h.add_argument("--num-fewshot", type=int, help="few-shot examples (default: the task's)")
+    h.add_argument("--batch-size", type=int, default=8, help="requests per batch (default 8)")
+    h.add_argument(
+        "--apply-chat-template",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="prompt through the model's chat template (default: when it has one)",
+    )
+    h.add_argument("--include-path", help="a folder of your own lm-eval YAML tasks")
+    h.add_argument("--backend", choices=["auto", "hf", "vllm"], default="auto")
+    h.add_argument("--max-new-tokens", type=int, help="cap on generated tokens per request")
+    h.add_argument("--base", help="the base model of a LoRA adapter (default: its config's)")
+    h.add_argument(
+        "--trust-remote-code", action="store_true", help="allow the model's own Python code"
+    )
     e.set_defaults(recipe="evaluate")
 
     x = sub.add_parser("export", help="a checkpoint (any ZeRO stage) to a Hugging Face directory")

@@ -238,6 +238,19 @@ def _metrics_table(run: dict[str, Any]) -> list[str]:
     return lines
 
 
+def _benchmarks_section(run: dict[str, Any]) -> list[str]:
+    """eval.benchmarks: lm-eval scores of the base and the fine-tuned model (the table as
+    dsft.eval.harness wrote it)."""
+    bench = run.get("benchmarks")
+    if not bench or not bench.get("table"):
+        return []
+    lines = ["", "## Benchmarks (lm-evaluation-harness)", "", bench["table"]]
+    if bench.get("forgetting"):
+        lines += ["", f"Forgetting (a drop of more than {bench['max_drop']}):", ""]
+        lines += [f"- {f}" for f in bench["forgetting"]]
+    return lines
+
+
 def model_card(cfg: Config, run: dict[str, Any] | None = None, adapter: bool = False) -> str:
     """The README.md of an export: what it is, from which base and data, how it was trained,
     how well it did, and the resolved config that reproduces it."""
@@ -279,6 +292,7 @@ def model_card(cfg: Config, run: dict[str, Any] | None = None, adapter: bool = F
             "tokens.",
         ]
     lines += ["", "## Results", "", *_metrics_table(run)]
+    lines += _benchmarks_section(run)
     lines += ["", "## Training", ""]
     lines.append(f"- hardware: {run.get('hardware', 'not recorded')}")
     if run.get("world_size"):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import re
 from pathlib import Path
@@ -10,7 +11,7 @@ from typing import Any
 import torch
 
 from dsft.attention import hf_name
-from dsft.config import FreezeConfig, LoraConfig, ModelConfig
+from dsft.config import FreezeConfig, LoraConfig, ModelConfig, is_hub_id
 from dsft.errors import ConfigError
 from dsft.hub import model_path
 
@@ -255,3 +256,68 @@ def torch_dtype(precision: str) -> torch.dtype:
     # Weights load in fp32 for fp32 runs; for bf16/fp16 DeepSpeed keeps fp32 masters
     # in the optimizer, so loading in 16 bit halves load-time memory at no cost.
     return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+
+
+def locate_trained(path: str, base: str | None = None) -> tuple[Path, Path | None, Path]:
+    """(model to load, adapter to apply or None, tokenizer directory) for RUN_OR_MODEL: an
+    exported model, a LoRA adapter (its ``adapter_config.json`` names the base, or ``base``
+    does), a run directory (its ``best`` export when there is one, else ``final``), or a Hub
+    name (through the Hugging Face cache)."""
+    p = Path(path)
+    if not p.is_dir():
+        if is_hub_id(path):
+            hub = Path(model_path(path))
+            return hub, None, hub
+        raise ConfigError(
+            [f"{path}: not a directory nor a Hub name (give an export, an adapter or a run dir)"]
+        )
+    if not ((p / "config.json").is_file() or (p / "adapter_config.json").is_file()):
+        # a run directory: its best export, else its final one (merged, else the adapter)
+        for name in ("best", "final", "final/adapter", "best/adapter"):
+            q = p / name
+            if (q / "config.json").is_file() or (q / "adapter_config.json").is_file():
+                p = q
+                break
+        else:
+            raise ConfigError(
+                [
+                    f"{path}: no model here: expected config.json (an export), "
+                    "adapter_config.json (a LoRA adapter) or a run directory with best/ or final/"
+                ]
+            )
+    if (p / "config.json").is_file() and not (p / "adapter_config.json").is_file():
+        return p, None, p
+    adapter_cfg = json.loads((p / "adapter_config.json").read_text())
+    base_path = base or adapter_cfg.get("base_model_name_or_path") or ""
+    if not base_path:
+        raise ConfigError([f"{p}/adapter_config.json names no base model; pass --base DIR"])
+    # The adapter's own tokenizer (adapter-only exports save it), else the export's next to
+    # it, else the base's: the first one found carries the template training used.
+    tok = next(
+        (d for d in (p, p.parent, Path(base_path)) if (d / "tokenizer_config.json").is_file()),
+        Path(base_path),
+    )
+    return Path(base_path), p, tok
+
+
+def load_for_inference(
+    model_dir: str | Path,
+    adapter: str | Path | None = None,
+    tokenizer_dir: str | Path | None = None,
+    device: torch.device | None = None,
+    trust_remote_code: bool = False,
+) -> tuple[torch.nn.Module, Any]:
+    """A saved model (with its LoRA adapter applied) in eval mode and its tokenizer: bf16 on
+    a GPU, fp32 on the CPU."""
+    device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    mcfg = ModelConfig(path=str(model_dir), trust_remote_code=trust_remote_code)
+    model = load_model(mcfg, dtype, training=False)
+    if adapter is not None:
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, str(adapter))
+    tokenizer = load_tokenizer(
+        ModelConfig(path=str(tokenizer_dir or model_dir), trust_remote_code=trust_remote_code)
+    )
+    return model.to(device).eval(), tokenizer

@@ -199,6 +199,10 @@ def _resolve_relative_paths(tree: dict[str, Any], base: Path) -> None:
             if key in data:
                 v = data[key]
                 data[key] = [fix(p) for p in v] if isinstance(v, list) else fix(v)
+    ev = tree.get("eval")
+    bench = ev.get("benchmarks") if isinstance(ev, dict) else None
+    if isinstance(bench, dict) and "include_path" in bench:
+        bench["include_path"] = fix(bench["include_path"])
 
 
 def to_dict(cfg: Config) -> dict[str, Any]:

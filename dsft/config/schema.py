@@ -13,6 +13,7 @@ but its exceptions (it is the bottom layer).
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
 import re
@@ -216,6 +217,23 @@ class DeepSpeedConfig:
 
 
 @dataclass
+class BenchmarksConfig:
+    """lm-evaluation-harness tasks on the base model and on the trained one (pip install
+    'dsft[eval]'): a table of base, fine-tuned and delta in the summary, report and card."""
+
+    tasks: list[str] = field(default_factory=list)  # lm-eval task names; [] = off
+    limit: float = 0  # documents per task (a fraction of them when < 1); 0 = all
+    num_fewshot: int = -1  # few-shot examples; -1 = each task's own default
+    batch_size: int = 8  # requests per forward pass / generate call
+    apply_chat_template: Literal["auto", "on", "off"] = "auto"  # auto: when the model has one
+    include_path: str = ""  # a folder of your own lm-eval YAML tasks
+    backend: Literal["auto", "hf", "vllm"] = "auto"  # auto: vLLM when installed on a GPU
+    max_new_tokens: int = 0  # generate_until tasks: cap on generated tokens; 0 = the task's
+    # A fine-tuned score this far (absolute) below the base one is flagged as forgetting.
+    max_drop: float = 0.02
+
+
+@dataclass
 class EvalConfig:
     """Validation during training, generation metrics, early stopping."""
 
@@ -239,6 +257,7 @@ class EvalConfig:
     patience: int = 0  # evaluations without improvement before stopping; 0 = never stop
     min_delta: float = 0.0  # the smallest change that counts as an improvement
     save_best: bool = True  # export the best model to <output_dir>/best (needs eval.every)
+    benchmarks: BenchmarksConfig = field(default_factory=BenchmarksConfig)
 
 
 @dataclass
@@ -353,6 +372,12 @@ def validate(cfg: Config) -> list[str]:
         p.append(f"eval.metric={ev.metric} needs a validation split; set data.val_fraction > 0")
     if not (ev.temperature > 0 and 0 < ev.top_p <= 1):
         p.append("eval.temperature must be > 0 and eval.top_p in (0, 1]")
+    p += validate_benchmarks(ev.benchmarks)
+    if ev.benchmarks.tasks and not cfg.checkpoint.export and not (ev.save_best and ev.every):
+        p.append(
+            "eval.benchmarks: scores an export after training; set checkpoint.export=true "
+            "(or eval.save_best with eval.every > 0)"
+        )
     if cfg.logging.peak_tflops < 0:
         p.append("logging.peak_tflops: must be >= 0 (0 = look up the GPU)")
     if ev.generate and not has_test_split(d):
@@ -444,6 +469,28 @@ def has_val_split(d: DataConfig) -> bool:
 
 def has_test_split(d: DataConfig) -> bool:
     return bool(d.test_path) or d.test_fraction > 0 or d.test_size > 0
+
+
+def validate_benchmarks(b: BenchmarksConfig) -> list[str]:
+    """eval.benchmarks: the lm-eval settings (task names are checked when lm-eval loads)."""
+    p: list[str] = []
+    if b.limit < 0:
+        p.append(f"eval.benchmarks.limit: {b.limit} must be >= 0 (0 = every document)")
+    if b.batch_size < 1:
+        p.append(f"eval.benchmarks.batch_size: {b.batch_size} must be >= 1")
+    if b.num_fewshot < -1:
+        p.append(f"eval.benchmarks.num_fewshot: {b.num_fewshot} must be >= 0 (or -1: default)")
+    if b.max_drop < 0:
+        p.append(f"eval.benchmarks.max_drop: {b.max_drop} must be >= 0")
+    if b.include_path and not Path(b.include_path).is_dir():
+        p.append(f"eval.benchmarks.include_path: {b.include_path} is not a folder")
+    if any(not t or "," in t for t in b.tasks):
+        p.append("eval.benchmarks.tasks: a list of task names, e.g. [gsm8k, arc_easy]")
+    if b.tasks and importlib.util.find_spec("lm_eval") is None:
+        p.append("eval.benchmarks: needs lm-evaluation-harness: pip install 'dsft[eval]'")
+    if b.backend == "vllm" and importlib.util.find_spec("vllm") is None:
+        p.append("eval.benchmarks.backend=vllm: vLLM is not installed (pip install vllm)")
+    return p
 
 
 def validate_data(d: DataConfig) -> list[str]:

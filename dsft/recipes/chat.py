@@ -11,71 +11,26 @@ export when there is one, else ``final``). Each turn is rendered with the model'
 from __future__ import annotations
 
 import argparse
-import json
 import sys
-from pathlib import Path
 from typing import Any
 
 import torch
 
-from dsft.config import ModelConfig
 from dsft.data.tokenize import render
-from dsft.errors import ConfigError
-from dsft.model import load_model, load_tokenizer
-
-
-def locate(path: str, base: str | None = None) -> tuple[Path, Path | None, Path]:
-    """(model to load, adapter to apply or None, tokenizer directory) for RUN_OR_MODEL."""
-    p = Path(path)
-    if not p.is_dir():
-        raise ConfigError([f"{path}: not a directory (give an export, an adapter or a run dir)"])
-    if not ((p / "config.json").is_file() or (p / "adapter_config.json").is_file()):
-        # a run directory: its best export, else its final one (merged, else the adapter)
-        for name in ("best", "final", "final/adapter", "best/adapter"):
-            q = p / name
-            if (q / "config.json").is_file() or (q / "adapter_config.json").is_file():
-                p = q
-                break
-        else:
-            raise ConfigError(
-                [
-                    f"{path}: no model here: expected config.json (an export), "
-                    "adapter_config.json (a LoRA adapter) or a run directory with best/ or final/"
-                ]
-            )
-    if (p / "config.json").is_file() and not (p / "adapter_config.json").is_file():
-        return p, None, p
-    adapter_cfg = json.loads((p / "adapter_config.json").read_text())
-    base_path = base or adapter_cfg.get("base_model_name_or_path") or ""
-    if not base_path:
-        raise ConfigError([f"{p}/adapter_config.json names no base model; pass --base DIR"])
-    # The adapter's own tokenizer (adapter-only exports save it), else the export's next to
-    # it, else the base's: the first one found carries the template training used.
-    tok = next(
-        (d for d in (p, p.parent, Path(base_path)) if (d / "tokenizer_config.json").is_file()),
-        Path(base_path),
-    )
-    return Path(base_path), p, tok
+from dsft.model import load_for_inference, locate_trained
 
 
 def load(ns: argparse.Namespace) -> tuple[Any, Any, torch.device, str]:
     """The model (with its adapter) on the chosen device, the tokenizer, and what was loaded."""
-    model_dir, adapter, tok_dir = locate(ns.model, ns.base)
+    model_dir, adapter, tok_dir = locate_trained(ns.model, ns.base)
     what = f"{adapter} on {model_dir}" if adapter is not None else str(model_dir)
     device = torch.device(
         ns.device if ns.device != "auto" else "cuda" if torch.cuda.is_available() else "cpu"
     )
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    mcfg = ModelConfig(path=str(model_dir), trust_remote_code=ns.trust_remote_code)
-    model = load_model(mcfg, dtype, training=False)
-    if adapter is not None:
-        from peft import PeftModel
-
-        model = PeftModel.from_pretrained(model, str(adapter))
-    tokenizer = load_tokenizer(
-        ModelConfig(path=str(tok_dir), trust_remote_code=mcfg.trust_remote_code)
+    model, tokenizer = load_for_inference(
+        model_dir, adapter, tok_dir, device=device, trust_remote_code=ns.trust_remote_code
     )
-    return model.to(device).eval(), tokenizer, device, what
+    return model, tokenizer, device, what
 
 
 @torch.no_grad()

@@ -13,14 +13,17 @@ import argparse
 import dataclasses
 import json
 import logging
+import tempfile
 from pathlib import Path
 from typing import Any
 
 from dsft import distributed
 from dsft.checkpoint import find, load_weights
 from dsft.config import Config, LoraConfig, load_config
+from dsft.errors import ConfigError
+from dsft.eval import harness
 from dsft.job import open_job
-from dsft.model import build_model, torch_dtype
+from dsft.model import build_model, locate_trained, torch_dtype
 from dsft.monitor import Monitor
 
 log = logging.getLogger("dsft")
@@ -87,11 +90,79 @@ def run_eval(cfg: Config, checkpoint: str, out_dir: str | None = None) -> dict[s
     return results
 
 
+def run_benchmarks(ns: argparse.Namespace) -> dict[str, Any] | None:
+    """``dsft eval MODEL --tasks ...``: lm-eval tasks on an export, a run's best/final
+    export, a LoRA adapter (on its base) or a Hub name; sharded over the ranks."""
+    opts = harness.HarnessOptions(
+        tasks=[t.strip() for t in ns.tasks.split(",") if t.strip()],
+        limit=ns.limit,
+        num_fewshot=ns.num_fewshot,
+        batch_size=ns.batch_size,
+        apply_chat_template=ns.apply_chat_template,
+        include_path=ns.include_path,
+        backend=ns.backend,
+        max_new_tokens=ns.max_new_tokens,
+    )
+    harness.choose_backend(opts.backend)
+    model_dir, adapter, tok_dir = locate_trained(ns.config, ns.base)
+    distributed.setup()
+    out = Path(ns.out or (Path(ns.config) / "benchmarks" if Path(ns.config).is_dir() else "."))
+    with tempfile.TemporaryDirectory(prefix="dsft-lmeval-") as work:
+        manager = harness.prepare_tasks(opts, Path(work))
+        results = harness.evaluate_dir(
+            model_dir, opts, manager, adapter, tok_dir, trust_remote_code=ns.trust_remote_code
+        )
+    if results is not None:  # rank 0
+        out.mkdir(parents=True, exist_ok=True)
+        path = out / "lm_eval_results.json"
+        path.write_text(json.dumps(results, indent=2, default=str))
+        print(harness.table(harness.score_rows(harness.scores(results))))
+        print(f"lm-eval results: {path}")
+    distributed.barrier()
+    return results
+
+
 def main(ns: argparse.Namespace) -> int:
-    """``dsft eval CONFIG --checkpoint PATH``: here, or on N local ranks."""
+    """``dsft eval CONFIG --checkpoint PATH`` or ``dsft eval MODEL --tasks T``: here, or on N
+    local ranks."""
+    if ns.tasks:
+        if ns.nproc > 1 and not distributed.in_launched_job():
+            return distributed.launch_local(ns.nproc, _forwarded(ns))
+        run_benchmarks(ns)
+        return 0
+    if not ns.checkpoint:
+        raise ConfigError(
+            [
+                "dsft eval CONFIG needs --checkpoint (the model to evaluate on the run's "
+                "splits); or run benchmarks: dsft eval MODEL --tasks mmlu,gsm8k"
+            ]
+        )
     cfg = load_config(ns.config, ns.overrides)
     if ns.nproc > 1 and not distributed.in_launched_job():
         extra = ["--checkpoint", ns.checkpoint] + (["--out", ns.out] if ns.out else [])
         return distributed.launch_local(ns.nproc, ["eval", ns.config, *ns.overrides, *extra])
     run_eval(cfg, ns.checkpoint, ns.out)
     return 0
+
+
+def _forwarded(ns: argparse.Namespace) -> list[str]:
+    """The ``dsft eval ... --tasks`` argv again, for the launched ranks."""
+    argv = ["eval", ns.config, "--tasks", ns.tasks, "--batch-size", str(ns.batch_size)]
+    for flag, value in (
+        ("--limit", ns.limit),
+        ("--num-fewshot", ns.num_fewshot),
+        ("--include-path", ns.include_path),
+        ("--max-new-tokens", ns.max_new_tokens),
+        ("--base", ns.base),
+        ("--out", ns.out),
+    ):
+        if value is not None:
+            argv += [flag, str(value)]
+    argv += ["--backend", ns.backend]
+    if ns.apply_chat_template is not None:
+        argv.append(
+            "--apply-chat-template" if ns.apply_chat_template else "--no-apply-chat-template"
+        )
+    if ns.trust_remote_code:
+        argv.append("--trust-remote-code")
+    return argv

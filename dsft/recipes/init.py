@@ -2,7 +2,7 @@
 
 The model is read on the meta device (its config.json; no weights), the data through dsft's
 own readers, formats and chat template (a sample is tokenised with the model's tokenizer), and
-every hyper-parameter is chosen by a rule of :func:`choose` (the README's "A config to start from"
+every hyper-parameter is chosen by a rule of :func:`choose` (docs/start.md, "A config to start from"
 table). The memory planner's choice for the hardware named by ``--gpus``/``--gpu-mem`` goes in
 as a comment; ``deepspeed.zero_stage`` and ``train.micro_batch`` stay ``auto``, so ``dsft
 train`` re-plans on the hardware it actually runs on.
@@ -64,7 +64,7 @@ def _round_up(x: float, to: int) -> int:
 
 @dataclass
 class Rules:
-    """The hyper-parameters chosen from the model's size and the method (README table)."""
+    """The hyper-parameters chosen from the model's size and the method (the table in docs/start.md)."""
 
     lr: float
     lora_r: int
@@ -79,7 +79,7 @@ def choose(
     params: int, method: str, examples: int, lengths: np.ndarray, targets: np.ndarray,
     context: int, world: int,
 ) -> Rules:  # fmt: skip
-    """Every rule in one place (documented in the README, "A config to start from: dsft init")."""
+    """Every rule in one place (documented in docs/start.md, "A config to start from: dsft init")."""
     # LR ~ 1/sqrt(size): 1e-5 for an 8B model fully fine-tuned, 2e-4 for its LoRA.
     scale = math.sqrt(8e9 / params)
     lr = (
@@ -277,7 +277,7 @@ def main(ns: argparse.Namespace) -> int:
     header = [
         f"# dsft config written by `dsft init {' '.join(map(shlex.quote, _argv(ns)))}` on "
         f"{datetime.date.today()}.",
-        "# Every value is chosen by a documented rule (README, 'A config to start from: dsft init');",
+        "# Every value is chosen by a documented rule (docs/start.md, 'A config to start from');",
         "# edit freely. Keys not written keep their defaults (dsft/config/schema.py).",
         "#",
         f"# model: {planned.describe()}",

@@ -111,6 +111,31 @@ def _final_table(summaries: dict[str, Any]) -> str:
     return f"<table><tr>{head}</tr>{''.join(rows)}</table>" if rows else "<p>no summary yet</p>"
 
 
+def _benchmarks(summary: dict[str, Any]) -> str:
+    """eval.benchmarks: base vs fine-tuned lm-eval scores, forgetting flagged."""
+    bench = summary.get("benchmarks") or {}
+    if not bench.get("rows"):
+        return ""
+    forgot = {tuple(f.split(" ", 2)[:2]) for f in bench.get("forgetting", [])}
+    cells = []
+    for r in bench["rows"]:
+        flag = (r["task"], r["metric"] + ":") in forgot
+        vals = [r["task"], r["metric"]] + [
+            "" if r[k] is None else f"{r[k]:+.4f}" if k == "delta" else f"{r[k]:.4f}"
+            for k in ("base", "tuned", "delta")
+        ]
+        style = " style='background:#fdd'" if flag else ""
+        cells.append(f"<tr{style}>" + "".join(f"<td>{html.escape(v)}</td>" for v in vals) + "</tr>")
+    note = (
+        f"<p>forgetting (a drop of more than {bench['max_drop']}): "
+        f"{html.escape('; '.join(bench['forgetting']))}</p>"
+        if bench.get("forgetting")
+        else ""
+    )
+    head = "".join(f"<th>{h}</th>" for h in ("task", "metric", "base", "fine-tuned", "delta"))
+    return f"<h3>Benchmarks</h3><table><tr>{head}</tr>{''.join(cells)}</table>{note}"
+
+
 def _samples(run: Path, n: int = 8) -> str:
     folder = run / "predictions"
     files = (
@@ -168,6 +193,7 @@ def write_report(run_dirs: list[Path], out: Path) -> Path:
         facts = {k: s[k] for k in ("world_size", "global_batch", "steps", "train_seconds",
                                    "params", "trainable_params", "best") if k in s}  # fmt: skip
         parts.append(f"<h3>Run</h3><pre>{html.escape(json.dumps(facts, indent=2))}</pre>")
+        parts.append(_benchmarks(s))
         for f, title in (("plan.json", "Plan"), ("config.yaml", "Resolved config")):
             if (d / f).is_file():
                 parts.append(f"<h3>{title}</h3><pre>{html.escape((d / f).read_text())}</pre>")

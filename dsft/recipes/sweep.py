@@ -3,7 +3,8 @@
 A sweep file names the keys to vary and how::
 
     method: grid                 # or random (then `trials: N` and `seed`)
-    metric: val/loss             # what ranks the trials (min for loss/ppl, else max)
+    metric: val/loss             # what ranks the trials (min for loss/ppl, else max); or
+                                 # bench/<task>/<metric> (eval.benchmarks, the tuned score)
     budget: {train.max_steps: 200, eval.every: 50}   # applied to every trial
     parameters:
       train.lr: [1.0e-5, 3.0e-5, 1.0e-4]             # a list: grid values / random choices
@@ -97,6 +98,12 @@ def load_sweep(path: str | Path) -> Sweep:
         problems.append(
             f"{path}: parameters.{key}: expected a non-empty list"
             + (" or {low, high, log}" if method == "random" else " (grid needs lists)")
+        )
+    metric = str(raw.get("metric", "val/loss"))
+    if metric.startswith("bench/") and metric.count("/") < 2:
+        problems.append(
+            f"{path}: metric: {metric!r}: a benchmark metric is bench/<task>/<metric>, e.g. "
+            "bench/gsm8k/exact_match,strict-match (the run needs eval.benchmarks.tasks)"
         )
     if method == "random" and int(raw.get("trials", 0)) < 1:
         problems.append(f"{path}: trials: random search needs trials >= 1")
@@ -312,7 +319,13 @@ def requeue_own_task(signum: int) -> None:
 
 
 def _final(summary: dict[str, Any], metric: str) -> float | None:
-    v = (summary.get("after") or {}).get("val", {}).get(metric.split("/", 1)[1])
+    """The trial's final value of ``metric``: ``val/<name>`` from its last validation, or
+    ``bench/<task>/<metric>`` from its eval.benchmarks scores (the fine-tuned model's)."""
+    if metric.startswith("bench/"):
+        _, task, name = metric.split("/", 2)
+        v = ((summary.get("benchmarks") or {}).get("tuned") or {}).get(task, {}).get(name)
+    else:
+        v = (summary.get("after") or {}).get("val", {}).get(metric.split("/", 1)[1])
     return float(v) if isinstance(v, int | float) else None
 
 

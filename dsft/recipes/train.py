@@ -27,6 +27,7 @@ from dsft.config import Config, load_config, to_dict
 from dsft.data.sampler import Dealer, Mixer
 from dsft.engine import build_engine, export_if_best, save
 from dsft.errors import Preempted
+from dsft.eval import harness
 from dsft.flops import FlopCounter
 from dsft.job import open_job
 from dsft.meter import StepMeter
@@ -178,6 +179,8 @@ def run(cfg: Config) -> dict[str, Any]:
     if cfg.checkpoint.export:
         export.export_hf(engine.ds, cfg, out / "final", summary)
         summary["export"] = str(out / "final")
+    if cfg.eval.benchmarks.tasks:  # lm-eval tasks: the base model vs the best/final export
+        summary["benchmarks"] = harness.benchmark_run(cfg, out, summary)
     if env.is_main:
         (out / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
     distributed.barrier()
