@@ -6,8 +6,8 @@ export HF_HUB_OFFLINE := 1
 export HF_DATASETS_OFFLINE := 1
 
 .PHONY: setup demo test test-fast check lint format docs
-$(VENV)/.installed: pyproject.toml constraints-cpu.txt launch/setup.sh
-	VENV=$(VENV) bash launch/setup.sh
+$(VENV)/.installed: pyproject.toml scripts/constraints-cpu.txt scripts/setup.sh
+	VENV=$(VENV) bash scripts/setup.sh
 	touch $@
 
 setup: $(VENV)/.installed

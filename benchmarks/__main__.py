@@ -2,6 +2,6 @@
 
 import sys
 
-from benchmarks.bench import main
+from benchmarks.vs_trl import main
 
 sys.exit(main())

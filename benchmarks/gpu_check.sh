@@ -186,7 +186,7 @@ stage loss_memory $((DRY ? 300 : 30)) "$PY" -m benchmarks.loss_memory "${LM[@]}"
 if ! grep -q "tiled_mlp" dsft/config.py 2>/dev/null; then
   printf 'tiling\tskipped (no model.tiled_mlp option in this tree)\t0s\n' >>"$STATUS"
 else
-  stage tiling $((DRY ? 300 : 50)) "$PY" -m benchmarks.longest_seq --out "$OUT/tiling" \
+  stage tiling $((DRY ? 300 : 50)) "$PY" -m benchmarks.tiled_mlp_longest_seq --out "$OUT/tiling" \
     $([[ $DRY == 1 ]] && echo --dry-run)
 fi
 

@@ -216,8 +216,8 @@ def main(argv: list[str] | None = None) -> int:
     import json
     import os
 
-    from benchmarks.data import build_tokenizer, generate_rows, write_jsonl
-    from dsft.data.cache import usable_cores
+    from benchmarks.chat_data import build_tokenizer, generate_rows, write_jsonl
+    from dsft.data.build import usable_cores
 
     p = argparse.ArgumentParser(prog="python -m benchmarks.prep", description=__doc__)
     p.add_argument("--examples", type=int, default=20000)

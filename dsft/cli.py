@@ -205,7 +205,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="dsft vs TRL SFTTrainer on identical work (from a source checkout: benchmarks/)",
         add_help=False,
     )
-    b.add_argument("args", nargs=argparse.REMAINDER, help="benchmarks/bench.py's options")
+    b.add_argument("args", nargs=argparse.REMAINDER, help="benchmarks/vs_trl.py's options")
     b.set_defaults(recipe="bench", overrides=[])
 
     c = sub.add_parser("ds-config", help="print the DeepSpeed JSON a config generates")

@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from dsft import checkpoint, distributed, export, fastpath, loss
+from dsft import checkpoint, distributed, fastpath, hf_export, loss, tiled_mlp
 from dsft import sequence_parallel as seqpar
 from dsft.config import to_dict
 from dsft.data.sampler import steps_per_epoch
@@ -97,8 +97,8 @@ def build_engine(job: Job, units: int) -> Engine:
     if reshard:  # after freezing: frozen parameters keep model.path's values
         checkpoint.load_weights(model, resume_from, zero3)
     if cfg.model.tiled_mlp:
-        tiles = seqpar.tiles_for(cfg.data.max_len, shape.sequence_parallel, job.plan.hidden)
-        log.info("tiled MLP: %d blocks, %d tiles per row", seqpar.tile_mlp(model, tiles), tiles)
+        tiles = tiled_mlp.tiles_for(cfg.data.max_len, shape.sequence_parallel, job.plan.hidden)
+        log.info("tiled MLP: %d blocks, %d tiles per row", tiled_mlp.tile_mlp(model, tiles), tiles)
     sp = seqpar.SequenceParallel(sp_groups, model)
     total_params, trainable_params = count_params(model)
     optimizer = make_optimizer(cfg, param_groups(model, cfg.train))
@@ -237,7 +237,7 @@ def export_if_best(
     if tracker.update(metrics, step) and cfg.eval.save_best and cfg.eval.every:
         best = {"metric": tracker.metric, "value": tracker.best, "step": step}
         card = {**card, "after": {"val": metrics}, "best": best, "steps": step}
-        export.export_hf(engine.ds, cfg, job.out / "best", card)
+        hf_export.export_hf(engine.ds, cfg, job.out / "best", card)
         log.info(
             "step %d | new best %s %.4f -> %s", step, tracker.metric, tracker.best, job.out / "best"
         )

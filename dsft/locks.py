@@ -1,7 +1,7 @@
 """Owner files: locks between processes and nodes made with ``O_CREAT | O_EXCL``.
 
 A lock file holds its owner as ``host:pid``. Ranks on nodes that share a file system
-coordinate through such files with no collective, so a long tokenisation (dsft.data.cache)
+coordinate through such files with no collective, so a long tokenisation (dsft.data.build)
 or download (dsft.hub) cannot hit a NCCL/gloo timeout. A lock whose process is gone from
 this host is stale; one held on another host cannot be judged from here.
 """

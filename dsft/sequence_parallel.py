@@ -1,4 +1,4 @@
-"""Long sequences: Ulysses sequence parallelism and tiled MLP compute.
+"""Long sequences: Ulysses sequence parallelism (the tiled MLP is dsft/tiled_mlp.py).
 
 Sequence parallelism (``train.sequence_parallel: N``). The N ranks of a group
 (:func:`dsft.distributed.sequence_parallel_groups`) get the same micro-batch and each keeps
@@ -24,19 +24,13 @@ What is DeepSpeed's and what is ours:
 Labels are shifted *before* the split (each position carries the label of the next token),
 so the token after a slice boundary is predicted by the rank holding the position before it,
 once; the loss of a micro-batch is the sum of the ranks' slice losses.
-
-Tiled MLP (``model.tiled_mlp``): each block's MLP runs over tiles of the sequence through
-DeepSpeed's ``sequence_tiled_compute`` and is recomputed tile by tile in backward, so its
-wide (intermediate-size) activations exist for one tile at a time.
 """
 
 from __future__ import annotations
 
 import contextlib
-import functools
-import math
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -247,50 +241,3 @@ def _hf_config(model: torch.nn.Module) -> Any:
     if hasattr(inner, "get_base_model"):  # peft
         inner = inner.get_base_model()
     return inner.config
-
-
-# --------------------------------------------------------------------------- tiled MLP
-
-
-def tile_mlp(model: torch.nn.Module, tiles: int) -> int:
-    """Run every block's MLP (modules named ``mlp``) over ``tiles`` sequence tiles in training.
-
-    The tile count is fixed for the run (from ``data.max_len``), not derived from each batch,
-    so under ZeRO-3 every rank gathers the MLP's weights the same number of times. Returns
-    the number of MLPs tiled.
-    """
-    count = 0
-    for name, module in model.named_modules():
-        if name.rsplit(".", 1)[-1] == "mlp" and not hasattr(module, "_dsft_untiled"):
-            module._dsft_untiled = module.forward
-            module.forward = functools.partial(_tiled_forward, module, module.forward, tiles)
-            count += 1
-    return count
-
-
-def tiles_for(max_len: int, sequence_parallel: int, hidden: int) -> int:
-    """Tiles per sequence slice: about ``hidden`` tokens each (DeepSpeed's choice: one tile's
-    intermediate activations then weigh about as much as the MLP's weights)."""
-    return max(1, math.ceil(max_len // max(sequence_parallel, 1) / hidden))
-
-
-def _tiled_forward(module: torch.nn.Module, forward: Callable, tiles: int, x: torch.Tensor) -> Any:
-    params = [p for p in module.parameters() if p.requires_grad]
-    # Tiling saves memory only for backward; and its autograd function passes gradients to
-    # the weights only through x, so an input that needs none (everything below frozen)
-    # takes the plain path.
-    if not (module.training and torch.is_grad_enabled() and x.requires_grad) or x.dim() != 3:
-        return forward(x)
-    from deepspeed.runtime.sequence_parallel.ulysses_sp import sequence_tiled_compute
-
-    return sequence_tiled_compute(
-        lambda x: forward(x),
-        x.shape[1],
-        tiles,
-        kwargs_to_shard={"x": x},
-        kwargs_to_pass={},
-        grad_requiring_tensor_key="x",
-        compute_params=params,
-        output_unshard_dimension=1,
-        output_reduction=None,
-    )

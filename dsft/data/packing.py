@@ -12,7 +12,7 @@ eager / flex get a block-diagonal causal mask (``find_packed_sequence_indices``)
 The first label of every example is -100: unpacked, position 0 is never
 predicted, so a packed row must not predict it from the previous example either.
 Then the loss and gradients of a packed batch equal those of the same examples
-unpacked (tests/test_packing.py).
+unpacked (tests/unit/test_packing.py).
 """
 
 from __future__ import annotations

@@ -449,7 +449,7 @@ def benchmark_run(cfg: Any, out: Path, summary: dict[str, Any]) -> dict[str, Any
     """After training: ``eval.benchmarks`` on the base model and on the run's best export
     (else its final one); the exports' model cards are rewritten with the table."""
     from dsft.data.cache import cache_root
-    from dsft.export import write_model_card
+    from dsft.hf_export import write_model_card
     from dsft.hub import model_path
 
     exports = [out / n for n in ("best", "final") if (out / n).is_dir()]

@@ -11,7 +11,7 @@ from typing import Any
 
 def main(ns: Any) -> int:
     root = Path(__file__).resolve().parents[2]  # the checkout dsft was installed from
-    if not (root / "benchmarks" / "bench.py").is_file():
+    if not (root / "benchmarks" / "vs_trl.py").is_file():
         print(
             "dsft: error: `dsft bench` runs from a source checkout (its benchmarks/ folder); "
             "this dsft is installed without it",
@@ -20,6 +20,6 @@ def main(ns: Any) -> int:
         return 2
     if str(root) not in sys.path:
         sys.path.insert(0, str(root))
-    from benchmarks.bench import main as bench_main
+    from benchmarks.vs_trl import main as bench_main
 
     return bench_main(ns.args)

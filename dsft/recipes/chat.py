@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from dsft.data.tokenize import render
+from dsft.data.template import render
 from dsft.model import load_for_inference, locate_trained
 
 

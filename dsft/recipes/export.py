@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from dsft.export import export_checkpoint, push_to_hub
+from dsft.hf_export import export_checkpoint, push_to_hub
 
 
 def main(ns: argparse.Namespace) -> int:

@@ -25,7 +25,8 @@ import yaml
 from dsft import planner
 from dsft.config import LoraConfig, ModelConfig, is_hub_id, load_config
 from dsft.data.formats import survey
-from dsft.data.tokenize import apply_template, encode
+from dsft.data.template import apply_template
+from dsft.data.tokenize import encode
 from dsft.errors import ConfigError, HubError
 from dsft.model import load_tokenizer
 

@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from dsft import crossval, distributed, export, faults
+from dsft import crossval, distributed, faults, hf_export
 from dsft.config import Config, load_config, to_dict
 from dsft.data.sampler import Dealer, Mixer
 from dsft.engine import build_engine, export_if_best, save
@@ -177,7 +177,7 @@ def run(cfg: Config) -> dict[str, Any]:
     if cfg.checkpoint.save_final:
         summary["checkpoint"] = str(save(job, engine, tracker))
     if cfg.checkpoint.export:
-        export.export_hf(engine.ds, cfg, out / "final", summary)
+        hf_export.export_hf(engine.ds, cfg, out / "final", summary)
         summary["export"] = str(out / "final")
     if cfg.eval.benchmarks.tasks:  # lm-eval tasks: the base model vs the best/final export
         summary["benchmarks"] = harness.benchmark_run(cfg, out, summary)

@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 import torch
 
-from benchmarks.bench import FIGURES, SYSTEMS, _param_count
-from benchmarks.data import CHATML_TRAINING, build_tokenizer, generate_rows
+from benchmarks.chat_data import CHATML_TRAINING, build_tokenizer, generate_rows
+from benchmarks.vs_trl import FIGURES, SYSTEMS, _param_count
 from tests.conftest import ROOT, cpu_env
 
 
@@ -39,7 +39,7 @@ def test_generator_length_spread() -> None:
 
 
 def test_tokenizer_renders_dsft_chatml(tmp_path: Path) -> None:
-    from dsft.data.tokenize import TEMPLATES
+    from dsft.data.template import TEMPLATES
 
     rows = generate_rows(200, seed=1, scale=0.25)
     tok = build_tokenizer(tmp_path / "tok", rows, vocab_size=600)

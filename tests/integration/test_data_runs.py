@@ -100,7 +100,7 @@ def test_two_ranks_prepare_several_chunks_with_a_real_bpe_tokenizer(tmp_path: Pa
     """The data-prep hang: 2 ranks, ~2.4 MB of chat rows (three 1 MB prep chunks, so the
     forked worker pool runs), a byte-level BPE tokenizer, the cache on. It hung in the
     pool's shutdown every time before the workers dropped the stop handlers."""
-    from benchmarks.data import build_tokenizer, generate_rows, write_jsonl
+    from benchmarks.chat_data import build_tokenizer, generate_rows, write_jsonl
     from dsft.synthetic import build_model_dir
 
     rows = generate_rows(2600, seed=0)

@@ -21,7 +21,6 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from dsft.config import DataConfig
 from dsft.data import prepare
-from dsft.distributed import local_launch_argv
 from dsft.eval.evaluator import validate
 
 from ..conftest import (
@@ -152,56 +151,47 @@ def test_single_process_matches_two_rank_validation(
     assert two["token_acc"] == pytest.approx(one["token_acc"], rel=1e-6)
 
 
-def _launch_cmd(launcher: str, cfg: Path) -> list[str]:
-    py = sys.executable
-    if launcher == "torchrun":
-        return local_launch_argv(2, ["dsft", "train", str(cfg)], python=py)
+def _launch(launcher: str, cfg: Path, tmp_path: Path) -> tuple[list[str], dict[str, str]]:
+    """The launch/ wrapper of ``launcher`` on 2 ranks, and its environment: this venv's
+    launchers first on PATH; for mpirun, a shim adding what a CI container needs (root,
+    2 ranks on fewer cores, the CPU settings exported to the ranks), so the wrapper itself
+    runs as a user runs it."""
+    env = cpu_env()
+    bin_dir = Path(sys.executable).parent
+    env["PATH"] = f"{bin_dir}{os.pathsep}{env['PATH']}"
+    env["PYTHON"] = sys.executable  # launch/mpirun.sh, launch/srun.sh: the ranks' python
     if launcher == "deepspeed":
-        port = str(29600 + os.getpid() % 1000)  # 29500 clashes between parallel runs
-        return [
-            str(Path(py).parent / "deepspeed"),
-            "--num_gpus",
-            "2",
-            "--master_port",
-            port,
-            "--module",
-            "dsft",
-            "train",
-            str(cfg),
-        ]
-    mpirun = shutil.which("mpirun")
-    if mpirun is None:
-        pytest.skip("OpenMPI's mpirun is not installed (apt-get install openmpi-bin)")
-    return [
-        mpirun,
-        "--allow-run-as-root",
-        "--oversubscribe",
-        "-np",
-        "2",
-        "-x",
-        "DS_ACCELERATOR",
-        "-x",
-        "OMP_NUM_THREADS",
-        py,
-        "-m",
-        "dsft",
-        "train",
-        str(cfg),
-    ]
+        env["MASTER_PORT"] = str(29600 + os.getpid() % 1000)  # 29500 clashes between runs
+    if launcher == "mpirun":
+        mpirun = shutil.which("mpirun")
+        if mpirun is None:
+            pytest.skip("OpenMPI's mpirun is not installed (apt-get install openmpi-bin)")
+        shim = tmp_path / "bin" / "mpirun"
+        shim.parent.mkdir()
+        shim.write_text(
+            "#!/bin/sh\n"
+            f'exec "{mpirun}" --allow-run-as-root --oversubscribe '
+            '-x DS_ACCELERATOR -x OMP_NUM_THREADS "$@"\n'
+        )
+        shim.chmod(0o755)
+        env["PATH"] = f"{shim.parent}{os.pathsep}{env['PATH']}"
+    return ["bash", str(ROOT / "launch" / f"{launcher}.sh"), "2", str(cfg)], env
 
 
 @pytest.mark.parametrize("launcher", ["torchrun", "deepspeed", "mpirun"])
 def test_launchers_discover_the_same_world(
     launcher: str, tiny_model: Path, tiny_data: Path, tmp_path: Path, reference_run: dict
 ) -> None:
-    """torchrun, the deepspeed launcher and mpirun give the same 2-rank run, step for step."""
+    """launch/torchrun.sh, launch/deepspeed.sh and launch/mpirun.sh give the same 2-rank run,
+    step for step."""
     out = tmp_path / "run"
     cfg = write_config(
         tmp_path / "c.yaml", short_run_config(tiny_model, tiny_data, out, stage=2, accum=2)
     )
+    cmd, env = _launch(launcher, cfg, tmp_path)
     proc = subprocess.run(
-        _launch_cmd(launcher, cfg),
-        env=cpu_env(),
+        cmd,
+        env=env,
         capture_output=True,
         text=True,
         timeout=600,

@@ -11,7 +11,7 @@ from transformers import AutoModelForCausalLM
 
 from dsft.config import Config
 from dsft.errors import ExportError
-from dsft.export import write_hf
+from dsft.hf_export import write_hf
 
 from ..conftest import base_config, run_dsft, weights, write_config
 

@@ -3,7 +3,7 @@
 torchrun notices a dead worker itself; a rank that hangs (alive, never reaching the
 next collective) is caught by the collective timeout ``DSFT_DIST_TIMEOUT``: the
 waiting ranks give up, exit non-zero, and the launcher takes the hung one down.
-(The same under Slurm's srun: tests/test_slurm.py.)
+(The same under Slurm's srun: tests/cluster/test_slurm.py.)
 """
 
 from __future__ import annotations

@@ -1,14 +1,13 @@
-"""CLI: user mistakes give one clear message and exit code 2, never a traceback."""
+"""The CLI (dsft/cli.py): user mistakes give one clear message and exit code 2, never a
+traceback; `python -m dsft train` and `dsft launch` reach the train command."""
 
 from __future__ import annotations
 
-import json
 import subprocess
 import sys
 from pathlib import Path
 
 from dsft.cli import main
-from dsft.ds_config import presets
 
 from ..conftest import ROOT, base_config, cpu_env, write_config
 
@@ -41,35 +40,26 @@ def test_bad_data_row_names_file_and_line(tiny_model: Path, tmp_path: Path) -> N
     assert "Traceback" not in proc.stderr
 
 
-def test_ds_config_is_generated_from_typed_config(
-    tiny_model: Path, tiny_data: Path, tmp_path: Path, capsys
-) -> None:
-    cfg = write_config(tmp_path / "c.yaml", base_config(tiny_model, tiny_data, tmp_path / "o"))
-    assert (
-        main(
-            [
-                "ds-config",
-                str(cfg),
-                "deepspeed.zero_stage=3",
-                "train.max_grad_norm=0",
-                "train.global_batch=32",
-                "--world-size",
-                "2",
-            ]
-        )
-        == 0
+def test_python_m_dsft_train_is_dsft_train(tmp_path: Path) -> None:
+    """`python -m dsft train` (what launch/*.sh and torchrun -m run) is `dsft train`."""
+    bad = tmp_path / "c.yaml"
+    bad.write_text("train:\n  lrr: 1\n")
+    proc = subprocess.run(
+        [sys.executable, "-m", "dsft", "train", str(bad), "train.epochs=0"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=ROOT,
     )
-    ds = json.loads(capsys.readouterr().out)
-    assert ds["zero_optimization"]["stage"] == 3
-    assert ds["gradient_clipping"] == 0.0  # explicit: DeepSpeed's own default would be 1.0
-    assert (
-        ds["train_micro_batch_size_per_gpu"],
-        ds["gradient_accumulation_steps"],
-        ds["train_batch_size"],
-    ) == (4, 4, 32)
+    assert proc.returncode == 2 and "train.lrr: unknown key" in proc.stderr
 
 
-def test_shipped_presets_match_the_generator() -> None:
-    """ds_configs/*.json are regenerated from dsft's defaults; they never drift."""
-    for name, expected in presets().items():
-        assert json.loads((ROOT / "ds_configs" / f"{name}.json").read_text()) == expected, name
+def test_dsft_launch_picks_torchrun(tiny_model: Path, tiny_data: Path, tmp_path, monkeypatch):
+    from dsft import distributed
+
+    cfg = write_config(tmp_path / "c.yaml", base_config(tiny_model, tiny_data, tmp_path / "o"))
+    calls = []
+    monkeypatch.setattr(distributed, "launch_local", lambda n, args: calls.append((n, args)) or 0)
+    assert main(["launch", str(cfg), "--nproc", "3", "train.lr=1e-3"]) == 0
+    assert calls == [(3, ["train", str(cfg), "train.lr=1e-3"])]
+    assert main(["launch", str(cfg), "train.lr=oops"]) == 2  # validated before launching

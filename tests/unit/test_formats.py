@@ -13,7 +13,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from dsft.data.formats import DataError, load_examples
+from dsft.data.formats import DataError, load_examples, read_jsonl
 
 KINDS = ["jsonl", "jsonl.gz", "json", "json-wrapped", "json-lines", "csv", "parquet", "disk"]
 
@@ -403,3 +403,39 @@ def test_no_traceback_from_pathological_data(tmp_path: Path, monkeypatch) -> Non
     (sur := tmp_path / "sur.jsonl").write_text(ok + '{"instruction": "q\\ud800", "output": "a"}\n')
     with pytest.raises(DataError, match=r"sur\.jsonl:2: .*unpaired surrogate \\ud800"):
         load_examples([str(sur)])
+
+
+def test_instruction_and_chat_records(tmp_path: Path) -> None:
+    f = tmp_path / "mixed.jsonl"
+    f.write_text(
+        '{"instruction": "Do", "input": "x", "output": "y"}\n'
+        "\n"
+        '{"messages": [{"role": "system", "content": "s"}, {"role": "user", "content": "u"},'
+        ' {"role": "assistant", "content": "a"}]}\n'
+    )
+    exs = read_jsonl(f)
+    assert exs[0].messages == [
+        {"role": "user", "content": "Do\n\nx"},
+        {"role": "assistant", "content": "y"},
+    ]
+    assert exs[1].messages[0]["role"] == "system"
+    assert exs[1].source.endswith("mixed.jsonl:3")
+
+
+@pytest.mark.parametrize(
+    ("line", "needle"),
+    [
+        ('{"instruction": "a"}', "bad.jsonl:2: missing field 'output'"),
+        ('{"instruction": "a", "output": 3}', "bad.jsonl:2: field 'output' must be a string"),
+        ("{not json", "bad.jsonl:2: not valid JSON"),
+        ('{"messages": [{"role": "bot", "content": "x"}]}', "bad.jsonl:2: messages[0].role: 'bot'"),
+        ('{"messages": [{"role": "user", "content": "x"}]}', "no assistant message"),
+        ('{"question": "x"}', "cannot tell the format (fields: question)"),
+    ],
+)
+def test_bad_rows_are_located(tmp_path: Path, line: str, needle: str) -> None:
+    f = tmp_path / "bad.jsonl"
+    f.write_text('{"instruction": "ok", "output": "ok"}\n' + line + "\n")
+    with pytest.raises(DataError) as e:
+        read_jsonl(f)
+    assert needle in str(e.value)

@@ -1,6 +1,6 @@
-"""The layering rules of ../DESIGN (README "Layout"): no import cycles inside dsft/, no
-library module importing a command (dsft/recipes/), no recipe importing another, and the
-CLI importing neither the benchmark nor TRL."""
+"""The layering rules written in the README's "Layout" section: no import cycles inside
+dsft/, no library module importing a command (dsft/recipes/), no recipe importing another,
+and the CLI importing neither the benchmark nor TRL."""
 
 from __future__ import annotations
 

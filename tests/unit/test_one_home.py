@@ -13,8 +13,8 @@ from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
 from dsft import planner
 from dsft.config import Config
-from dsft.export import write_hf
 from dsft.flops import PEAK_TFLOPS, FlopCounter, train_flops
+from dsft.hf_export import write_hf
 from dsft.synthetic import build_model_dir
 
 from ..conftest import weights

@@ -1,9 +1,9 @@
 """Sequence parallelism and tiled compute: the pure pieces (config, batch geometry, slicing,
-the whole-row mask, the tiled MLP, the planner). Multi-rank equality: tests/integration."""
+the whole-row mask, the planner; the tiled MLP: test_tiled_mlp.py). Multi-rank equality:
+tests/integration."""
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import json
 from pathlib import Path
@@ -139,29 +139,6 @@ def test_sequence_parallel_refuses_heads_it_cannot_split() -> None:
         _sp(0, size=4, model=_llama(heads=4, kv=2))
 
 
-def _loss_and_grads(model: torch.nn.Module, ids: torch.Tensor) -> tuple[torch.Tensor, dict]:
-    model.zero_grad()
-    loss = model(input_ids=ids, labels=ids).loss
-    loss.backward()
-    return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
-
-
-def test_tiled_mlp_gives_the_same_loss_and_gradients() -> None:
-    model = _llama()
-    tiled = copy.deepcopy(model)
-    assert seqpar.tile_mlp(tiled, 3) == 2  # both blocks
-    ids = torch.randint(0, 50, (2, 40))
-    loss, grads = _loss_and_grads(model, ids)
-    tloss, tgrads = _loss_and_grads(tiled, ids)
-    torch.testing.assert_close(tloss, loss, rtol=1e-6, atol=1e-6)
-    for name, g in grads.items():
-        torch.testing.assert_close(tgrads[name], g, rtol=1e-5, atol=1e-6, msg=name)
-    tiled.eval()  # evaluation and generation take the plain path
-    with torch.no_grad():
-        torch.testing.assert_close(tiled(input_ids=ids).logits, model(input_ids=ids).logits)
-    assert seqpar.tiles_for(131072, 8, 4096) == 4 and seqpar.tiles_for(48, 1, 128) == 1
-
-
 # --------------------------------------------------------------------------- planner
 
 
@@ -222,7 +199,7 @@ def test_plan_command_shows_the_degrees_for_long_rows(capsys: pytest.CaptureFixt
 
 
 def test_long_seq_benchmark_table_relates_growth_to_whole_rows(tmp_path: Path) -> None:
-    from benchmarks.long_seq import table, write_rows
+    from benchmarks.seq_parallel_scaling import table, write_rows
 
     write_rows(tmp_path / "rows.jsonl", 64, 2)
     rows = [json.loads(x) for x in (tmp_path / "rows.jsonl").read_text().splitlines()]

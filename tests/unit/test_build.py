@@ -1,8 +1,9 @@
-"""Data at scale: chunked, parallel and multi-node tokenisation give the same cache bytes."""
+"""Building token-cache entries (dsft/data/build.py): chunked, parallel and multi-node
+tokenisation give the same cache bytes; one rank builds, the others wait (and take over a
+dead builder); a stop request or a finished pool ends the workers. Reading: test_cache.py."""
 
 from __future__ import annotations
 
-import itertools
 import json
 import logging
 import multiprocessing as mp
@@ -13,8 +14,9 @@ import numpy as np
 import pytest
 
 from dsft.data import cache
-from dsft.data.cache import BuildOptions, cached_store, entry_key, tokenizer_digest
-from dsft.data.readers import line_ranges, read_range
+from dsft.data.build import BuildOptions, cached_store
+from dsft.data.cache import entry_key, tokenizer_digest
+from dsft.data.readers import line_ranges
 from dsft.errors import DataError
 from dsft.synthetic import build_tokenizer, generate_tasks, write_tasks
 
@@ -46,19 +48,6 @@ def _entry_bytes(root: Path) -> dict[str, bytes]:
 def _build(path: Path, root: Path, tok, **opts) -> dict[str, bytes]:
     cached_store(str(path), tok, SETTINGS, root, True, BuildOptions(**opts))
     return _entry_bytes(root)
-
-
-def test_line_ranges_cover_the_file_at_line_boundaries(tmp_path: Path) -> None:
-    f = tmp_path / "d.jsonl"
-    lines = [json.dumps({"text": "x" * (i % 37)}) + "\n" for i in range(500)]
-    f.write_text("".join(lines) + '{"text": "no newline at the end"}')
-    for size in (1, 100, 1000, 10**6):
-        ranges = line_ranges(str(f), size)
-        assert ranges[0][0] == 0 and ranges[-1][1] == f.stat().st_size
-        assert all(a[1] == b[0] for a, b in itertools.pairwise(ranges))
-        rows = [r for a, b, line in ranges for r in read_range(str(f), a, b, line)]
-        assert [r.where for r in rows] == [f"{f}:{i}" for i in range(1, 502)]
-        assert rows[-1].record == {"text": "no newline at the end"}
 
 
 @pytest.mark.parametrize("suffix", [".jsonl", ".csv"])
@@ -161,100 +150,53 @@ def test_wait_timeout_names_the_holder(tmp_path: Path, tok) -> None:
     assert not (root / f"{key}.error").exists()  # a timeout is not the entry's error
 
 
-def test_targets_by_blocks_equal_the_whole_array(tmp_path: Path, tok) -> None:
-    src = _data(tmp_path / "d.jsonl", bad=False)
-    store = cached_store(str(src), tok, SETTINGS, tmp_path / "c", True)
-    assert isinstance(store.trained, np.memmap)
-    cs = np.concatenate([[0], np.cumsum(np.asarray(store.trained), dtype=np.int64)])
-    start = store.offsets[:-1]
-    for max_len in (8, 48, 10**6):
-        end = np.minimum(store.offsets[1:], start + max_len)
-        expected = np.maximum(cs[end] - cs[np.minimum(start + 1, end)], 0)
-        assert np.array_equal(store.targets(max_len, block=7), expected)
+@pytest.mark.distributed
+@pytest.mark.parametrize("bad", [False, True])
+def test_one_rank_builds_the_others_wait(tmp_path: Path, bad: bool) -> None:
+    f = _write(tmp_path / "d.jsonl", 300)
+    if bad:
+        f.write_text(f.read_text() + "{oops\n")
+    ctx = mp.get_context("spawn")
+    q = ctx.Queue()
+    # rank 0 builds; ranks 1 and 2 (other local ranks) only wait for the entry
+    procs = [
+        ctx.Process(target=_cache_worker, args=(str(f), str(tmp_path / "c"), r == 0, q))
+        for r in range(3)
+    ]
+    for p in procs:
+        p.start()
+    results = [q.get(timeout=120) for _ in procs]
+    for p in procs:
+        p.join(timeout=60)
+    if bad:  # the builder's error reaches every rank, none hangs
+        assert all(r[0] == "error" and "d.jsonl:301" in r[1] for r in results)
+    else:
+        assert all(r[0] == "ok" for r in results)
+        assert results[0][1:] == results[1][1:] == results[2][1:]
+        entries = [p for p in (tmp_path / "c").iterdir() if p.is_dir()]
+        assert len(entries) == 1 and not list((tmp_path / "c").glob("*.lock"))
 
 
-@pytest.mark.parametrize("n", [0, 1, 2, 257, 5000])
-def test_lean_shuffle_equals_random_shuffle(n: int) -> None:
-    """The splits of earlier versions are kept: same permutation as Random.shuffle."""
-    import random
-
-    from dsft.data.split import shuffled
-
-    order = list(range(n))
-    random.Random(11).shuffle(order)
-    assert shuffled(n, 11).tolist() == order
+def _write(path: Path, n: int, start: int = 0) -> Path:
+    path.write_text(
+        "".join(
+            json.dumps({"instruction": f"say {i}", "output": str(i)}) + "\n"
+            for i in range(start, start + n)
+        )
+    )
+    return path
 
 
-def _mixer(sizes=(40, 400), mix=(0.7, 0.3), seed=5):
-    from dsft.data.sampler import Mixer
-
-    return Mixer(np.repeat(np.arange(len(sizes)), sizes), list(mix), seed)
+STRICT_SETTINGS = {"format": "auto", "columns": {}, "loss_on": "assistant", "on_bad_row": "error"}
 
 
-def test_mix_proportions_hold_over_every_stretch_of_the_run() -> None:
-    m = _mixer()
-    for lo, hi in ((0, 1000), (1000, 1100), (0, 100_000), (123_457, 123_557)):
-        counts = m.counts(lo, hi, block=333)
-        assert counts.sum() == hi - lo
-        assert abs(counts[0] - 0.7 * (hi - lo)) <= 3, (lo, hi, counts)
-    assert m.counts(0, 10).tolist() == np.bincount(m.sources(0, 10), minlength=2).tolist()
-    with pytest.raises(ValueError, match="no training examples"):
-        _mixer(sizes=(40, 0))
-    assert _mixer(sizes=(40, 0), mix=(1.0, 0.0)).counts(0, 50).tolist() == [50, 0]
-
-
-def test_mix_small_source_cycles_through_fresh_orders() -> None:
-    m = _mixer()
-    units = m.units(0, 2000)
-    small = units[units < 40]
-    passes = [small[i : i + 40] for i in range(0, len(small) - 39, 40)]
-    assert len(passes) >= 30 and all(sorted(p) == list(range(40)) for p in passes)
-    assert passes[0].tolist() != passes[1].tolist()  # a new order each pass
-    assert np.array_equal(m.units(700, 900), units[700:900])  # any stretch, same slots
-    big = units[units >= 40]
-    assert len(big) == 600 and sorted(big[:400].tolist()) == list(range(40, 440))  # one pass
-
-
-@pytest.mark.parametrize("world", [1, 2, 3])
-def test_mixed_batches_shard_lockstep_and_resume(world: int) -> None:
-    from dsft.data.sampler import mixed_batches, train_batches
-
-    m = _mixer()
-    n, mb, accum = 440, 4, 2
-    for epoch in (0, 3):
-        per_rank = [mixed_batches(m, n, mb, world, r, epoch, 9, True, accum) for r in range(world)]
-        plain = train_batches(n, mb, world, 0, epoch, 9, True, accum)
-        assert all(len(b) == len(plain) for b in per_rank)  # same steps per epoch: lockstep
-        assert all(len(x) == mb for b in per_rank for x in b)
-        # a round's micro-batches are that round's slots, whichever rank takes them
-        rounds = len(plain)
-        lo = epoch * rounds * mb * world
-        slots = m.units(lo, lo + rounds * mb * world).reshape(rounds, -1)
-        for r in range(rounds):
-            got = sorted(u for b in per_rank for u in b[r])
-            assert got == sorted(slots[r].tolist())
-        # resuming: the same epoch computed afresh (another process) is the same
-        again = _mixer()
-        assert mixed_batches(again, n, mb, world, 0, epoch, 9, True, accum) == per_rank[0]
-
-
-@pytest.mark.parametrize("mix", [[], [0.5, 0.5]])
-def test_packing_with_and_without_mix(tmp_path: Path, tok, mix: list[float]) -> None:
-    """Packed rows never mix files under data.mix; each row knows its file."""
-    from dsft.config import DataConfig
-    from dsft.data import prepare
-
-    a, b = _data(tmp_path / "a.jsonl", 120, bad=False), _data(tmp_path / "b.jsonl", 80, bad=False)
-    cfg = DataConfig(path=[str(a), str(b)], packing=True, max_len=96, mix=mix,
-                     cache_dir=str(tmp_path / "c"), val_fraction=0.0, test_fraction=0.0)  # fmt: skip
-    s = prepare(cfg, tok)
-    assert sorted(i for row in s.packs for i in row) == list(range(len(s.train)))
-    if mix:
-        files = np.searchsorted(s.train.corpus.starts, s.train.indices, side="right") - 1
-        assert all(len({files[i] for i in row}) == 1 for row in s.packs)
-        assert s.unit_source.tolist() == [files[row[0]] for row in s.packs]
-        assert s.stats["train_per_source"] == {"a": int((s.unit_source == 0).sum()),
-                                               "b": int((s.unit_source == 1).sum())}  # fmt: skip
+def _cache_worker(path: str, root: str, builder: bool, q) -> None:
+    tok = build_tokenizer()
+    try:
+        store = cached_store(path, tok, STRICT_SETTINGS, Path(root), builder)
+        q.put(("ok", np.asarray(store.ids).tolist(), store.offsets.tolist()))
+    except DataError as e:
+        q.put(("error", str(e), None))
 
 
 def _build_with_stop_handlers(path: str, root: str, q) -> None:

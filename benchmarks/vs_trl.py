@@ -239,7 +239,7 @@ class Bench:
     # ------------------------------------------------------------------ inputs
     def build_inputs(self) -> None:
         """Data files, tokenizer, model, the pre-tokenised dataset for TRL."""
-        from benchmarks.data import build_tokenizer, generate_rows, write_jsonl
+        from benchmarks.chat_data import build_tokenizer, generate_rows, write_jsonl
 
         c, w = self.cfg, self.work
         n_train, n_val = c["train_examples"], 200 if not self.ns.dry_run else 40
@@ -261,7 +261,7 @@ class Bench:
     def _build_model(self, tok: Any) -> Path:
         import torch
 
-        from benchmarks.model import PRESETS
+        from benchmarks.model_presets import PRESETS
         from dsft.synthetic import build_model_dir
 
         c = self.cfg
@@ -282,7 +282,7 @@ class Bench:
         import pyarrow as pa
         from datasets import Dataset
 
-        from benchmarks.data import length_stats
+        from benchmarks.chat_data import length_stats
         from dsft.data.formats import load_examples
         from dsft.data.tokenize import encode
 
@@ -756,13 +756,13 @@ def run(ns: argparse.Namespace) -> int:
     result["kernel_efficiency"] = KERNEL_EFFICIENCY
     result["data"] = bench.data_stats
     if c["prep_examples"] and "trl-default" in systems:
-        from benchmarks.data import generate_rows, write_jsonl
+        from benchmarks.chat_data import generate_rows, write_jsonl
         from benchmarks.prep import run_prep
 
         path = write_jsonl(
             bench.work / "prep.jsonl", generate_rows(c["prep_examples"], 7, c["scale"])
         )
-        from dsft.data.cache import usable_cores
+        from dsft.data.build import usable_cores
 
         workers = tuple(
             sorted({int(x) for x in (ns.prep_workers or f"1,{usable_cores()}").split(",")})

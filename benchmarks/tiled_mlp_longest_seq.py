@@ -1,6 +1,6 @@
 """The longest sequence a 1B model trains at on one GPU, ``model.tiled_mlp`` off and on.
 
-    python -m benchmarks.longest_seq [--seqs 8192,32768] [--out DIR] [--dry-run]
+    python -m benchmarks.tiled_mlp_longest_seq [--seqs 8192,32768] [--out DIR] [--dry-run]
 
 A search by doubling would spend minutes on attention at hundreds of thousands of tokens, so
 this measures and extrapolates instead: for each variant, one training step (forward +
@@ -29,8 +29,7 @@ def step(seq: int, tiled: bool, dry: bool) -> dict[str, Any]:
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from dsft import loss
-    from dsft import sequence_parallel as seqpar
+    from dsft import loss, tiled_mlp
     from dsft.planner import SHAPES
 
     dev = torch.device("cpu" if dry else "cuda")
@@ -46,7 +45,7 @@ def step(seq: int, tiled: bool, dry: bool) -> dict[str, Any]:
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.train()
     if tiled:
-        seqpar.tile_mlp(model, seqpar.tiles_for(seq, 1, config.hidden_size))
+        tiled_mlp.tile_mlp(model, tiled_mlp.tiles_for(seq, 1, config.hidden_size))
     ids = torch.randint(0, config.vocab_size, (1, seq))
     labels = ids.clone()
     labels[:, : seq // 2] = -100
@@ -75,7 +74,9 @@ def step(seq: int, tiled: bool, dry: bool) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m benchmarks.longest_seq", description=__doc__)
+    p = argparse.ArgumentParser(
+        prog="python -m benchmarks.tiled_mlp_longest_seq", description=__doc__
+    )
     p.add_argument("--seqs", default="8192,32768", help="two or more row lengths")
     p.add_argument("--out", default="runs/tiling")
     p.add_argument("--dry-run", action="store_true", help="tiny model on the CPU")

@@ -2,7 +2,7 @@
 # Create ./.venv and install dsft (editable) with its dev tools.
 #
 # Without an NVIDIA GPU, torch is pinned to the CPU build through
-# constraints-cpu.txt (pip on CPU machines finds the local CPU wheel); with a GPU
+# scripts/constraints-cpu.txt (pip on CPU machines finds the local CPU wheel); with a GPU
 # (nvidia-smi works), pip resolves the regular CUDA build of torch.
 # Force either with DSFT_TORCH=cpu or DSFT_TORCH=cuda.
 # DeepSpeed is an sdist: DS_BUILD_OPS=0 builds it without compiling CUDA ops
@@ -21,7 +21,7 @@ if [ "$torch_kind" = auto ]; then
 fi
 [ -x "$venv/bin/python" ] || "$python" -m venv "$venv"
 if [ "$torch_kind" = cpu ]; then
-  export PIP_CONSTRAINT="$PWD/constraints-cpu.txt"
+  export PIP_CONSTRAINT="$PWD/scripts/constraints-cpu.txt"
 fi
 echo "dsft setup: torch=$torch_kind venv=$venv"
 start=$(date +%s)

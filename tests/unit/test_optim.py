@@ -1,19 +1,17 @@
-"""Training engine pieces: freezing, layer-wise LR groups, schedules, precision checks."""
+"""The optimizer's parameter groups (weight decay, layer-wise LR decay, LR scales, LoRA
+adapters) and the LR schedule (dsft/optim.py)."""
 
 from __future__ import annotations
 
-import logging
 from pathlib import Path
 
 import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from dsft.config import Config, FreezeConfig, TrainConfig, load_config
+from dsft.config import TrainConfig, load_config
 from dsft.errors import ConfigError
-from dsft.model import freeze
 from dsft.optim import lr_lambda, param_groups
-from dsft.runtime import check_runtime
 
 
 @pytest.fixture
@@ -55,29 +53,6 @@ def test_without_llrd_two_groups(model: torch.nn.Module) -> None:
     assert {g["lr"] for g in groups} == {2e-5}
 
 
-def test_freeze_embeddings_bottom_layers_and_patterns(model: torch.nn.Module, caplog) -> None:
-    with caplog.at_level(logging.WARNING, logger="dsft"):
-        frozen = freeze(
-            model,
-            FreezeConfig(
-                embeddings=True, bottom_layers=1, patterns=[r"layers\.1\.mlp\.down", "nomatch"]
-            ),
-        )
-    assert "nomatch" in caplog.text  # an option that does nothing says so
-    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
-    assert "model.embed_tokens.weight" in frozen
-    assert all(
-        n.startswith("model.layers.0.")
-        for n in frozen
-        if n.startswith("model.layers.") and "down_proj" not in n
-    )
-    assert "model.layers.1.mlp.down_proj.weight" in frozen
-    assert "model.layers.1.self_attn.q_proj.weight" in trainable
-    # frozen parameters get no optimizer group, hence no optimizer state
-    grouped = {id(p) for g in param_groups(model, TrainConfig()) for p in g["params"]}
-    assert not grouped & {id(p) for n, p in model.named_parameters() if n in frozen}
-
-
 def test_schedule_warmup_then_decay() -> None:
     f = lr_lambda(total_steps=110, warmup_steps=10, schedule="cosine", min_ratio=0.1)
     assert [f(s) for s in range(3)] == pytest.approx([0.1, 0.2, 0.3])
@@ -102,51 +77,6 @@ def test_lr_scale_override_and_bad_regex(tmp_path: Path) -> None:
     msg = str(e.value)
     assert "not a valid regular expression" in msg
     assert "train.layer_decay" in msg and "model.attn_implementation" in msg
-
-
-@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU refusal")
-def test_fp16_refused_on_cpu() -> None:
-    cfg = Config()
-    cfg.train.precision = "fp16"
-    with pytest.raises(ConfigError, match="fp16 needs a CUDA GPU"):
-        check_runtime(cfg)
-
-
-@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU refusal")
-def test_flash_attention_refused_without_cuda() -> None:
-    cfg = Config()
-    cfg.model.attn_implementation = "flash_attention_2"
-    with pytest.raises(ConfigError, match="flash-attn package"):
-        check_runtime(cfg)
-
-
-@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU refusal")
-def test_gpu_kernel_options_refused_without_cuda() -> None:
-    """model.kernels=liger and flex_attention say why they cannot run here, all at once."""
-    cfg = Config()
-    cfg.model.kernels = "liger"
-    cfg.model.attn_implementation = "flex_attention"
-    with pytest.raises(ConfigError) as e:
-        check_runtime(cfg)
-    text = str(e.value)
-    assert "model.kernels=liger needs a CUDA GPU" in text and "use model.kernels=none" in text
-    assert "flex_attention needs a CUDA GPU" in text
-
-
-def test_liger_refused_when_not_installed(monkeypatch: pytest.MonkeyPatch) -> None:
-    import importlib.util
-
-    from dsft import runtime
-
-    monkeypatch.setattr(runtime.torch.cuda, "is_available", lambda: True)
-    real = importlib.util.find_spec
-    monkeypatch.setattr(
-        runtime.importlib.util, "find_spec", lambda n, *a: None if n == "liger_kernel" else real(n)
-    )
-    cfg = Config()
-    cfg.model.kernels = "liger"
-    with pytest.raises(ConfigError, match=r"pip install 'dsft\[gpu\]'"):
-        check_runtime(cfg)
 
 
 def test_layer_decay_applies_to_lora_adapters(model: torch.nn.Module) -> None:

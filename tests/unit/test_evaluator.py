@@ -56,7 +56,7 @@ def test_validation_reports_each_mixed_dataset() -> None:
     from dsft.data.tokenize import Tokenized
     from dsft.eval.evaluator import validate
 
-    from ..integration.test_distributed import _ToyLM
+    from ..integration.test_distributed_runs import _ToyLM
 
     g = torch.Generator().manual_seed(3)
 

@@ -1,4 +1,4 @@
-"""``python -m benchmarks.long_seq``: memory per rank and step time against sequence length, for
+"""``python -m benchmarks.seq_parallel_scaling``: memory per rank and step time against sequence length, for
 whole rows (one rank) and rows split over ranks by sequence parallelism, on the CPU.
 
 Each point is one ``dsft train`` run: the demo's model shape (hidden 128, 4 layers, 4 heads;
@@ -32,12 +32,14 @@ from pathlib import Path
 
 import yaml
 
-from benchmarks.bench import child_env, watch
+from benchmarks.vs_trl import child_env, watch
 from dsft.distributed import local_launch_argv
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m benchmarks.long_seq", description=__doc__)
+    p = argparse.ArgumentParser(
+        prog="python -m benchmarks.seq_parallel_scaling", description=__doc__
+    )
     p.add_argument("--seqs", default="2048,4096,8192,16384", help="row lengths in tokens")
     p.add_argument("--sp", default="2", help="sequence-parallel degrees besides 1")
     p.add_argument("--tiled", action="store_true", help="also each variant with model.tiled_mlp")

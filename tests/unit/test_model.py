@@ -1,18 +1,22 @@
-"""PEFT variants by name (model.lora.use_dora / use_rslora / init, model.quantization): dsft's
-model equals peft's own model built the same way (trainable parameters, the first step's loss
-and the loss after one update), and what cannot run here is refused with a message."""
+"""The model (dsft/model.py): freezing, and PEFT variants by name (model.lora.use_dora /
+use_rslora / init, model.quantization): dsft's model equals peft's own model built the same
+way (trainable parameters, the first step's loss and the loss after one update), and what
+cannot run here is refused with a message."""
 
 from __future__ import annotations
 
 import dataclasses
+import logging
 from pathlib import Path
 
 import pytest
 import torch
+from transformers import AutoModelForCausalLM
 
-from dsft.config import Config, LoraConfig, ModelConfig, validate
+from dsft.config import Config, FreezeConfig, LoraConfig, ModelConfig, TrainConfig, validate
 from dsft.errors import ConfigError
-from dsft.model import apply_lora, load_model
+from dsft.model import apply_lora, freeze, load_model
+from dsft.optim import param_groups
 from dsft.runtime import check_runtime
 
 # dsft's config -> the peft LoraConfig arguments a peft user writes for the same thing
@@ -99,3 +103,31 @@ def test_variants_need_lora_and_qlora_needs_cuda(tiny_model: Path) -> None:
     ):
         with pytest.raises(ConfigError, match="needs a CUDA GPU and the bitsandbytes"):
             check_runtime(dataclasses.replace(cfg, model=model))
+
+
+@pytest.fixture
+def model(tiny_model: Path) -> torch.nn.Module:
+    return AutoModelForCausalLM.from_pretrained(tiny_model)
+
+
+def test_freeze_embeddings_bottom_layers_and_patterns(model: torch.nn.Module, caplog) -> None:
+    with caplog.at_level(logging.WARNING, logger="dsft"):
+        frozen = freeze(
+            model,
+            FreezeConfig(
+                embeddings=True, bottom_layers=1, patterns=[r"layers\.1\.mlp\.down", "nomatch"]
+            ),
+        )
+    assert "nomatch" in caplog.text  # an option that does nothing says so
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert "model.embed_tokens.weight" in frozen
+    assert all(
+        n.startswith("model.layers.0.")
+        for n in frozen
+        if n.startswith("model.layers.") and "down_proj" not in n
+    )
+    assert "model.layers.1.mlp.down_proj.weight" in frozen
+    assert "model.layers.1.self_attn.q_proj.weight" in trainable
+    # frozen parameters get no optimizer group, hence no optimizer state
+    grouped = {id(p) for g in param_groups(model, TrainConfig()) for p in g["params"]}
+    assert not grouped & {id(p) for n, p in model.named_parameters() if n in frozen}

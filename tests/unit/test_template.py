@@ -18,9 +18,12 @@ from typing import Any
 
 import pytest
 
+from dsft.config import DataConfig
 from dsft.data.formats import Example, load_examples
-from dsft.data.tokenize import ChatOptions, encode
+from dsft.data.template import TEMPLATES, ChatOptions
+from dsft.data.tokenize import encode, tokenize_example, tokenize_prompt
 from dsft.errors import DataError
+from dsft.synthetic import build_tokenizer
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "chat_templates"
 DATE = "26 Jul 2024"
@@ -392,7 +395,7 @@ def _write(tmp_path: Path, rows: list[dict[str, Any]], name: str = "d.jsonl") ->
 
 
 def test_refusal_is_located_skipped_or_folded(tmp_path: Path) -> None:
-    from dsft.data.cache import build_store
+    from dsft.data.build import build_store
 
     tok = family_tokenizer("gemma2")
     rows = [conversation("system"), conversation("multi")]
@@ -566,7 +569,7 @@ def test_data_inspect_shows_the_trained_spans(tmp_path: Path) -> None:
 
 
 def test_chat_options_from_config() -> None:
-    from dsft.config import DataConfig, validate_data
+    from dsft.config import validate_data
 
     d = DataConfig(
         path=["x.jsonl"],
@@ -575,7 +578,7 @@ def test_chat_options_from_config() -> None:
         fold_system=True,
         reasoning="drop",
     )
-    from dsft.data import _settings
+    from dsft.data.pipeline import _settings
 
     opts = ChatOptions.from_settings(_settings(d))
     assert opts.turn_end == ("<|eot_id|>",) and opts.fold_system and opts.reasoning == "drop"
@@ -592,3 +595,58 @@ def test_chat_options_from_config() -> None:
     problems = " ".join(validate_data(bad))
     assert "data.template_kwargs: values must be" in problems
     assert "data.template_date: '26 Jul 2024' is not a YYYY-MM-DD date" in problems
+
+
+@pytest.mark.parametrize("name", sorted(TEMPLATES))
+def test_builtin_templates_mask_every_response(tmp_path: Path, name: str) -> None:
+    tok = build_tokenizer()
+    from dsft.data.template import apply_template
+
+    apply_template(tok, name)
+    t = tokenize_example(tok, Example(CHAT, "t:1"), 512)
+    trained = _trained(tok, t)
+    # each response is trained, with the template's end-of-turn marker; prompts are not
+    assert "a1" in trained and "a2" in trained and "q1" not in trained and "sys" not in trained
+    end = {"chatml": "<|im_end|>", "llama3": "<|eot_id|>", "alpaca": "<|end|>"}[name]
+    assert trained.count(end) == 2
+    ids, ref = tokenize_prompt(tok, Example(CHAT, "t:1"))
+    assert ref == "a2" and "q2" in tok.decode(ids)
+
+
+def test_custom_template_file_and_missing_template(tmp_path: Path, tok) -> None:
+    from dsft.data.template import apply_template
+
+    f = tmp_path / "t.jinja"
+    f.write_text(
+        "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+        "{% if add_generation_prompt %}assistant: {% endif %}"
+    )
+    t2 = build_tokenizer()
+    apply_template(t2, str(f))
+    t = tokenize_example(t2, Example(CHAT[1:3], "t:1"), 256)
+    # the template writes no turn ending: EOS is appended (and trained) so the model can stop
+    assert t2.decode(t.input_ids) == "user: q1\nassistant: a1\n<|end|>"
+    assert _trained(t2, t) == "a1\n<|end|>"
+    t2.chat_template = None
+    with pytest.raises(DataError, match=r"no chat template; set data\.template"):
+        tokenize_example(t2, Example(CHAT, "t:1"), 256)
+    with pytest.raises(DataError, match="not a built-in template"):
+        apply_template(t2, "vicuna")
+
+
+CHAT = [
+    {"role": "system", "content": "sys"},
+    {"role": "user", "content": "q1"},
+    {"role": "assistant", "content": "a1"},
+    {"role": "user", "content": "q2"},
+    {"role": "assistant", "content": "a2"},
+]
+
+
+def _trained(tok, t) -> str:
+    return tok.decode([i for i, lab in zip(t.input_ids, t.labels, strict=True) if lab != -100])
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return build_tokenizer()

@@ -25,7 +25,7 @@ from dsft import distributed as dist
 from dsft.checkpoint import check_base, consolidate, find, saved_config
 from dsft.config import Config, to_dict
 from dsft.data.cache import _file_digest
-from dsft.data.tokenize import apply_template
+from dsft.data.template import apply_template
 from dsft.errors import ExportError
 from dsft.model import apply_lora, freeze, load_model, load_tokenizer, mutates_base
 
