@@ -183,7 +183,7 @@ else
 fi
 stage loss_memory $((DRY ? 300 : 30)) "$PY" -m benchmarks.loss_memory "${LM[@]}" \
   --out "$OUT/loss_memory"
-if ! grep -q "tiled_mlp" dsft/config.py 2>/dev/null; then
+if ! grep -rqs "tiled_mlp" dsft/config.py dsft/config/; then
   printf 'tiling\tskipped (no model.tiled_mlp option in this tree)\t0s\n' >>"$STATUS"
 else
   stage tiling $((DRY ? 300 : 50)) "$PY" -m benchmarks.tiled_mlp_longest_seq --out "$OUT/tiling" \
