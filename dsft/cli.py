@@ -108,6 +108,10 @@ def build_parser() -> argparse.ArgumentParser:
     ch.add_argument("model", help="export dir, LoRA adapter dir, or run dir (best/, else final/)")
     ch.add_argument("--prompt", help="answer this one message and exit")
     ch.add_argument("--system", help="system message")
+    ch.add_argument(
+        "--image", action="append", metavar="PATH", help="a picture for a multimodal model "
+        "(repeatable; shown with the first question)"
+    )  # fmt: skip
     ch.add_argument("--max-new-tokens", type=int, default=256)
     ch.add_argument("--temperature", type=float, default=0.7, help="0 = greedy (default 0.7)")
     ch.add_argument("--top-p", type=float, default=0.9)

@@ -19,7 +19,7 @@ from dsft.data.sampler import steps_per_epoch
 from dsft.errors import ConfigError
 from dsft.eval.evaluator import BestTracker
 from dsft.job import Job
-from dsft.model import build_model, count_params, freeze, torch_dtype
+from dsft.model import TowerTouch, build_model, count_params, freeze, torch_dtype
 from dsft.optim import describe_groups, lr_lambda, make_optimizer, param_groups
 
 log = logging.getLogger("dsft")
@@ -64,6 +64,8 @@ class Engine:
     frozen_tensors: int
     state: RunState  # restored from the resume point (else the start)
     resumed_from: Path | None = None
+    # ZeRO-3 with image rows: micro-batches without images run the tower too (TowerTouch)
+    toucher: TowerTouch | None = None
 
     def tracker(self, cfg: Any) -> BestTracker:
         """eval.metric's best-so-far tracker, as the resume point left it."""
@@ -166,6 +168,9 @@ def build_engine(job: Job, units: int) -> Engine:
         frozen_tensors=len(frozen),
         state=state,
         resumed_from=resume_from,
+        toucher=TowerTouch(ds.module, images.dummy(), distributed.device())
+        if (images := getattr(job.splits, "images", None)) and cfg.deepspeed.zero_stage == 3
+        else None,
     )
 
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -27,7 +28,16 @@ from dsft.config import Config, to_dict
 from dsft.data.cache import _file_digest
 from dsft.data.template import apply_template
 from dsft.errors import ExportError
-from dsft.model import apply_lora, freeze, load_model, load_tokenizer, mutates_base
+from dsft.flops import text_config
+from dsft.hub import model_path
+from dsft.model import (
+    PROCESSOR_FILES,
+    apply_lora,
+    freeze,
+    load_model,
+    load_tokenizer,
+    mutates_base,
+)
 
 log = logging.getLogger("dsft")
 
@@ -97,7 +107,7 @@ def _tokenizer(cfg: Config) -> Any:
 
 def _logits(model: torch.nn.Module) -> torch.Tensor:
     # A fixed batch of ids from the bottom of every vocabulary.
-    ids = torch.arange(1, 17).remainder(model.config.vocab_size).unsqueeze(0)
+    ids = torch.arange(1, 17).remainder(text_config(model.config).vocab_size).unsqueeze(0)
     return model(input_ids=ids).logits.float()
 
 
@@ -153,6 +163,7 @@ def write_hf(
         _verify_adapter(cfg, out / "adapter", reference)
         if not merged:
             _tokenizer(cfg).save_pretrained(out / "adapter")
+            carry_processor_files(cfg, out / "adapter")
             write_model_card(cfg, out / "adapter", run, adapter=True)
             write_model_card(cfg, out, run, adapter=True)
             log.info("exported LoRA adapter: %s", out / "adapter")
@@ -162,12 +173,27 @@ def write_hf(
     reference = _logits(model)
     model.save_pretrained(out, safe_serialization=True, max_shard_size=max_shard_size)
     _tokenizer(cfg).save_pretrained(out)
+    carry_processor_files(cfg, out)
     again = load_model(cfg.model, dtype, path=out, training=False).eval()
     _compare(reference, _logits(again), f"{out} reloaded", dtype)
     write_model_card(cfg, out, run)
     if lora:
         write_model_card(cfg, out / "adapter", run, adapter=True)
     log.info("exported Hugging Face model: %s (verified by reloading)", out)
+
+
+def carry_processor_files(cfg: Config, out: Path) -> list[str]:
+    """Copy the base checkpoint's processor files (image processor, processor, chat
+    template; :data:`dsft.model.PROCESSOR_FILES`) that the export lacks, so that it loads
+    with ``AutoProcessor`` as the base did. The tokenizer's files (saved with the template
+    the run trained with) are not overwritten. Returns the copied names."""
+    base = Path(model_path(cfg.model.path, cfg.model.revision))
+    copied = []
+    for name in PROCESSOR_FILES:
+        if (base / name).is_file() and not (out / name).exists():
+            shutil.copyfile(base / name, out / name)
+            copied.append(name)
+    return copied
 
 
 def _verify_adapter(cfg: Config, adapter: Path, reference: torch.Tensor) -> None:

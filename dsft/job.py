@@ -12,6 +12,7 @@ from typing import Any
 
 from dsft import data, distributed
 from dsft.config import BatchShape, Config, DataConfig, batch_shape, save_config
+from dsft.data.collate import ImageInputs
 from dsft.ds_config import deepspeed_config
 from dsft.eval.evaluator import Evaluator
 from dsft.model import load_tokenizer
@@ -53,6 +54,7 @@ class Job:
             out,
             synced=cfg.deepspeed.zero_stage == 3 and self.env.world_size > 1,
             fused_loss=cfg.train.fused_loss,
+            images=getattr(self.splits, "images", None),
         )
 
 
@@ -86,4 +88,6 @@ def open_job(cfg: Config, training: bool, prepare: Prepare = data.prepare) -> Jo
     # Each node's local rank 0 tokenises (into the cache); the others wait for it.
     splits = prepare(cfg.data, tokenizer, env.local_rank == 0)
     log.info("data: %s", splits.stats)
+    # a multimodal model's processor: image rows get their pixels per batch
+    splits.images = ImageInputs.of(tokenizer, cfg.data.max_image_pixels, cfg.train.precision)
     return Job(env, cfg, plan, shape, ds_config, tokenizer, splits, deepspeed)

@@ -38,6 +38,7 @@ from torch.utils.checkpoint import checkpoint
 
 from dsft import distributed
 from dsft.data.tokenize import IGNORE_INDEX
+from dsft.flops import text_config
 
 # Rows per chunk are chosen so that one chunk's float32 logits take about this much.
 CHUNK_BYTES = 256 * 2**20
@@ -103,7 +104,7 @@ def output_head(model: Any) -> Head:
     head = base.get_output_embeddings()
     if head is None:
         raise ValueError(f"{type(base).__name__} has no output embeddings (LM head)")
-    cfg = getattr(base, "config", None)
+    cfg = text_config(base.config)  # a multimodal model's language part has the head
     # out_features survives ZeRO-3 partitioning (the weight itself is then empty)
     vocab = getattr(head, "out_features", None) or cfg.vocab_size
     return Head(head, int(vocab), getattr(cfg, "final_logit_softcapping", None))

@@ -13,9 +13,157 @@ import torch
 from dsft.attention import hf_name
 from dsft.config import FreezeConfig, LoraConfig, ModelConfig, is_hub_id
 from dsft.errors import ConfigError
+from dsft.flops import text_config
 from dsft.hub import model_path
 
 log = logging.getLogger("dsft")
+
+
+# ------------------------------------------------------------------ multimodal checkpoints
+# Natively multimodal checkpoints: which class loads them, which parameters are the vision
+# (or audio) tower, the projector and the language model.
+#
+# A checkpoint whose config has a vision or audio part (Gemma 3 / 4, Qwen3.5, Llama 4,
+# Mistral 3, LLaVA, Idefics3 ...) loads with its own multimodal class, the one named in
+# ``architectures`` (else ``AutoModelForImageTextToText``), never narrowed to a text-only
+# class: the export then has the input's architecture, config and vision weights. Shapes
+# (layers, hidden size, heads, vocabulary) are read from the text config through
+# :func:`dsft.flops.text_config`.
+#
+# Parameter names are split in three parts by the module that holds them: the tower
+# (``vision_tower``, ``vision_model``, ``visual``, ``audio_tower`` ...), the projector that
+# maps its features into the language model (``multi_modal_projector``, ``connector``,
+# ``embed_vision``, Qwen's ``visual.merger`` ...) and the language model (everything else:
+# its blocks, embeddings, head). ``model.freeze.vision`` / ``model.freeze.projector`` freeze
+# the first two (both by default, as LLaMA-Factory and ms-swift do).
+
+# Checked first: a projector may sit inside the tower's module (Qwen's visual.merger).
+PROJECTOR_RE = re.compile(
+    r"(?:^|\.)(?:multi_modal_projector|mm_projector|connector|embed_vision|embed_audio"
+    r"|audio_projector|visual\.merger)\."
+)
+TOWER_RE = re.compile(
+    r"(?:^|\.)(?:vision_tower|vision_model|visual|vision_encoder|image_encoder|audio_tower"
+    r"|audio_model|audio_encoder)\."
+)
+# Config fields that name a non-text part.
+MODALITY_CONFIGS = ("vision_config", "audio_config", "visual", "vision_tower_config")
+
+
+def part(name: str) -> str:
+    """``"projector"``, ``"vision"`` (any non-text tower) or ``"language"`` for a parameter or
+    module name."""
+    name = name if name.endswith(".") else name + "."
+    if PROJECTOR_RE.search(name):
+        return "projector"
+    if TOWER_RE.search(name):
+        return "vision"
+    return "language"
+
+
+def is_language(name: str) -> bool:
+    return part(name) == "language"
+
+
+def is_multimodal(config: Any) -> bool:
+    """Whether a Hugging Face config has a vision or audio part next to its text model."""
+    return any(getattr(config, k, None) is not None for k in MODALITY_CONFIGS)
+
+
+def model_class(config: Any, trust_remote_code: bool = False) -> Any:
+    """The class that loads a checkpoint as what it is.
+
+    A text model: ``AutoModelForCausalLM``. A multimodal one: transformers' class named in
+    ``architectures``, else ``AutoModelForImageTextToText`` (remote code included)."""
+    import transformers
+
+    if not is_multimodal(config):
+        return transformers.AutoModelForCausalLM
+    for arch in getattr(config, "architectures", None) or []:
+        cls = getattr(transformers, arch, None)
+        if cls is not None and hasattr(cls, "from_pretrained"):
+            return cls
+    return transformers.AutoModelForImageTextToText
+
+
+def from_config(config: Any, trust_remote_code: bool = False) -> Any:
+    """A randomly initialised model of ``config`` with the class that loads it
+    (:func:`model_class`); build it on the meta device to read shapes for free."""
+    cls = model_class(config)
+    if hasattr(cls, "from_config"):  # an Auto class
+        return cls.from_config(config, trust_remote_code=trust_remote_code)
+    return cls._from_config(config)
+
+
+def lora_targets(model: Any) -> str:
+    """peft ``target_modules`` (a full-match regex) for ``all-linear`` on a multimodal model:
+    the language model's linear layers, the LM head excluded (peft's own rule)."""
+    import torch
+
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    names = sorted(
+        {
+            re.escape(name)
+            for name, module in model.named_modules()
+            if isinstance(module, torch.nn.Linear) and module is not head and is_language(name)
+        }
+    )
+    if not names:
+        raise ValueError("model.lora all-linear: the model has no linear layer to adapt")
+    return "^(?:" + "|".join(names) + ")$"
+
+
+# Files of a checkpoint's processor that an export carries next to the tokenizer's.
+PROCESSOR_FILES = (
+    "preprocessor_config.json",
+    "processor_config.json",
+    "video_preprocessor_config.json",
+    "chat_template.json",
+    "chat_template.jinja",
+)
+
+
+class TowerTouch:
+    """ZeRO-3 with image rows: a micro-batch without images still runs the tower and the
+    projector on a dummy image, at the very point of the forward where the model runs them
+    for real images (right after the input embeddings), adding 0 x their output to the
+    embeddings. So every rank gathers the same parameters in the same order, forward and
+    backward (a rank skipping the tower while another runs it would hang ZeRO-3's
+    collectives); no value or gradient changes. ``arm()`` before such a forward."""
+
+    def __init__(self, model: torch.nn.Module, dummy: dict[str, torch.Tensor], device: Any):
+        import inspect
+
+        base = model.get_base_model() if hasattr(model, "get_base_model") else model
+        fn = getattr(base, "get_image_features", None) or base.model.get_image_features
+        params = inspect.signature(fn).parameters
+        self.fn = fn
+        self.inputs = {k: v.to(device) for k, v in dummy.items() if k in params}
+        self.armed = False
+        base.get_input_embeddings().register_forward_hook(self._hook)
+
+    def arm(self, on: bool = True) -> None:
+        self.armed = on
+
+    def _hook(self, module: Any, args: Any, output: torch.Tensor) -> torch.Tensor | None:
+        if not self.armed:
+            return None
+        self.armed = False
+        feats = _tensors(self.fn(**self.inputs))
+        zero = sum((t.float().sum() for t in feats), torch.zeros((), device=output.device))
+        return output + (zero * 0.0).to(output.dtype)
+
+
+def _tensors(x: Any) -> list[torch.Tensor]:
+    if torch.is_tensor(x):
+        return [x]
+    if isinstance(x, dict):
+        x = list(x.values())
+    if isinstance(x, list | tuple):
+        return [t for v in x for t in _tensors(v)]
+    if hasattr(x, "to_tuple"):
+        return _tensors(x.to_tuple())
+    return []
 
 
 def load_tokenizer(cfg: ModelConfig) -> Any:
@@ -27,31 +175,56 @@ def load_tokenizer(cfg: ModelConfig) -> Any:
     )
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
+    attach_processor(tok, model_path(cfg.path, cfg.revision), cfg.trust_remote_code)
     # A missing chat template is reported where one is needed (chat data without
     # data.template); raw-text and completion data do not need one.
     return tok
 
 
+def attach_processor(tok: Any, path: str | Path, trust_remote_code: bool = False) -> None:
+    """Load the model directory's multimodal processor (when it has one) onto ``tok`` as
+    ``tok.dsft_processor``: image rows are rendered and their pixels made by it. A processor
+    that cannot load here (Qwen-VL's needs torchvision) leaves the reason in
+    ``tok.dsft_processor_error``; text rows do not need it."""
+    tok.dsft_processor, tok.dsft_processor_error = None, ""
+    if not any((Path(path) / f).is_file() for f in PROCESSOR_FILES[:2]):
+        return
+    try:
+        from transformers import AutoProcessor
+
+        proc = AutoProcessor.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except Exception as e:  # any failure: text rows still train
+        tok.dsft_processor_error = f"{type(e).__name__}: {e}"
+        log.info("model: no image processor (%s); text rows only", tok.dsft_processor_error)
+        return
+    if getattr(proc, "image_token", None) and getattr(proc, "image_processor", None):
+        proc.tokenizer = tok  # the same pad token and template as training's
+        tok.dsft_processor = proc
+
+
 def load_model(
     cfg: ModelConfig, dtype: torch.dtype, path: str | Path | None = None, training: bool = True
 ) -> torch.nn.Module:
-    """Load the pretrained causal LM (``cfg.path``, or ``path``: an export of it).
+    """Load the pretrained model (``cfg.path``, or ``path``: an export of it) as what it
+    is: a causal LM, or a multimodal model with its own class (:func:`model_class`).
 
     Under ZeRO-3 call this while a ``HfDeepSpeedConfig`` is alive, so that
     transformers partitions the weights as it loads them (zero.Init). ``training=False``
     (exports, their checks, chat): the family's CPU-safe attention (sdpa, eager for a family
     without it) and no checkpointing.
     """
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoConfig
 
+    source = path or model_path(cfg.path, cfg.revision)
     if cfg.kernels == "liger":
-        apply_liger(path or model_path(cfg.path, cfg.revision), cfg.trust_remote_code)
+        apply_liger(source, cfg.trust_remote_code)
     extra: dict[str, Any] = {}
     quantized = training and cfg.quantization == "nf4"
     if quantized:  # exports and chat load the base unquantized (the adapter applies to both)
         extra = {"quantization_config": nf4_config(dtype), "device_map": {"": _cuda_device()}}
-    model = AutoModelForCausalLM.from_pretrained(
-        path or model_path(cfg.path, cfg.revision),
+    config = AutoConfig.from_pretrained(source, trust_remote_code=cfg.trust_remote_code)
+    model = model_class(config).from_pretrained(
+        source,
         dtype=dtype,
         trust_remote_code=cfg.trust_remote_code,
         attn_implementation=hf_name(
@@ -142,11 +315,16 @@ def build_model(cfg: ModelConfig, dtype: torch.dtype, ds_config: dict[str, Any])
 
 
 def apply_lora(model: torch.nn.Module, cfg: LoraConfig) -> torch.nn.Module:
-    """Wrap the model with peft LoRA adapters (base weights frozen)."""
+    """Wrap the model with peft LoRA adapters (base weights frozen). On a multimodal model
+    ``all-linear`` adapts the language model's linear layers only (name the tower's modules
+    in ``target_modules`` to adapt them too)."""
     from peft import LoraConfig as PeftLoraConfig
     from peft import get_peft_model
 
-    return get_peft_model(model, PeftLoraConfig(**peft_lora_kwargs(cfg)))
+    kwargs = peft_lora_kwargs(cfg)
+    if kwargs["target_modules"] == "all-linear" and is_multimodal(model.config):
+        kwargs["target_modules"] = lora_targets(model)
+    return get_peft_model(model, PeftLoraConfig(**kwargs))
 
 
 # model.lora.init -> peft's init_lora_weights
@@ -206,12 +384,21 @@ EMBED_RE = re.compile(r"embed|wte|wpe")
 
 
 def num_layers(model: torch.nn.Module) -> int:
-    """Number of transformer blocks, from the model config."""
-    return int(model.config.num_hidden_layers)
+    """Number of the language model's transformer blocks, from its (text) config."""
+    return int(text_config(model.config).num_hidden_layers)
+
+
+def layer_index(name: str) -> int | None:
+    """The language model's block index in a parameter name (None: not in a block, or in
+    a vision / audio tower's block)."""
+    m = LAYER_RE.search(name)
+    return int(m.group(1)) if m and is_language(name) else None
 
 
 def freeze(model: torch.nn.Module, cfg: FreezeConfig) -> list[str]:
-    """Stop gradients for the configured parameters; returns the frozen names.
+    """Stop gradients for the configured parameters; returns the frozen names. A
+    multimodal model's vision (audio) tower and projector are frozen unless
+    ``cfg.vision`` / ``cfg.projector`` are false.
 
     Frozen parameters are then left out of the optimizer (no state, no update).
     """
@@ -219,13 +406,16 @@ def freeze(model: torch.nn.Module, cfg: FreezeConfig) -> list[str]:
     frozen: list[str] = []
     hits = dict.fromkeys(cfg.patterns, 0)
     for name, p in model.named_parameters():
-        layer = LAYER_RE.search(name)
+        layer = layer_index(name)
+        where = part(name)
         by_pattern = [r.pattern for r in patterns if r.search(name)]
         for pat in by_pattern:
             hits[pat] += 1
         if (
-            (cfg.embeddings and layer is None and EMBED_RE.search(name))
-            or (layer is not None and int(layer.group(1)) < cfg.bottom_layers)
+            (cfg.embeddings and where == "language" and layer is None and EMBED_RE.search(name))
+            or (layer is not None and layer < cfg.bottom_layers)
+            or (where == "vision" and cfg.vision)
+            or (where == "projector" and cfg.projector)
             or by_pattern
         ) and p.requires_grad:
             p.requires_grad_(False)

@@ -12,7 +12,7 @@ from typing import Any
 import torch
 
 from dsft.config import Config, TrainConfig
-from dsft.model import EMBED_RE, LAYER_RE, num_layers
+from dsft.model import EMBED_RE, is_language, layer_index, num_layers
 
 log = logging.getLogger("dsft")
 
@@ -21,10 +21,13 @@ NO_DECAY = ("bias", "norm", "ln_")
 
 
 def _depth(name: str, layers: int) -> int:
-    """Depth from the top: head and final norm 0, block i -> layers - i, embeddings layers + 1."""
-    m = LAYER_RE.search(name)
-    if m:
-        return layers - int(m.group(1))
+    """Depth from the top: head and final norm 0, block i -> layers - i, embeddings layers + 1
+    (and with them a multimodal model's tower and projector, which feed the embeddings)."""
+    layer = layer_index(name)
+    if layer is not None:
+        return layers - layer
+    if not is_language(name):
+        return layers + 1
     return layers + 1 if EMBED_RE.search(name) else 0
 
 

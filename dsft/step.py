@@ -71,10 +71,16 @@ class Objective:
 def sft_batch(
     splits: Splits, units: list[list[int]], batch: list[int], pad_id: int
 ) -> dict[str, torch.Tensor]:
-    """The tensors of one micro-batch: padded examples, or packed rows (data.packing)."""
+    """The tensors of one micro-batch: padded examples, or packed rows (data.packing); with
+    a multimodal processor (``splits.images``), the rows' image inputs too."""
     if splits.packs:
-        return collate_packed([[splits.train[i] for i in units[u]] for u in batch], pad_id)
-    return collate([splits.train[units[u][0]] for u in batch], pad_id)
+        micro = collate_packed([[splits.train[i] for i in units[u]] for u in batch], pad_id)
+    else:
+        micro = collate([splits.train[units[u][0]] for u in batch], pad_id)
+    images = getattr(splits, "images", None)
+    if images is not None:
+        images.add(micro, splits.train, [i for u in batch for i in units[u]], bool(splits.packs))
+    return micro
 
 
 def sft_step(engine: Engine, window: Window) -> StepResult:
@@ -116,6 +122,8 @@ def sft_step(engine: Engine, window: Window) -> StepResult:
         # targets, shifted before the split (on the host: no device sync).
         micro, targets = sp.shard(micro, micro.pop("labels"))
         micro = {k: v.to(dev) for k, v in micro.items()}
+        if engine.toucher is not None:  # ZeRO-3: no image here, the tower runs all the same
+            engine.toucher.arm("pixel_values" not in micro)
         with sp.sharded():  # forward and backward (checkpointing recomputes in it)
             # No KV cache in training; transformers would also ignore packed-row
             # boundaries (restarting position_ids) when given one.

@@ -1,7 +1,8 @@
 """Synthetic models and data, built here with nothing downloaded: the character-level demo
 tokenizer (with a chat template), randomly initialised Llama-shaped model directories (the
 demo's tiny one, the tests' tinier ones, the benchmark's and the GPU check's 1B one), and the
-demo's four string tasks:
+demo's four string tasks; and tiny multimodal checkpoints of each vision-language family
+(``build_vlm_dir``):
 
   reverse     "Reverse" + "abcde"     -> "edcba"
   sort        "Sort" + "dbca"         -> "abcd"
@@ -141,6 +142,376 @@ def write_tasks(path: str | Path, rows: list[dict[str, str]]) -> None:
     with Path(path).open("w", encoding="utf-8") as f:
         for r in rows:
             f.write(json.dumps(r) + "\n")
+
+
+# ------------------------------------------------------------ tiny multimodal checkpoints
+# Tiny random multimodal checkpoints, built from transformers' own config and model classes
+# and saved as the published ones are: the ``*ForConditionalGeneration`` class with its vision
+# tower and projector, the demo's character tokenizer grown by the family's image tokens, and a
+# processor where the family's image processor needs no torchvision.
+#
+# ``build_vlm_dir(out, family)``; ``VLM_FAMILIES`` lists the families and ``VLM_IMAGE_FAMILIES`` those
+# whose processor runs here (the others are tested text-only on CPU).
+
+# A chat template that takes plain string content and HF content parts alike; each image
+# part becomes the family's image placeholder, which the processor expands.
+VLM_TEMPLATE = (
+    "{{ bos_token }}{% for m in messages %}<|{{ m['role'] }}|>"
+    "{% if m['content'] is string %}{{ m['content'] }}{% else %}"
+    "{% for p in m['content'] %}{% if p['type'] == 'text' %}{{ p['text'] }}"
+    "{% elif p['type'] == 'image' %}{{ image_placeholder }}{% endif %}{% endfor %}{% endif %}"
+    "<|end|>{% endfor %}{% if add_generation_prompt %}<|assistant|>{% endif %}"
+)
+
+# family -> (image tokens the tokenizer needs, the placeholder a prompt carries)
+_TOKENS: dict[str, tuple[list[str], str]] = {
+    "gemma3": (["<start_of_image>", "<image_soft_token>", "<end_of_image>"], "<start_of_image>"),
+    "gemma4": (["<|image>", "<|image|>", "<image|>", "<|audio|>", "<|video|>"], "<|image|>"),
+    "llava": (["<image>"], "<image>"),
+    "smolvlm": (["<image>", "<fake_token_around_image>", "<global-img>"], "<image>"),
+    "idefics3": (["<image>", "<fake_token_around_image>", "<global-img>"], "<image>"),
+    "mistral3": (["[IMG]", "[IMG_BREAK]", "[IMG_END]"], "[IMG]"),
+    "llama4": (["<|image_start|>", "<|image|>", "<|image_end|>", "<|patch|>"], "<|image|>"),
+    "qwen3_5": (
+        ["<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>"],
+        "<|vision_start|><|image_pad|><|vision_end|>",
+    ),
+    "qwen3_5_moe": (
+        ["<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>"],
+        "<|vision_start|><|image_pad|><|vision_end|>",
+    ),
+}
+VLM_FAMILIES = tuple(_TOKENS)
+# Families whose image processor (and so processor) works without torchvision.
+VLM_IMAGE_FAMILIES = ("gemma3", "llava", "idefics3")
+
+VLM_H = 32  # hidden size of every tiny tower and language model
+VLM_IMAGE = 32  # image side in pixels
+
+
+def build_vlm_tokenizer(family: str) -> Any:
+    """The demo's character tokenizer with the family's image tokens as special tokens."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    extra, placeholder = _TOKENS[family]
+    specials = SPECIAL + extra
+    vocab = {tok: i for i, tok in enumerate(specials + list(CHARS))}
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
+    tok.decoder = decoders.Fuse()
+    tok.add_special_tokens(specials)
+    named: dict[str, str] = {}
+    if family == "gemma3":
+        named = {"boi_token": extra[0], "image_token": extra[1], "eoi_token": extra[2]}
+    elif family == "gemma4":
+        named = {
+            "boi_token": extra[0],
+            "image_token": extra[1],
+            "eoi_token": extra[2],
+            "audio_token": extra[3],
+            "video_token": extra[4],
+        }
+    elif family in ("llava", "smolvlm", "idefics3"):
+        named = {"image_token": "<image>"}
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        bos_token="<s>",
+        eos_token="<|end|>",
+        pad_token="<pad>",
+        unk_token="<unk>",
+        extra_special_tokens=named or None,
+    )
+    fast.chat_template = VLM_TEMPLATE.replace("{{ image_placeholder }}", placeholder)
+    return fast
+
+
+def _llama_text(vocab: int, tok: Any, **more: Any) -> dict[str, Any]:
+    return dict(
+        hidden_size=VLM_H,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=vocab,
+        max_position_embeddings=512,
+        pad_token_id=tok.pad_token_id,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        **more,
+    )
+
+
+def _vision(**more: Any) -> dict[str, Any]:
+    return dict(
+        hidden_size=VLM_H, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, **more
+    )
+
+
+def vlm_config(family: str, tok: Any) -> Any:
+    """The family's tiny multimodal config for tokenizer ``tok``."""
+    import transformers as tf
+
+    vocab = len(tok)
+    ids = {t: tok.convert_tokens_to_ids(t) for t in _TOKENS[family][0]}
+    text = _llama_text(vocab, tok)
+    if family == "gemma3":
+        return tf.Gemma3Config(
+            text_config=tf.Gemma3TextConfig(**text, head_dim=8, sliding_window=16),
+            vision_config=tf.SiglipVisionConfig(**_vision(image_size=VLM_IMAGE, patch_size=8)),
+            mm_tokens_per_image=4,
+            boi_token_index=ids["<start_of_image>"],
+            eoi_token_index=ids["<end_of_image>"],
+            image_token_index=ids["<image_soft_token>"],
+        )
+    if family == "gemma4":
+        return tf.Gemma4Config(
+            text_config=tf.Gemma4TextConfig(
+                **text,
+                head_dim=8,
+                sliding_window=16,
+                global_head_dim=8,
+                hidden_size_per_layer_input=8,
+                vocab_size_per_layer_input=vocab,
+                num_kv_shared_layers=0,
+            ),
+            vision_config=tf.Gemma4VisionConfig(**_vision(head_dim=8)),
+            audio_config=None,
+            boi_token_id=ids["<|image>"],
+            eoi_token_id=ids["<image|>"],
+            image_token_id=ids["<|image|>"],
+            audio_token_id=ids["<|audio|>"],
+            video_token_id=ids["<|video|>"],
+        )
+    if family == "llava":
+        return tf.LlavaConfig(
+            text_config=tf.LlamaConfig(**text),
+            vision_config=tf.CLIPVisionConfig(
+                **_vision(image_size=VLM_IMAGE, patch_size=8, projection_dim=VLM_H)
+            ),
+            image_token_index=ids["<image>"],
+            projector_hidden_act="gelu",
+            vision_feature_layer=-1,
+            image_seq_length=(VLM_IMAGE // 8) ** 2,
+        )
+    if family in ("smolvlm", "idefics3"):
+        cls = tf.SmolVLMConfig if family == "smolvlm" else tf.Idefics3Config
+        vis = tf.SmolVLMVisionConfig if family == "smolvlm" else tf.Idefics3VisionConfig
+        return cls(
+            text_config=tf.LlamaConfig(**text),
+            vision_config=vis(**_vision(image_size=VLM_IMAGE, patch_size=8)),
+            image_token_id=ids["<image>"],
+            scale_factor=2,
+            pad_token_id=tok.pad_token_id,
+        )
+    if family == "mistral3":
+        return tf.Mistral3Config(
+            text_config=tf.MistralConfig(**text, head_dim=8),
+            vision_config=tf.PixtralVisionConfig(
+                **_vision(image_size=VLM_IMAGE, patch_size=8, head_dim=8)
+            ),
+            image_token_index=ids["[IMG]"],
+            spatial_merge_size=2,
+            vision_feature_layer=-1,
+        )
+    if family == "llama4":
+        return tf.Llama4Config(
+            text_config=tf.Llama4TextConfig(
+                **text,
+                head_dim=8,
+                intermediate_size_mlp=64,
+                num_local_experts=2,
+                interleave_moe_layer_step=1,
+                attention_chunk_size=64,
+            ),
+            vision_config=tf.Llama4VisionConfig(
+                **_vision(
+                    image_size=VLM_IMAGE,
+                    patch_size=8,
+                    vision_output_dim=VLM_H,
+                    projector_input_dim=VLM_H,
+                    projector_output_dim=VLM_H,
+                    pixel_shuffle_ratio=0.5,
+                )
+            ),
+            boi_token_index=ids["<|image_start|>"],
+            eoi_token_index=ids["<|image_end|>"],
+            image_token_index=ids["<|image|>"],
+        )
+    if family in ("qwen3_5", "qwen3_5_moe"):
+        moe = family == "qwen3_5_moe"
+        cls = tf.Qwen3_5MoeConfig if moe else tf.Qwen3_5Config
+        text_cls = tf.Qwen3_5MoeTextConfig if moe else tf.Qwen3_5TextConfig
+        vis_cls = tf.Qwen3_5MoeVisionConfig if moe else tf.Qwen3_5VisionConfig
+        more: dict[str, Any] = dict(
+            head_dim=8,
+            layer_types=["linear_attention", "full_attention"],
+            linear_num_key_heads=2,
+            linear_num_value_heads=4,
+            linear_key_head_dim=8,
+            linear_value_head_dim=8,
+        )
+        if moe:
+            more.update(
+                num_experts=2,
+                num_experts_per_tok=1,
+                moe_intermediate_size=32,
+                shared_expert_intermediate_size=32,
+            )
+        return cls(
+            text_config=text_cls(**text, **more),
+            vision_config=vis_cls(
+                hidden_size=VLM_H,
+                intermediate_size=64,
+                depth=2,
+                num_heads=4,
+                out_hidden_size=VLM_H,
+                patch_size=8,
+                spatial_merge_size=2,
+                temporal_patch_size=2,
+            ),
+            image_token_id=ids["<|image_pad|>"],
+            video_token_id=ids["<|video_pad|>"],
+            vision_start_token_id=ids["<|vision_start|>"],
+            vision_end_token_id=ids["<|vision_end|>"],
+        )
+    raise ValueError(f"unknown family {family!r}; one of {', '.join(VLM_FAMILIES)}")
+
+
+def build_vlm_processor(family: str, tok: Any, config: Any) -> Any:
+    """The family's processor (its PIL image processor), or None where it needs torchvision."""
+    import transformers as tf
+
+    if family == "gemma3":
+        ip = tf.Gemma3ImageProcessorPil(size={"height": VLM_IMAGE, "width": VLM_IMAGE})
+        return tf.Gemma3Processor(
+            image_processor=ip, tokenizer=tok, image_seq_length=4, chat_template=tok.chat_template
+        )
+    if family == "llava":
+        ip = tf.CLIPImageProcessorPil(
+            size={"shortest_edge": VLM_IMAGE}, crop_size={"height": VLM_IMAGE, "width": VLM_IMAGE}
+        )
+        return tf.LlavaProcessor(
+            image_processor=ip,
+            tokenizer=tok,
+            patch_size=8,
+            vision_feature_select_strategy="full",
+            chat_template=tok.chat_template,
+        )
+    if family == "idefics3":  # (SmolVLM's processor needs a video processor: torchvision)
+        ip = tf.Idefics3ImageProcessorPil(
+            size={"longest_edge": VLM_IMAGE},
+            do_image_splitting=False,
+            max_image_size={"longest_edge": VLM_IMAGE},
+        )
+        seq = int((VLM_IMAGE // 8) ** 2 / 4)  # patches over scale_factor²
+        return tf.Idefics3Processor(
+            image_processor=ip, tokenizer=tok, image_seq_len=seq, chat_template=tok.chat_template
+        )
+    return None
+
+
+def vlm_class(family: str) -> Any:
+    import transformers as tf
+
+    return {
+        "gemma3": tf.Gemma3ForConditionalGeneration,
+        "gemma4": tf.Gemma4ForConditionalGeneration,
+        "llava": tf.LlavaForConditionalGeneration,
+        "smolvlm": tf.SmolVLMForConditionalGeneration,
+        "idefics3": tf.Idefics3ForConditionalGeneration,
+        "mistral3": tf.Mistral3ForConditionalGeneration,
+        "llama4": tf.Llama4ForConditionalGeneration,
+        "qwen3_5": tf.Qwen3_5ForConditionalGeneration,
+        "qwen3_5_moe": tf.Qwen3_5MoeForConditionalGeneration,
+    }[family]
+
+
+def build_vlm_dir(out: str | Path, family: str, seed: int = 0) -> Path:
+    """Save a tiny random ``family`` checkpoint (model, tokenizer, processor) to ``out``."""
+    import torch
+    from transformers import GenerationConfig
+
+    out = Path(out)
+    tok = build_vlm_tokenizer(family)
+    config = vlm_config(family, tok)
+    torch.manual_seed(seed)
+    model = vlm_class(family)(config)
+    # Some families initialise their projector to zero (Gemma 3's): image features would
+    # then carry nothing, unlike a published checkpoint's; give such weights random values.
+    from dsft.model import part
+
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() == 2 and part(name) != "language" and not p.any():
+                p.normal_(0.0, p.size(0) ** -0.5)
+    ids = dict(bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
+    model.generation_config = GenerationConfig(pad_token_id=tok.pad_token_id, **ids)
+    model.save_pretrained(out, safe_serialization=True)
+    tok.save_pretrained(out)
+    processor = build_vlm_processor(family, tok, config)
+    if processor is not None:
+        processor.save_pretrained(out)
+    return out
+
+
+COLOURS = {
+    "red": (220, 30, 30),
+    "green": (30, 200, 40),
+    "blue": (30, 40, 220),
+    "yellow": (240, 220, 20),
+}
+
+
+def write_colour_task(
+    folder: str | Path, n: int = 200, seed: int = 0, text_every: int = 0, forms: bool = True
+) -> Path:
+    """A synthetic visual task: "What colour is this?" about a solid-colour image, answered
+    with its colour's initial, R, G, B or Y (chance: 1 in 4; one token for the demo's
+    character tokenizer, so a tiny model learns it in a few dozen steps). Images are PNG files next to ``data.jsonl``
+    (relative paths); with ``forms`` every third row uses the ``images`` column with an
+    ``<image>`` placeholder (LLaMA-Factory) and every fifth a base64 ``data:`` URI. With
+    ``text_every`` = k, every k-th row is text-only (mixed batches)."""
+    import base64
+    import io
+
+    from PIL import Image
+
+    folder = Path(folder)
+    (folder / "img").mkdir(parents=True, exist_ok=True)
+    rng = random.Random(seed)
+    names = list(COLOURS)
+    for name, rgb in COLOURS.items():
+        size = (rng.randint(24, 48), rng.randint(24, 48))
+        Image.new("RGB", size, rgb).save(folder / "img" / f"{name}.png")
+    rows = []
+    for i in range(n):
+        colour = names[rng.randrange(4)]
+        answer = colour[0].upper()
+        if text_every and i % text_every == text_every - 1:
+            w = _word(rng, 3, 6)
+            rows.append({"messages": [{"role": "user", "content": f"Reverse {w}"},
+                                      {"role": "assistant", "content": w[::-1]}]})  # fmt: skip
+            continue
+        ref = f"img/{colour}.png"
+        if forms and i % 5 == 4:
+            buf = io.BytesIO()
+            Image.new("RGB", (32, 32), COLOURS[colour]).save(buf, format="PNG")
+            ref = "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+        if forms and i % 3 == 2:
+            rows.append({"messages": [{"role": "user", "content": "<image>What colour is this?"},
+                                      {"role": "assistant", "content": answer}],
+                         "images": [ref]})  # fmt: skip
+        else:
+            part = {"type": "image", "url" if ref.startswith("data:") else "path": ref}
+            rows.append({"messages": [
+                {"role": "user", "content": [part, {"type": "text", "text": "What colour is this?"}]},
+                {"role": "assistant", "content": answer}]})  # fmt: skip
+    path = folder / "data.jsonl"
+    with path.open("w", encoding="utf-8") as f:
+        for r in rows:
+            f.write(json.dumps(r) + "\n")
+    return path
 
 
 if __name__ == "__main__":  # `python -m dsft.synthetic`: regenerate the bundled demo dataset

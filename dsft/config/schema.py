@@ -53,6 +53,8 @@ class FreezeConfig:
     embeddings: bool = False  # the input embeddings (a head tied to them stays frozen too)
     bottom_layers: int = 0  # the first N transformer blocks
     patterns: list[str] = field(default_factory=list)  # regexes searched in parameter names
+    vision: bool = True  # a multimodal model's vision (or audio) tower; false trains it
+    projector: bool = True  # a multimodal model's projector (tower -> LM); false trains it
 
 
 @dataclass
@@ -135,6 +137,8 @@ class DataConfig:
     # counts packed rows.
     packing: bool = False
     on_bad_row: Literal["error", "skip"] = "error"  # skip = count, report and leave it out
+    # Images larger than this many pixels are bad rows (decompression bombs far above it)
+    max_image_pixels: int = 40_000_000
     # Explicit validation / test files; when given, no validation / test split is carved
     # from `path`.
     val_path: list[str] = field(default_factory=list)

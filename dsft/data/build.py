@@ -40,7 +40,16 @@ from typing import Any
 import numpy as np
 
 from dsft import distributed, faults, locks
-from dsft.data.cache import KINDS, TokenStore, _read_entry, _store_name, entry_key, tokenizer_digest
+from dsft.data.cache import (
+    KINDS,
+    TokenStore,
+    _read_entry,
+    _read_error,
+    _store_name,
+    _write_error,
+    entry_key,
+    tokenizer_digest,
+)
 from dsft.data.formats import Example, check_not_empty, examples_of, normaliser
 from dsft.data.readers import line_ranges, read_range, read_rows, splittable
 from dsft.data.template import ChatOptions
@@ -120,7 +129,10 @@ def _encode_chunk(k: int, task: tuple) -> tuple[str, Any]:
         examples = [examples[i] for i in enc.kept]
     bad += enc.skipped
     lines = [
-        json.dumps({"m": ex.messages, "s": ex.source, "k": ex.kind, "t": ex.tools}).encode() + b"\n"
+        json.dumps(
+            {"m": ex.messages, "s": ex.source, "k": ex.kind, "t": ex.tools, "i": ex.images}
+        ).encode()
+        + b"\n"
         for ex in examples
     ]
     out = _part(parts, k)
@@ -133,7 +145,8 @@ def _encode_chunk(k: int, task: tuple) -> tuple[str, Any]:
     np.save(tmp / "kinds.npy", np.asarray([KINDS.index(e.kind) for e in examples], np.uint8))
     np.save(tmp / "exlen.npy", np.asarray([len(x) for x in lines], dtype=np.int64))
     (tmp / "examples.jsonl").write_bytes(b"".join(lines))
-    meta = {"n": len(examples), "tokens": len(enc.ids), "bytes": sum(map(len, lines))}
+    meta = {"n": len(examples), "tokens": len(enc.ids), "bytes": sum(map(len, lines)),
+            "images": sum(bool(ex.images) for ex in examples)}  # fmt: skip
     (tmp / "meta.json").write_text(json.dumps({**meta, "skipped": bad}))
     try:
         os.replace(tmp, out)
@@ -315,7 +328,7 @@ def _build(
     try:
         while not (entry / "meta.json").is_file():
             if error.is_file():
-                raise DataError(error.read_text())
+                raise DataError(_read_error(error, path))
             parts.mkdir(parents=True, exist_ok=True)
             n = 0
 
@@ -342,7 +355,7 @@ def _build(
             # over any whose builder died here, then one builder merges.
             while not (entry / "meta.json").is_file():
                 if error.is_file():
-                    raise DataError(error.read_text())
+                    raise DataError(_read_error(error, path))
                 missing = [k for k in range(n) if not _part(parts, k).is_dir()]
                 if not missing:
                     if locks.take(lock):
@@ -364,7 +377,7 @@ def _build(
                 waiter.sleep(lambda: _progress(entry))
     except DataError as e:
         if not isinstance(e, _Timeout) and not error.exists():
-            error.write_text(str(e))  # every waiting rank raises the same message
+            _write_error(error, path, str(e))  # every waiting rank raises the same message
         raise
     if built:
         log.info(
@@ -421,7 +434,8 @@ def _merge(path: str, entry: Path, parts: Path, n: int) -> None:
         for f in out.values():
             f.close()
     # meta.json last: its presence marks a complete entry (also inside the rename).
-    meta = {"name": _store_name(path), "skipped": skipped}
+    meta = {"name": _store_name(path), "skipped": skipped,
+            "image_rows": sum(m.get("images", 0) for m in metas)}  # fmt: skip
     (tmp / "meta.json").write_text(json.dumps(meta))
     try:
         os.replace(tmp, entry)
@@ -464,7 +478,7 @@ def cached_store(
     waiter = _Waiter(path, opts.wait_timeout)
     while not builder and not (entry / "meta.json").is_file():
         if error.is_file():
-            raise DataError(error.read_text())
+            raise DataError(_read_error(error, path))
         # a waiter takes over work whose builder died here (after a grace period)
         builder = waiter.waited > 10 and _abandoned(entry)
         if not builder:
@@ -472,4 +486,4 @@ def cached_store(
     if builder:  # returns at once when the entry exists
         root.mkdir(parents=True, exist_ok=True)
         _build(path, tokenizer, settings, entry, opts)
-    return _read_entry(entry)
+    return _read_entry(entry, path)

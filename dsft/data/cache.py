@@ -101,7 +101,7 @@ class _JsonlExamples(Sequence[Example]):
     def __getitem__(self, i: int) -> Example:  # type: ignore[override]
         raw = bytes(self._data[int(self.offsets[i]) : int(self.offsets[i + 1])])
         d = json.loads(raw)
-        return Example(d["m"], d["s"], d["k"], d.get("t"))
+        return Example(d["m"], d["s"], d["k"], d.get("t"), d.get("i"))
 
 
 def _file_digest(path: Path) -> str:
@@ -134,6 +134,11 @@ def tokenizer_digest(tokenizer: Any) -> str:
         h.update(_file_digest(src).encode() if src.is_dir() else repr(tokenizer).encode())
     h.update(repr(sorted(tokenizer.special_tokens_map.items())).encode())
     h.update((getattr(tokenizer, "chat_template", None) or "").encode())
+    proc = getattr(tokenizer, "dsft_processor", None)  # image rows: how images expand
+    if proc is not None:
+        h.update(proc.image_processor.to_json_string().encode())
+        h.update(json.dumps({k: str(v) for k, v in sorted(vars(proc).items())
+                             if isinstance(v, int | str)}).encode())  # fmt: skip
     return h.hexdigest()
 
 
@@ -166,7 +171,25 @@ def _store_name(path: str) -> str:
     return Path(path).stem if not Path(path).is_dir() else Path(path).name
 
 
-def _read_entry(entry: Path) -> TokenStore:
+def _write_error(error: Path, path: str, message: str) -> None:
+    """Record a build's error for the ranks waiting on the entry. The entry is keyed by the
+    file's contents, so a byte-identical copy at another path finds it too: the path is
+    stored apart and put back as the reader's own (:func:`_read_error`)."""
+    error.write_text(json.dumps({"path": path, "message": message}))
+
+
+def _read_error(error: Path, path: str) -> str:
+    """The recorded error, naming ``path`` (the file this reader was given)."""
+    text = error.read_text()
+    try:
+        record = json.loads(text)
+        message, written = record["message"], record["path"]
+    except (ValueError, KeyError, TypeError):  # an older cache's plain message
+        return text
+    return message.replace(written, path) if written and written != path else message
+
+
+def _read_entry(entry: Path, path: str | None = None) -> TokenStore:
     meta = json.loads((entry / "meta.json").read_text())
     enc = Encoded(
         np.load(entry / "ids.npy", mmap_mode="r"),
@@ -177,6 +200,7 @@ def _read_entry(entry: Path) -> TokenStore:
     offsets = np.load(entry / "example_offsets.npy", mmap_mode="r")
     examples = _JsonlExamples(entry / "examples.jsonl", offsets)
     kinds = np.load(entry / "kinds.npy")
-    return TokenStore(
-        meta["name"], enc.ids, enc.trained, enc.offsets, examples, kinds, meta["skipped"]
-    )
+    name = _store_name(path) if path is not None else meta["name"]  # a copy: its own name
+    store = TokenStore(name, enc.ids, enc.trained, enc.offsets, examples, kinds, meta["skipped"])
+    store.image_rows = int(meta.get("image_rows", 0))  # rows with images (packing refuses)
+    return store

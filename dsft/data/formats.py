@@ -8,8 +8,11 @@ forced with ``data.format``:
   * chat: ``{"messages": [{"role": "system"|"user"|"assistant"|"tool", "content": ...}, ...]}``;
     a system message may only come first ("developer" is read as system, "ipython" and
     "function" as tool). ``content`` is a string or a list of OpenAI-style parts
-    (``{"type": "text", "text": ...}``, joined; image/audio parts are refused: dsft trains
-    text-only models). An assistant message may carry ``tool_calls`` (``{"function":
+    (``{"type": "text", "text": ...}``, joined; an image part ``{"type": "image", "path" |
+    "url" | "image": ...}`` becomes an ``<image>`` placeholder in the text and its reference
+    goes to :attr:`Example.images`: a path (relative to the data file), a ``data:`` URI or a
+    datasets Image value; audio/video parts are refused). A row's ``images`` column (LLaMA-
+    Factory / ms-swift) gives the images of its ``<image>`` placeholders. An assistant message may carry ``tool_calls`` (``{"function":
     {"name", "arguments"}}``, arguments an object or a JSON string; content may then be
     empty) and reasoning (``reasoning_content``, ``thinking`` or ``reasoning``); a tool
     message may carry ``tool_call_id`` and ``name``. A row's ``tools`` (a list of JSON
@@ -58,8 +61,12 @@ SHAREGPT_ROLES = {
     "observation": "tool",
     "tool": "tool",
 }
-# Content parts dsft cannot train on (text-only models).
+# Content parts dsft cannot train on (audio, video, files); images are read (IMAGE_PARTS).
 MEDIA_PARTS = ("image", "image_url", "input_image", "audio", "input_audio", "video", "file")
+IMAGE_PARTS = ("image", "image_url", "input_image")
+# What an image part leaves in the text (LLaMA-Factory's and ms-swift's placeholder); the
+# model's processor expands it (dsft.data.tokenize).
+IMAGE_PLACEHOLDER = "<image>"
 _SURROGATE = re.compile("[\ud800-\udfff]")
 # (canonical field, format) in detection order.
 _DETECT = (
@@ -99,6 +106,8 @@ class Example:
     # (messages are [assistant=text]).
     kind: str = "chat"
     tools: list[dict[str, Any]] | None = None  # the row's tool schemas (chat only)
+    # The row's images in placeholder order: absolute paths or data: URIs (None: text only).
+    images: list[str] | None = None
 
     @property
     def dataset(self) -> str:
@@ -167,6 +176,7 @@ class _Normaliser:
         return f"{k!r} (data.columns.{field})" if field in self.columns else repr(k)
 
     def __call__(self, record: Any) -> tuple[list[Message], str]:
+        self.images: list[Any] = []  # this record's image references, in order
         if not isinstance(record, dict):
             raise _BadRow(f"expected an object, got {_describe(record)}")
         fmt = self.fmt if self.fmt != "auto" else self.detect(record)
@@ -258,7 +268,9 @@ class _Normaliser:
                 continue
             if ck not in m and role not in ("assistant", "tool"):
                 self.string(m, c_f, f"{at}: ")  # the usual "missing field" message
-            content = _content(m.get(ck), f"{at}.{ck}", optional=role in ("assistant", "tool"))
+            content = _content(
+                m.get(ck), f"{at}.{ck}", optional=role in ("assistant", "tool"), images=self.images
+            )
             msg: Message = {"role": role, "content": content}
             if role == "assistant":
                 for name in ("reasoning_content", "thinking", "reasoning"):
@@ -279,6 +291,24 @@ class _Normaliser:
                         msg[name] = m[name]
             out.append(msg)
         return out
+
+    def row_images(self, record: dict[str, Any], where: str) -> list[str] | None:
+        """The record's images, resolved (:func:`resolve_image`): its image parts', else its
+        ``images`` column's (LLaMA-Factory / ms-swift); None for a text-only row."""
+        refs = list(self.images)
+        column = record.get("images")
+        if column is not None and not _missing(column) and not isinstance(column, str | dict):
+            if refs:
+                raise _BadRow("images given both as content parts and in the 'images' column")
+            if not isinstance(column, list | tuple) and hasattr(column, "tolist"):
+                column = column.tolist()  # a numpy array from parquet
+            refs = list(column)
+        elif isinstance(column, str | dict):
+            refs = refs or [column]
+        if not refs:
+            return None
+        base = Path(where.rsplit(":", 1)[0]).parent if ":" in where else Path(".")
+        return [resolve_image(r, base.resolve(), f"images[{i}]") for i, r in enumerate(refs)]
 
     def tools(self, record: dict[str, Any]) -> list[dict[str, Any]] | None:
         """The row's tool schemas (``tools`` field), each as {"type": "function", ...}."""
@@ -367,8 +397,45 @@ def _json_text(s: str, label: str, expected: str) -> Any:
         raise _BadRow(f"{label}: JSON nested too deeply") from None
 
 
-def _content(v: Any, at: str, optional: bool = False) -> str:
-    """Message content as text: a string, or text parts joined."""
+def _image_ref(part: dict[str, Any], at: str) -> Any:
+    """The reference of an image part (``path``, ``url``, ``image`` or OpenAI's
+    ``image_url.url``), unresolved."""
+    for key in ("path", "url", "image", "image_url", "input_image"):
+        v = part.get(key)
+        if isinstance(v, dict) and key in ("image_url", "input_image"):
+            v = v.get("url")
+        if v is not None and not (isinstance(v, str) and not v.strip()):
+            return v
+    raise _BadRow(f'{at}: an image part without its image ("path", "url" or "image")')
+
+
+def resolve_image(ref: Any, base: Path, at: str) -> str:
+    """An image reference as what the loader opens: an absolute path or a ``data:`` URI.
+
+    Paths are relative to the data file's folder (``file://`` URLs are paths); bytes (a
+    datasets Image value ``{"bytes", "path"}``) become a base64 ``data:`` URI. Remote URLs are
+    refused: training reads local files only."""
+    import base64
+
+    if isinstance(ref, dict):  # datasets Image feature in parquet / save_to_disk
+        if isinstance(ref.get("bytes"), bytes | bytearray):
+            return "data:image;base64," + base64.b64encode(ref["bytes"]).decode()
+        ref = ref.get("path")
+    if isinstance(ref, bytes | bytearray):
+        return "data:image;base64," + base64.b64encode(ref).decode()
+    if not isinstance(ref, str):
+        raise _BadRow(f"{at}: an image must be a path, a data: URI or bytes, got {_describe(ref)}")
+    if ref.startswith("data:"):
+        return ref
+    if ref.startswith(("http://", "https://")):
+        raise _BadRow(f"{at}: {ref}: remote images are not downloaded; save them and give paths")
+    ref = ref.removeprefix("file://")
+    return str(base / ref) if not Path(ref).is_absolute() else ref
+
+
+def _content(v: Any, at: str, optional: bool = False, images: list[Any] | None = None) -> str:
+    """Message content as text: a string, or text parts joined (an image part: the image
+    placeholder, its reference appended to ``images``)."""
     if isinstance(v, str):
         return _checked(v, f"{at}: ")
     if _missing(v):
@@ -384,12 +451,16 @@ def _content(v: Any, at: str, optional: bool = False) -> str:
                 if isinstance(part, dict)
                 else None
             )
+            if isinstance(part, dict) and kind in IMAGE_PARTS and images is not None:
+                images.append(_image_ref(part, where))
+                texts.append(IMAGE_PLACEHOLDER)
+                continue
             if kind in MEDIA_PARTS or (
                 isinstance(part, dict) and any(k in part for k in MEDIA_PARTS[:-1])
             ):
                 raise _BadRow(
-                    f"{where}: multimodal data is not supported (a {kind or 'media'} part); "
-                    "dsft fine-tunes text-only models"
+                    f"{where}: {kind or 'media'} parts are not supported (dsft trains on text "
+                    "and images)"
                 )
             if kind != "text" or not isinstance(part.get("text"), str):
                 raise _BadRow(
@@ -479,12 +550,13 @@ def examples_of(rows: Iterable[Row], norm: _Normaliser, on_bad_row: str) -> Iter
                 raise _BadRow(row.error)
             messages, kind = norm(row.record)
             tools = norm.tools(row.record) if kind == "chat" else None
+            images = norm.row_images(row.record, row.where)
         except _BadRow as e:
             if on_bad_row == "error":
                 raise DataError(f"{row.where}: {e}") from None
             yield f"{row.where}: {e}"
             continue
-        yield Example(messages, row.where, kind, tools)
+        yield Example(messages, row.where, kind, tools, images)
 
 
 def check_not_empty(path: str, examples: int, bad: list[str]) -> None:

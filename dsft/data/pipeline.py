@@ -129,6 +129,7 @@ def _settings(cfg: DataConfig) -> dict[str, Any]:
         "columns": dict(sorted(cfg.columns.items())),
         "loss_on": cfg.loss_on,
         "on_bad_row": cfg.on_bad_row,
+        "max_image_pixels": cfg.max_image_pixels,
         # how chat rows are rendered and masked (dsft.data.template.ChatOptions)
         "turn_end": list(cfg.turn_end),
         "fold_system": cfg.fold_system,
@@ -255,6 +256,12 @@ def prepare(cfg: DataConfig, tokenizer: Any, builder: bool = True) -> Splits:
     )
     unit_source = train_source
     packs = None
+    image_rows = sum(getattr(st, "image_rows", 0) for st in pool.stores)
+    if cfg.packing and image_rows:
+        raise DataError(
+            f"data.packing: {image_rows} rows have images, which are not packed (each row's "
+            "image tokens and pixels must stay its own); set data.packing=false"
+        )
     if cfg.packing:
         if cfg.mix:  # rows never mix files, so each row has one source to draw it from
             packs = []

@@ -344,3 +344,66 @@ def _dataset_rows(path: str, ds: Any) -> Iterator[Row]:
         for record in batch.to_pylist():
             i += 1
             yield Row(f"{path}:row {i}", record)
+
+
+# ------------------------------------------------------------------------------- images
+
+# data.max_image_pixels when not configured: ~40 megapixels (8K is 33), far below a
+# decompression bomb's billions.
+MAX_IMAGE_PIXELS = 40_000_000
+
+
+def image_label(ref: str) -> str:
+    """How errors name an image: its path, or "a data: URI"."""
+    return "a data: URI" if ref.startswith("data:") else ref
+
+
+def open_image(ref: str, max_pixels: int = MAX_IMAGE_PIXELS, at: str = "") -> Any:
+    """Decode the image at ``ref`` (a path or a ``data:`` URI) as an RGB PIL image.
+
+    A missing file, a non-image, a truncated or corrupt file, a decompression bomb and an
+    image above ``max_pixels`` raise :class:`DataError` prefixed with ``at`` (where the
+    image was named), never a PIL traceback. The size is checked from the header, before
+    any pixel is decoded."""
+    import base64
+    import binascii
+    import urllib.parse
+    import warnings
+
+    from PIL import Image, UnidentifiedImageError
+
+    what = f"{at}: {image_label(ref)}" if at else image_label(ref)
+    try:
+        if ref.startswith("data:"):
+            head, _, data = ref.partition(",")
+            raw = (
+                base64.b64decode(data, validate=True)
+                if head.endswith(";base64")
+                else urllib.parse.unquote_to_bytes(data)
+            )
+            f: Any = io.BytesIO(raw)
+        else:
+            f = io.BytesIO(Path(ref).read_bytes())
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            img = Image.open(f)
+            w, h = img.size
+            if w * h > max_pixels:
+                raise DataError(
+                    f"{what}: {w}x{h} = {w * h:,} pixels, above data.max_image_pixels="
+                    f"{max_pixels:,}"
+                )
+            img.load()
+            return img.convert("RGB")
+    except DataError:
+        raise
+    except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
+        raise DataError(f"{what}: no such image file") from None
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        raise DataError(f"{what}: refused as a decompression bomb ({e})") from None
+    except UnidentifiedImageError:
+        raise DataError(f"{what}: not an image (PIL cannot identify it)") from None
+    except (binascii.Error, ValueError) as e:
+        raise DataError(f"{what}: not a valid data: URI ({e})") from None
+    except (OSError, SyntaxError, EOFError) as e:
+        raise DataError(f"{what}: a truncated or corrupt image ({e})") from None

@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from dsft.data.formats import Example, Message
+from dsft.data.readers import MAX_IMAGE_PIXELS
 from dsft.errors import DataError
 
 # Built-in templates for tokenizers without one (or to override theirs). Each renders
@@ -123,6 +124,7 @@ class ChatOptions:
     template_kwargs: tuple[tuple[str, Any], ...] = ()  # extra template variables
     template_date: str = ""  # YYYY-MM-DD: what strftime_now returns ("" = today)
     on_bad_row: str = "error"  # a row the template refuses: error | skip
+    max_image_pixels: int = MAX_IMAGE_PIXELS  # larger images are bad rows
 
     @classmethod
     def from_settings(cls, s: Mapping[str, Any]) -> ChatOptions:
@@ -135,6 +137,7 @@ class ChatOptions:
             template_kwargs=tuple(sorted((s.get("template_kwargs") or {}).items())),
             template_date=s.get("template_date", ""),
             on_bad_row=s.get("on_bad_row", "error"),
+            max_image_pixels=int(s.get("max_image_pixels") or MAX_IMAGE_PIXELS),
         )
 
 

@@ -17,7 +17,8 @@ from typing import Any
 
 import numpy as np
 
-from dsft.data.formats import Example
+from dsft.data.formats import IMAGE_PLACEHOLDER, Example, Message
+from dsft.data.readers import open_image
 from dsft.data.template import (
     ChatOptions,
     _refusal,
@@ -121,22 +122,31 @@ def encode(
     n = 0
     for chunk in _chunks(examples, batch):
         rendered = []
+        expansions: list[list[np.ndarray] | None] = []
         for ex in chunk:
             try:
-                rendered.append(render_example(tokenizer, ex, opts.loss_on, opts))
+                expanded = image_expansions(tokenizer, ex, opts)
+                text, spans = render_example(
+                    tokenizer, _with_image_token(tokenizer, ex), opts.loss_on, opts
+                )
+                _check_image_count(tokenizer, ex, text)
+                rendered.append((text, spans))
+                expansions.append(expanded)
                 kept.append(n)
             except DataError as e:
                 if opts.on_bad_row != "skip" or not str(e).startswith(ex.source):
                     raise
                 skipped.append(str(e))
             n += 1
-        for (_, spans), (ids, offs) in zip(
-            rendered, _batch_encode(tokenizer, [t for t, _ in rendered]), strict=True
+        for (_, spans), (ids, offs), expanded in zip(
+            rendered, _batch_encode(tokenizer, [t for t, _ in rendered]), expansions, strict=True
         ):
             mask = np.zeros(len(ids), dtype=bool)
             # A token overlapping a span is trained (transformers' assistant-mask rule).
             for a, b in spans:
                 mask |= (offs[:, 1] > a) & (offs[:, 0] < b)
+            if expanded:
+                ids, mask = _expand_images(tokenizer, ids, mask, expanded)
             ids_parts.append(ids)
             mask_parts.append(mask)
             lengths.append(len(ids))
@@ -148,6 +158,117 @@ def encode(
     return Encoded(
         np.concatenate(ids_parts), np.concatenate(mask_parts), offsets, kept_or_none, skipped
     )
+
+
+# ------------------------------------------------------------------------------- images
+# An image row is rendered with the model's own processor: each image's placeholder (the
+# processor's image token) is replaced by the ids the processor expands it to for that very
+# image (no per-family token counts written here), and those ids never carry loss. The cache
+# keeps this token layout and the image references; pixels are decoded per batch
+# (dsft.data.collate.ImageInputs).
+
+
+def processor_of(tokenizer: Any) -> Any:
+    """The model's multimodal processor riding on its tokenizer (dsft.model.load_tokenizer),
+    or None for a text-only model."""
+    return getattr(tokenizer, "dsft_processor", None)
+
+
+def image_expansions(tokenizer: Any, ex: Example, opts: ChatOptions) -> list[np.ndarray] | None:
+    """The token ids the processor puts in place of each of ``ex``'s images (None: none)."""
+    if not ex.images:
+        return None
+    proc = processor_of(tokenizer)
+    if proc is None:
+        why = getattr(tokenizer, "dsft_processor_error", "")
+        raise DataError(
+            f"{ex.source}: the row has an image, but "
+            + (
+                f"the model's processor does not load here ({why})"
+                if why
+                else "the model is text-only (model.path has no image processor: no "
+                "processor_config.json / preprocessor_config.json)"
+            )
+        )
+    out = []
+    for i, ref in enumerate(ex.images):
+        img = open_image(ref, opts.max_image_pixels, f"{ex.source}: image {i + 1}")
+        enc = proc(text=[proc.image_token], images=[[img]], add_special_tokens=False)
+        out.append(np.asarray(enc["input_ids"][0], dtype=np.int32))
+    return out
+
+
+def image_text(tokenizer: Any) -> str:
+    """What the chat template writes for an image part (Qwen's ``<|vision_start|><|image_pad|>
+    <|vision_end|>``, Gemma 3's ``<start_of_image>``...), learnt by rendering a probe with and
+    without one; the processor's image token when the template takes no content parts."""
+    proc = processor_of(tokenizer)
+    cached = getattr(proc, "_dsft_image_text", None)
+    if cached is not None:
+        return cached
+    mark = "\x00MARK\x00"
+
+    def probe(parts: list[dict[str, Any]]) -> str:
+        msgs = [{"role": "user", "content": parts}]
+        return tokenizer.apply_chat_template(msgs, tokenize=False)
+
+    found = proc.image_token
+    try:
+        plain = probe([{"type": "text", "text": mark}])
+        with_image = probe([{"type": "image"}, {"type": "text", "text": mark}])
+        head = plain[: plain.index(mark)]
+        if with_image.startswith(head) and mark in with_image:
+            between = with_image[len(head) : with_image.index(mark)].strip("\n ")
+            if between.count(proc.image_token) == 1:
+                found = between
+    except Exception:  # a template without content parts: the bare image token
+        pass
+    proc._dsft_image_text = found
+    return found
+
+
+def _with_image_token(tokenizer: Any, ex: Example) -> Example:
+    """``ex`` with its image placeholders written as the chat template writes an image."""
+    proc = processor_of(tokenizer)
+    if not ex.images or proc is None:
+        return ex
+    text = image_text(tokenizer)
+    if text == IMAGE_PLACEHOLDER:
+        return ex
+
+    def swap(m: Message) -> Message:
+        c = m.get("content")
+        return {**m, "content": c.replace(IMAGE_PLACEHOLDER, text)} if isinstance(c, str) else m
+
+    return replace(ex, messages=[swap(m) for m in ex.messages])
+
+
+def _check_image_count(tokenizer: Any, ex: Example, text: str) -> None:
+    proc = processor_of(tokenizer)
+    if proc is None:
+        return
+    found = text.count(proc.image_token)
+    given = len(ex.images or [])
+    if found != given:
+        raise DataError(
+            f"{ex.source}: {found} image placeholder(s) ({IMAGE_PLACEHOLDER!r}) but {given} "
+            "image(s); every image needs one placeholder, in order"
+        )
+
+
+def _expand_images(
+    tokenizer: Any, ids: np.ndarray, mask: np.ndarray, expanded: list[np.ndarray]
+) -> tuple[np.ndarray, np.ndarray]:
+    token = tokenizer.convert_tokens_to_ids(processor_of(tokenizer).image_token)
+    at = np.flatnonzero(ids == token)
+    ids_out, mask_out, start = [], [], 0
+    for pos, exp in zip(at, expanded, strict=True):
+        ids_out += [ids[start:pos], exp]
+        mask_out += [mask[start:pos], np.zeros(len(exp), dtype=bool)]  # never trained
+        start = pos + 1
+    ids_out.append(ids[start:])
+    mask_out.append(mask[start:])
+    return np.concatenate(ids_out).astype(np.int32), np.concatenate(mask_out)
 
 
 def _chunks(items: Iterable[Example], n: int) -> Iterator[list[Example]]:

@@ -66,8 +66,14 @@ def validate(
     micro_batch: int,
     pad_id: int,
     head: loss.Head | None = None,
+    images: Any = None,
+    toucher: Any = None,
 ) -> dict[str, float]:
     """Token-weighted loss, perplexity and token accuracy on response tokens.
+
+    ``images`` (dsft.data.collate.ImageInputs): image rows get their pixels (``examples``
+    is then a split, which has the rows' images); ``toucher`` (dsft.model.TowerTouch,
+    ZeRO-3): a batch without images runs the tower on a dummy one, as in training.
 
     With several datasets mixed, the same metrics per dataset appear as
     ``<name>/loss``, ``<name>/ppl`` and ``<name>/token_acc``. With ``head`` (the model's
@@ -84,11 +90,16 @@ def validate(
     for b in range(_lockstep_batches(len(mine), micro_batch)):
         idx = mine[b * micro_batch : (b + 1) * micro_batch]
         batch = collate([examples[i] for i in idx] or [examples[0]], pad_id)
+        if images is not None:
+            images.add(batch, examples, idx or [0], packed=False)
+        if toucher is not None:
+            toucher.arm("pixel_values" not in batch)
         if head is not None:
             _fused_stats(model, head, batch, [col[examples[i].dataset] for i in idx], sums)
             continue
         batch = {k: v.to(dev) for k, v in batch.items()}
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        extra = {k: v for k, v in batch.items() if k not in ("labels", "lengths")}
+        logits = model(**extra).logits
         for row, i in enumerate(idx):  # a dummy batch (no idx) contributes nothing
             nll, c, n = token_stats(logits[row : row + 1], batch["labels"][row : row + 1])
             sums[col[examples[i].dataset]] += torch.tensor(
@@ -111,7 +122,7 @@ def _fused_stats(
     index, targets = loss.target_index(batch["labels"])
     # ranks agree on the chunk count: under ZeRO-3 every head call gathers collectively
     (chunks,) = loss.lockstep_chunks([len(targets)], head.vocab, dist.get_world_size() > 1)
-    inputs = {k: batch[k].to(dev) for k in ("input_ids", "attention_mask")}
+    inputs = {k: v.to(dev) for k, v in batch.items() if k not in ("labels", "lengths")}
     nll, right = loss.fused_nll(
         model, head, inputs, index.to(dev), targets.to(dev), chunks, per_token=True
     )
@@ -306,11 +317,16 @@ class Evaluator:
         out_dir: Path,
         synced: bool,
         fused_loss: bool = False,
+        images: Any = None,
     ):
         self.engine, self.tokenizer, self.splits, self.cfg = engine, tokenizer, splits, cfg
         self.monitor, self.out_dir, self.synced = monitor, out_dir, synced
         # train.fused_loss: validation losses from the chunked head too (dsft/loss.py)
         self.head = loss.output_head(self._module()) if fused_loss else None
+        # image rows: their pixels (dsft.data.collate.ImageInputs), and under ZeRO-3 the
+        # dummy tower run of batches without images (dsft.model.TowerTouch, set by train)
+        self.images: Any = images
+        self.toucher: Any = None
         self.sample = (
             {"temperature": cfg.temperature, "top_p": cfg.top_p} if cfg.do_sample else None
         )
@@ -331,6 +347,8 @@ class Evaluator:
                 self.cfg.micro_batch,
                 self.tokenizer.pad_token_id,
                 self.head,
+                getattr(self, "images", None),
+                getattr(self, "toucher", None),
             )
             if metrics and split == "val" and self.cfg.metric in ("val/exact_match", "val/f1"):
                 metrics.update(self._generate(step, "val", self.splits.val_raw))

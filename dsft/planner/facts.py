@@ -70,7 +70,7 @@ def model_facts(
     applied exactly as training applies them, so the trainable count is the real one.
     """
     import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoConfig
 
     from dsft import model as dsft_model
 
@@ -89,7 +89,7 @@ def model_facts(
     else:
         name, config = getattr(source, "name_or_path", "") or source.model_type, source
     with torch.device("meta"), _quiet():
-        model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+        model = dsft_model.from_config(config, trust_remote_code=trust_remote_code)
         if lora is not None and lora.enabled:
             model = dsft_model.apply_lora(model, lora)
         if freeze is not None:
@@ -109,13 +109,15 @@ def model_facts(
     # into); trainable embeddings (index -1) make every block keep them.
     first = layers
     for name_, p in model.named_parameters():
-        m = dsft_model.LAYER_RE.search(name_)
-        if p.requires_grad and (m or dsft_model.EMBED_RE.search(name_)):
-            first = min(first, int(m.group(1)) if m else -1)
+        layer = dsft_model.layer_index(name_)
+        language = dsft_model.is_language(name_)
+        trains_below = layer is not None or not language or dsft_model.EMBED_RE.search(name_)
+        if p.requires_grad and trains_below:
+            first = min(first, layer if layer is not None else -1)
     lora_inputs = [  # input widths of block 0's LoRA-adapted linears
         int(module.in_features)
         for name_, module in model.named_modules()
-        if (m := dsft_model.LAYER_RE.search(name_ + ".")) and m.group(1) == "0"
+        if dsft_model.layer_index(name_ + ".") == 0
         if hasattr(module, "lora_A") and "default" in module.lora_A
     ]
     return ModelFacts(

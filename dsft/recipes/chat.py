@@ -5,18 +5,24 @@ RUN_OR_MODEL is an exported model directory, a LoRA adapter directory (its
 export when there is one, else ``final``). Each turn is rendered with the model's chat template
 (the one training used: the export saves it) and the answer is streamed as it is generated.
 ``--prompt TEXT`` answers once and exits; otherwise ``/reset`` starts a new conversation and
-``/exit`` (or end of input, Ctrl-D) ends it.
+``/exit`` (or end of input, Ctrl-D) ends it. ``--image PATH`` (repeatable) shows a
+multimodal model pictures: they go with the first question, through the model's processor.
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 from typing import Any
 
 import torch
 
+from dsft.data.formats import IMAGE_PLACEHOLDER
+from dsft.data.readers import open_image
 from dsft.data.template import render
+from dsft.data.tokenize import image_text, processor_of
+from dsft.errors import ConfigError, DataError
 from dsft.model import load_for_inference, locate_trained
 
 
@@ -33,6 +39,20 @@ def load(ns: argparse.Namespace) -> tuple[Any, Any, torch.device, str]:
     return model, tokenizer, device, what
 
 
+def _images(ns: argparse.Namespace, tokenizer: Any) -> list[Any]:
+    """The ``--image`` pictures, decoded; a text-only model or a bad image is a ConfigError."""
+    paths = getattr(ns, "image", None) or []
+    if not paths:
+        return []
+    if processor_of(tokenizer) is None:
+        why = getattr(tokenizer, "dsft_processor_error", "") or "it has no image processor"
+        raise ConfigError([f"--image: {ns.model} cannot take images ({why})"])
+    try:
+        return [open_image(str(Path(p).resolve()), at="--image") for p in paths]
+    except DataError as e:
+        raise ConfigError([str(e)]) from None
+
+
 @torch.no_grad()
 def answer(
     model: Any,
@@ -45,7 +65,15 @@ def answer(
     from transformers import TextStreamer
 
     text = render(tokenizer, messages, add_generation_prompt=True)
-    ids = tokenizer(text, add_special_tokens=False, return_tensors="pt").to(device)
+    images = getattr(ns, "images", None)
+    if images:  # the placeholders become the processor's image tokens, expanded by it
+        proc = processor_of(tokenizer)
+        text = text.replace(IMAGE_PLACEHOLDER, image_text(tokenizer))
+        ids = proc(text=[text], images=[images], add_special_tokens=False, return_tensors="pt")
+        ids = ids.to(device)
+        ids = {k: v.to(model.dtype) if v.is_floating_point() else v for k, v in ids.items()}
+    else:
+        ids = tokenizer(text, add_special_tokens=False, return_tensors="pt").to(device)
     streamer = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
     sample = ns.temperature > 0
     kwargs: dict[str, Any] = {"do_sample": sample}
@@ -68,8 +96,12 @@ def main(ns: argparse.Namespace) -> int:
     torch.manual_seed(ns.seed)
     model, tokenizer, device, what = load(ns)
     system = [{"role": "system", "content": ns.system}] if ns.system else []
+    ns.images = _images(ns, tokenizer)
+    first = IMAGE_PLACEHOLDER * len(ns.images)  # the pictures go with the first question
     if ns.prompt is not None:
-        answer(model, tokenizer, [*system, {"role": "user", "content": ns.prompt}], ns, device)
+        answer(
+            model, tokenizer, [*system, {"role": "user", "content": first + ns.prompt}], ns, device
+        )
         return 0
     interactive = sys.stdin.isatty()
     if interactive:
@@ -84,12 +116,13 @@ def main(ns: argparse.Namespace) -> int:
         cmd = line.strip()
         if cmd in ("/exit", "/quit"):
             return 0
-        if cmd == "/reset":
+        if cmd == "/reset":  # (the images go with the next first question again)
             messages = list(system)
             continue
         if not cmd:
             continue
-        messages.append({"role": "user", "content": line})
+        is_first = not any(m["role"] == "user" for m in messages)
+        messages.append({"role": "user", "content": (first if is_first else "") + line})
         print("assistant> ", end="", flush=True)
         messages.append(
             {"role": "assistant", "content": answer(model, tokenizer, messages, ns, device)}

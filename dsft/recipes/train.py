@@ -64,6 +64,7 @@ def run(cfg: Config) -> dict[str, Any]:
     )
     monitor = Monitor(out, cfg.logging, total_steps, resume_step=state.step, config=to_dict(cfg))
     evaluator = job.evaluator(engine.ds, monitor, out)
+    evaluator.toucher = engine.toucher  # ZeRO-3 image rows: validation runs the tower alike
     tracker = engine.tracker(cfg)
     model_cfg = getattr(engine.ds.module, "config", None)
     peak = monitor.peak_flops * env.world_size

@@ -85,6 +85,21 @@ def test_first_bad_row_in_file_order_with_workers(tmp_path: Path, tok) -> None:
                          BuildOptions(workers=workers, chunk_bytes=1500))  # fmt: skip
 
 
+def test_cached_error_names_the_file_given_not_its_twin(tmp_path: Path, tok) -> None:
+    """The cache keys a file by its contents: a byte-identical copy of a bad file at another
+    path finds the first one's recorded error, which must name the copy."""
+    strict = {**SETTINGS, "on_bad_row": "error"}
+    first = _data(tmp_path / "first.jsonl")
+    twin = tmp_path / "other" / "twin.jsonl"
+    twin.parent.mkdir()
+    twin.write_bytes(first.read_bytes())
+    for path in (first, twin, first):
+        with pytest.raises(DataError) as e:
+            cached_store(str(path), tok, strict, tmp_path / "c", True)
+        assert f"{path}:58: not valid JSON" in str(e.value)
+        assert str(first if path == twin else twin) not in str(e.value)
+
+
 def _node(path: str, root: str, node: int, q, start) -> None:
     os.environ["NODE_RANK"] = str(node)  # two "nodes": separate processes, one shared cache
     os.environ["DSFT_FAULT_SLOW_CHUNK"] = "0.1"

@@ -507,11 +507,18 @@ def test_content_parts_sharegpt_tool_calls_and_media(tmp_path: Path) -> None:
             {"role": "assistant", "content": "A cat."},
         ]
     }
-    bad = _write(tmp_path, [rows[0], media], "m.jsonl")
+    # an image part is read (its reference resolved against the data file's folder; a
+    # text-only model refuses it when tokenising, dsft/tests/unit/test_multimodal.py)
+    (ex,) = load_examples([str(_write(tmp_path, [media], "i.jsonl"))]).examples
+    assert ex.images == [str(tmp_path.resolve() / "x.png")]
+    assert ex.messages[0]["content"] == "<image>What is this?"
+    audio = {**media, "messages": [{"role": "user", "content": [
+        {"type": "input_audio", "input_audio": {"data": "..."}}]}, media["messages"][1]]}  # fmt: skip
+    bad = _write(tmp_path, [rows[0], audio], "m.jsonl")
     with pytest.raises(
         DataError,
-        match=r"m\.jsonl:2: messages\[0\]\.content\[0\]: multimodal "
-        "data is not supported",
+        match=r"m\.jsonl:2: messages\[0\]\.content\[0\]: input_audio parts are not "
+        "supported",
     ):
         load_examples([str(bad)])
 
