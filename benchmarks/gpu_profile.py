@@ -1,19 +1,25 @@
-"""A torch.profiler trace of dsft training steps, summarised as the top kernels by time.
+"""A torch.profiler trace of dsft training steps, summarised as the kernel table.
 
-    python -m benchmarks.gpu_profile [--model DIR --data FILE] [--steps 5] [--out DIR] [--dry-run]
+    python -m benchmarks.gpu_profile [--shape 1b|8b] [--lora-r R] [--attn A] [--fast F]
+        [--model DIR --data FILE] [--steps 5] [--out DIR] [--label L] [--dry-run]
 
-Runs ``dsft train`` on the Llama-3.2-1B shape at seq 4096, bf16, packed rows (dsft's best
-setting), with ``logging.profile_steps``: steps 3 to 2 + ``--steps`` are profiled on rank 0.
+Runs ``dsft train`` on a Llama shape (``1b``: Llama-3.2-1B, ``8b``: Llama-3.1-8B) at seq
+4096, bf16, packed rows, with ``logging.profile_steps``: steps 3 to 2 + ``--steps`` are
+profiled on rank 0. ``--lora-r``: LoRA on all linear layers (0 = full fine-tuning);
+``--attn``: model.attn_implementation (default auto: the fast path; ``sdpa`` = before it);
+``--fast``: DSFT_FAST_DEFAULTS for the run (e.g. ``liger,compile`` or ``none``).
 ``--model``/``--data`` reuse a model directory and a JSONL file (the GPU check passes the
-benchmark's); without them a random 1B Llama with the demo tokenizer and long copy
+benchmark's inputs); without them a random model with the demo tokenizer and long copy
 examples are built here. ``--dry-run``: a tiny model on the CPU. Writes ``summary.md``
-(the step figures and the top-kernel table) and the run under ``--out``.
+(the step figures and the kernel table: dsft.profiling), ``kernels.json`` and the run (its
+Chrome trace in ``run/profile/trace.json.gz``) under ``--out``.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import random
 import subprocess
 import sys
@@ -33,7 +39,13 @@ def _data(path: Path, n: int, chars: int) -> Path:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m benchmarks.gpu_profile", description=__doc__)
-    p.add_argument("--model", help="model directory (default: build a random 1B Llama)")
+    p.add_argument("--shape", choices=("1b", "8b"), default="1b", help="Llama shape")
+    p.add_argument("--lora-r", type=int, default=0, help="LoRA rank, all linear (0 = full FT)")
+    p.add_argument("--attn", default="auto", help="model.attn_implementation")
+    p.add_argument("--fast", help="DSFT_FAST_DEFAULTS for the run (liger,compile / none)")
+    p.add_argument("--grad-accum", type=int, default=1)
+    p.add_argument("--label", default="", help="title of the kernel table")
+    p.add_argument("--model", help="model directory (default: build a random model)")
     p.add_argument("--data", help="training JSONL (default: generated copy examples)")
     p.add_argument("--steps", type=int, default=5, help="profiled optimizer steps")
     p.add_argument("--max-len", type=int, default=4096)
@@ -56,7 +68,9 @@ def main(argv: list[str] | None = None) -> int:
 
             from dsft.planner import SHAPES
 
-            model = build_model_dir(out / "model", shape=SHAPES["llama-1b"], dtype=torch.bfloat16,
+            shape = SHAPES["llama-8b" if ns.shape == "8b" else "llama-1b"]
+            model = build_model_dir(out / "model", shape=shape, dtype=torch.bfloat16,
+                                    device="cuda" if torch.cuda.is_available() else None,
                                     max_position_embeddings=max(ns.max_len, 4096))  # fmt: skip
     data = Path(ns.data) if ns.data and Path(ns.data).is_file() else None
     if data is None:
@@ -64,10 +78,12 @@ def main(argv: list[str] | None = None) -> int:
     run = out / "run"
     tree = {
         "output_dir": str(run),
-        "model": {"path": str(model)},
+        "model": {"path": str(model), "attn_implementation": ns.attn,
+                  **({"lora": {"enabled": True, "r": ns.lora_r, "alpha": 2 * ns.lora_r,
+                               "target_modules": ["all-linear"]}} if ns.lora_r else {})},
         "data": {"path": [str(data)], "max_len": ns.max_len, "packing": True,
                  "val_fraction": 0.01, "test_fraction": 0.0, "cache_dir": str(out / "cache")},
-        "train": {"max_steps": ns.steps + 3, "micro_batch": ns.micro_batch, "grad_accum": 1,
+        "train": {"max_steps": ns.steps + 3, "micro_batch": ns.micro_batch, "grad_accum": ns.grad_accum,
                   "precision": "fp32" if ns.dry_run else "bf16", "lr": 1e-4, "warmup_steps": 0},
         "deepspeed": {"zero_stage": 0 if ns.dry_run else 2},
         "eval": {"before_training": False, "generate": False, "micro_batch": 2},
@@ -77,8 +93,11 @@ def main(argv: list[str] | None = None) -> int:
     }  # fmt: skip
     cfg = out / "profile.yaml"
     cfg.write_text(yaml.safe_dump(tree, sort_keys=False))
+    env = dict(os.environ)
+    if ns.fast is not None:
+        env["DSFT_FAST_DEFAULTS"] = ns.fast
     proc = subprocess.run(
-        [sys.executable, "-m", "dsft", "train", str(cfg), "--no-resume", "--overwrite"]
+        [sys.executable, "-m", "dsft", "train", str(cfg), "--no-resume", "--overwrite"], env=env
     )
     if proc.returncode:
         return proc.returncode
@@ -88,15 +107,30 @@ def main(argv: list[str] | None = None) -> int:
     lines = ["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
     for r in rows:
         lines.append("| " + " | ".join(_fmt(r.get(k)) for k in keys) + " |")
-    top = run / "profile" / "top_kernels.md"
+    top = run / "profile" / "kernels.json"
+    resolved = yaml.safe_load((run / "config.yaml").read_text())["model"]
+    shape = (
+        "tiny (dry run)" if ns.dry_run else f"Llama-{'3.1-8B' if ns.shape == '8b' else '3.2-1B'}"
+    )
+    kind = f"LoRA r={ns.lora_r}" if ns.lora_r else "full FT"
+    title = ns.label or f"{shape}, {kind}"
+    table = ""
+    if top.is_file():
+        from dsft.profiling import KernelRow, KernelTable
+
+        data = json.loads(top.read_text())
+        data["top"] = [KernelRow(**r) for r in data["top"]]
+        table = KernelTable(**data).markdown(title)
+        (out / "kernels.json").write_text(top.read_text())
     text = (
-        f"dsft train, {'tiny (dry run)' if ns.dry_run else 'Llama-3.2-1B shape'}, seq "
-        f"{ns.max_len}, packed rows x {ns.micro_batch}, "
-        f"{tree['train']['precision']}; steps 3-{ns.steps + 2} profiled (the profiler's "
+        f"dsft train, {shape}, {title}, seq {ns.max_len}, packed rows x {ns.micro_batch}, "
+        f"accumulation {ns.grad_accum}, {tree['train']['precision']}; attention "
+        f"{resolved['attn_implementation']}, kernels {resolved.get('kernels')}, compile "
+        f"{resolved.get('compile')}; steps 3-{ns.steps + 2} profiled (the profiler's "
         "overhead is in their step times)\n\n"
         + "\n".join(lines)
         + "\n\n"
-        + (top.read_text() if top.is_file() else "(no profile written)\n")
+        + (table or "(no profile written)\n")
     )
     (out / "summary.md").write_text(text)
     print(text)

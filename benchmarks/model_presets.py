@@ -1,5 +1,5 @@
 """Llama shapes of the benchmark: ``1b`` is Llama-3.2-1B's (the planner's ``llama-1b``, tied
-embeddings, 1.24B parameters); ``tiny`` runs on a CPU. Built by ``dsft.synthetic.build_model_dir``."""
+embeddings, 1.24B parameters), ``8b`` Llama-3.1-8B's (``llama-8b``); ``tiny`` runs on a CPU. Built by ``dsft.synthetic.build_model_dir``."""
 
 from __future__ import annotations
 
@@ -18,4 +18,5 @@ PRESETS: dict[str, dict[str, Any]] = {
         vocab_size=0,  # 0 = the tokenizer's vocabulary
     ),
     "1b": SHAPES["llama-1b"],
+    "8b": SHAPES["llama-8b"],
 }

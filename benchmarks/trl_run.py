@@ -99,7 +99,20 @@ def main(spec_path: str) -> int:
         dataloader_num_workers=0,
         dataset_num_proc=None,
         shuffle_dataset=False,
+        # trl-best on a GPU: Liger's kernels (RMSNorm, RoPE, SwiGLU, fused linear CE)
+        use_liger_kernel=bool(spec.get("liger")),
     )
+    peft_config = None
+    if spec.get("lora"):  # the same adapters as dsft's model.lora
+        from peft import LoraConfig
+
+        lo = spec["lora"]
+        targets = lo["target_modules"]
+        peft_config = LoraConfig(
+            r=lo["r"], lora_alpha=lo["alpha"], lora_dropout=lo["dropout"],
+            target_modules="all-linear" if targets == ["all-linear"] else targets,
+            task_type="CAUSAL_LM",
+        )  # fmt: skip
 
     rows: list[dict[str, Any]] = []
     count = {"tokens": 0, "sq": 0}
@@ -139,6 +152,7 @@ def main(spec_path: str) -> int:
         train_dataset=train,
         processing_class=tokenizer,
         callbacks=[Timer()],
+        peft_config=peft_config,
     )
     trainer.train()
     trainer.save_model(str(out / "final"))
@@ -151,6 +165,8 @@ def main(spec_path: str) -> int:
             "padding_free": bool(trainer.padding_free),
             "packing": best,
             "train_rows": len(trainer.train_dataset),
+            "liger": bool(args.use_liger_kernel),
+            "lora": bool(peft_config),
         }
         if cuda:
             summary["gpu_mem_gb"] = torch.cuda.max_memory_allocated() / 2**30

@@ -203,6 +203,9 @@ class Bench:
         if ns.peak_tflops is not None:
             self.cfg["peak_tflops"] = ns.peak_tflops
         self.cfg["zero_stage"] = ns.zero_stage
+        if ns.preset:
+            self.cfg["preset"] = ns.preset
+        self.cfg["lora_r"] = ns.lora_r  # 0: full fine-tuning; else LoRA r, all linear layers
         self.cfg["skip_steps"] = min(ns.skip_steps, max(self.cfg["steps"] - 2, 1))
         self.work = Path(ns.out)
         self.work.mkdir(parents=True, exist_ok=True)
@@ -210,8 +213,13 @@ class Bench:
 
         self.cuda = torch.cuda.is_available() and ns.mode == "gpu" and not ns.dry_run
         self.cfg["attn_implementation"] = self._attention()
+        # dsft's own choice (model.attn_implementation=auto: varlen on CUDA for packed rows)
+        # unless --attn names one for both systems
+        self.cfg["dsft_attn_implementation"] = ns.attn or "auto"
+        self.dsft_attention: dict[str, str] = {}  # what each dsft system resolved to
 
     def _attention(self) -> str:
+        """TRL's attention: its best available (flash-attn's varlen when installed)."""
         import importlib.util
 
         if self.ns.attn:
@@ -220,31 +228,61 @@ class Bench:
             return "flash_attention_2"
         return "sdpa"
 
+    def lora(self) -> dict[str, Any] | None:
+        """model.lora of the dsft runs (and the same adapters for TRL), or None."""
+        r = self.cfg["lora_r"]
+        if not r:
+            return None
+        return {"enabled": True, "r": r, "alpha": 2 * r, "dropout": 0.0,
+                "target_modules": ["all-linear"]}  # fmt: skip
+
     # ------------------------------------------------------------------ inputs
     def build_inputs(self) -> None:
         """Data files, tokenizer, model, the pre-tokenised dataset for TRL."""
-        from benchmarks.chat_data import build_tokenizer, generate_rows, length_stats, write_jsonl
-        from benchmarks.model_presets import PRESETS
-        from dsft.synthetic import build_model_dir
+        from benchmarks.chat_data import build_tokenizer, generate_rows, write_jsonl
 
         c, w = self.cfg, self.work
         n_train, n_val = c["train_examples"], 200 if not self.ns.dry_run else 40
         rows = generate_rows(n_train + n_val, seed=1, scale=c["scale"])
         self.train_path = write_jsonl(w / "train.jsonl", rows[:n_train])
         self.val_path = write_jsonl(w / "val.jsonl", rows[n_train:])
-        tok = build_tokenizer(w / "tokenizer", rows[:2000], c["vocab"])
-        self.model_dir = build_model_dir(
-            w / "model",
+        if self.ns.reuse_model and (w / "model" / "config.json").is_file():
+            from transformers import AutoTokenizer
+
+            # the model (and its tokenizer) an earlier --inputs-only run built here
+            tok = AutoTokenizer.from_pretrained(w / "model")
+            self.model_dir = w / "model"
+        else:
+            tok = build_tokenizer(w / "tokenizer", rows[:2000], c["vocab"])
+            self.model_dir = self._build_model(tok)
+        self.tokenizer = tok
+        self._pretokenize(tok)
+
+    def _build_model(self, tok: Any) -> Path:
+        import torch
+
+        from benchmarks.model_presets import PRESETS
+        from dsft.synthetic import build_model_dir
+
+        c = self.cfg
+        return build_model_dir(
+            self.work / "model",
             tokenizer=tok,
             shape=PRESETS[c["preset"]],
             max_position_embeddings=max(c["max_len"], 4096),
             rope_theta=500000.0,
+            # on a GPU: initialised there, saved in bf16 (an 8B model in seconds, 16 GB)
+            device="cuda" if self.cuda else None,
+            dtype=torch.bfloat16 if self.cuda else None,
         )
-        self.tokenizer = tok
 
+    def _pretokenize(self, tok: Any) -> None:
+        c, w = self.cfg, self.work
+        n_train, n_val = c["train_examples"], 200 if not self.ns.dry_run else 40
         import pyarrow as pa
         from datasets import Dataset
 
+        from benchmarks.chat_data import length_stats
         from dsft.data.formats import load_examples
         from dsft.data.tokenize import encode
 
@@ -283,12 +321,17 @@ class Bench:
         ]
         from transformers import AutoConfig
 
+        from dsft import planner
+        from dsft.config import LoraConfig
         from dsft.flops import FlopCounter
 
         mc = AutoConfig.from_pretrained(self.model_dir)
-        self.n_params = _param_count(mc)
+        lora = self.lora()
+        self.facts = planner.model_facts(self.model_dir, lora=LoraConfig(**lora) if lora else None)
+        self.n_params = self.facts.total_params
+        self.n_trainable = self.facts.trainable_params
         self.model_config = mc
-        self.flops = FlopCounter(self.n_params, self.n_params, mc, 0.0)  # full fine-tuning
+        self.flops = FlopCounter(self.n_params, self.n_trainable, mc, 0.0)
         log(
             f"inputs: {n_train} train / {n_val} val examples, model {c['preset']} "
             f"({self.n_params / 1e6:.2f}M params), tokens p50 "
@@ -301,7 +344,11 @@ class Bench:
         c = self.cfg
         tree = {
             "output_dir": str(out),
-            "model": {"path": str(self.model_dir), "attn_implementation": c["attn_implementation"]},
+            "model": {
+                "path": str(self.model_dir),
+                "attn_implementation": c["dsft_attn_implementation"],
+                **({"lora": self.lora()} if self.lora() else {}),
+            },
             "data": {
                 "path": [str(self.train_path)],
                 "val_path": [str(self.val_path)],
@@ -357,6 +404,12 @@ class Bench:
             steps.append({"step": r["step"], "dt": dt, "tokens": tokens, "flops": flops})
         summary = json.loads((out / "summary.json").read_text())
         mem = rows[-1].get("gpu_mem_gb") if self.cuda else w["peak_rss_gb"]
+        resolved = yaml.safe_load((out / "config.yaml").read_text())["model"]
+        self.dsft_attention["dsft-packed" if packed else "dsft"] = (
+            f"{resolved['attn_implementation']}"
+            + (f" + {resolved['kernels']}" if resolved.get("kernels") not in (None, "none") else "")
+            + (f" + compile {resolved['compile']}" if resolved.get("compile") else "")
+        )
         return {
             **w,
             "steps": steps,
@@ -384,6 +437,9 @@ class Bench:
             "max_grad_norm": 1.0,
             "seed": seed,
             "deepspeed": None if self.ns.trl_no_deepspeed else str(ds_config),
+            "lora": self.lora(),
+            # trl-best: TRL's own best settings, Liger's kernels included where they run
+            "liger": best and self.cuda and _has("liger_kernel"),
         }
         out.mkdir(parents=True, exist_ok=True)
         spec_path = out.parent / f"{out.name}.json"
@@ -477,7 +533,23 @@ class Bench:
             "startup_s": res["startup_s"],
             "val_loss": res["val_loss"],
             "tokens_per_step": float(np.median(tokens)),
+            # NeMo AutoModel's count for LoRA: 4·N·T (no weight gradients, no attention term)
+            "mfu_4nt": float(np.median(4 * self.n_params * tokens / dt)) / peak if peak else None,
+            "predicted_step_time": self.predicted_step_time(float(np.median(tokens))),
         }
+
+    def predicted_step_time(self, tokens: float) -> float | None:
+        """The planner's time for ``tokens`` tokens per device at dsft.flops.KERNEL_EFFICIENCY
+        (what `dsft plan` and the "auto" plan assume), for the measured step to check it."""
+        from dsft import planner
+        from dsft.flops import KERNEL_EFFICIENCY
+
+        peak = self.cfg["peak_tflops"]
+        if not peak:
+            return None
+        hw = planner.Hardware(gpus_per_node=1, nodes=1, gpu_mem=0)
+        w = planner.Workload(seq=self.cfg["max_len"], global_batch=1)
+        return planner.epoch_seconds(self.facts, hw, w, int(tokens), peak, KERNEL_EFFICIENCY)
 
 
 def _tokenized(tok: Any, example: Any, max_len: int) -> Any:
@@ -590,11 +662,32 @@ def table(result: dict[str, Any]) -> str:
             f"| {_fmt(r['val_loss'], '+.4f')} (diff) |"
         )
     prep = result.get("prep")
+    lora = c.get("lora_r")
     notes = [
         "",
+        "Planner check (`dsft.flops.KERNEL_EFFICIENCY` = "
+        f"{result.get('kernel_efficiency', 'n/a')}): predicted vs measured step time",
+        "",
+        "| system | measured s | predicted s | error |" + (" MFU (4·N·T) |" if lora else ""),
+        "|---|---|---|---|" + ("---|" if lora else ""),
+    ]
+    for name in SYSTEMS:
+        if name not in med:
+            continue
+        m = med[name]
+        meas, pred = m.get("step_time"), m.get("predicted_step_time")
+        err = (pred - meas) / meas if meas and pred else None
+        notes.append(
+            f"| {name} | {_fmt(meas, '.4g')} | {_fmt(pred, '.4g')} | {_fmt(err, '+.0%')} |"
+            + (f" {_fmt(m.get('mfu_4nt'), '.1%')} |" if lora else "")
+        )
+    notes += [
+        "",
         f"{c['mode']} mode{' (dry run)' if c['dry_run'] else ''}: model {c['preset']} "
-        f"({result['params'] / 1e6:.2f}M params), {c['precision']}, max_len {c['max_len']}, "
-        f"{c['attn_implementation']}, ZeRO-{c['zero_stage']} (the same DeepSpeed JSON for both), "
+        f"({result['params'] / 1e6:.2f}M params"
+        f"{f', LoRA r={lora} all-linear' if lora else ', full fine-tuning'}), {c['precision']}, "
+        f"max_len {c['max_len']}, attention: {result.get('dsft_attention') or 'auto'}; "
+        f"TRL {c['attn_implementation']}; ZeRO-{c['zero_stage']} (the same DeepSpeed JSON for both), "
         f"{c['nproc']} rank(s) each, micro-batch {c['micro_batch']} (packed: "
         f"{c['packed_micro_batch']} rows) × accumulation {c['grad_accum']}; {c['steps']} steps "
         f"per run, first {c['skip_steps']} skipped; medians of {c['repeats']} alternating runs; "
@@ -655,7 +748,14 @@ def run(ns: argparse.Namespace) -> int:
         "mfu_formula": MFU_FORMULA,
     }
     bench.build_inputs()
+    if ns.inputs_only:  # the GPU check builds them once, profiles, then benches on them
+        log(f"inputs only: {bench.model_dir}, {bench.train_path}")
+        return 0
     result["params"] = bench.n_params
+    result["trainable_params"] = bench.n_trainable
+    from dsft.flops import KERNEL_EFFICIENCY
+
+    result["kernel_efficiency"] = KERNEL_EFFICIENCY
     result["data"] = bench.data_stats
     if c["prep_examples"] and "trl-default" in systems:
         from benchmarks.chat_data import generate_rows, write_jsonl
@@ -690,10 +790,11 @@ def run(ns: argparse.Namespace) -> int:
                 f"val loss {_fmt(fig['val_loss'], '.4f')}"
             )
     result["runs"] = runs
+    result["dsft_attention"] = ", ".join(f"{k} {v}" for k, v in bench.dsft_attention.items())
     med: dict[str, dict[str, Any]] = {}
     for s, rs in runs.items():
         med[s] = {}
-        for k in (*FIGURES, "tokens_per_step"):
+        for k in (*FIGURES, "tokens_per_step", "mfu_4nt", "predicted_step_time"):
             vals = [x[k] for x in rs if x[k] is not None]
             med[s][k] = float(np.median(vals)) if vals else None
         losses = [x["val_loss"] for x in rs if x["val_loss"] is not None]
@@ -752,7 +853,21 @@ def add_arguments(b: Any) -> None:
     b.add_argument("--train-examples", type=int, help="generated training examples")
     b.add_argument("--zero-stage", type=int, default=2)
     b.add_argument("--lr", type=float, default=1e-3)
-    b.add_argument("--attn", help="attention implementation (default: flash-attn if any, sdpa)")
+    b.add_argument(
+        "--attn",
+        help="attention implementation of both systems (default: dsft auto, TRL flash-attn "
+        "if installed, else sdpa)",
+    )
+    b.add_argument("--preset", choices=("tiny", "1b", "8b"), help="model shape (default: mode's)")
+    b.add_argument(
+        "--inputs-only", action="store_true", help="build data, tokenizer and model, then stop"
+    )
+    b.add_argument(
+        "--reuse-model", action="store_true", help="keep a model already built under --out"
+    )
+    b.add_argument(
+        "--lora-r", type=int, default=0, help="LoRA rank on all linear layers (0 = full FT)"
+    )
     b.add_argument("--systems", default=",".join(SYSTEMS), help="comma-separated subset")
     b.add_argument(
         "--no-val-loss",

@@ -226,7 +226,11 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--headroom", type=float, default=0.9, help="usable share of GPU memory")
     pl.add_argument("--tokens", help="training tokens per epoch, e.g. 500M (default: the data)")
     pl.add_argument("--epochs", type=int, help="epochs, for --family's train time")
-    pl.add_argument("--mfu", type=float, default=0.4, help="assumed model FLOPs utilisation")
+    pl.add_argument(
+        "--mfu",
+        type=float,
+        help="assumed model FLOPs utilisation (default: dsft.flops.KERNEL_EFFICIENCY, 0.4)",
+    )
     pl.add_argument("--peak-tflops", type=float, help="per GPU (default: by name, else 989)")
     pl.add_argument("--budget-hours", type=float, help="--family: mark sizes over this time")
     pl.set_defaults(recipe="plan")

@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from dsft import checkpoint, distributed, hf_export, loss, moe, tiled_mlp
+from dsft import checkpoint, distributed, fastpath, hf_export, loss, moe, tiled_mlp
 from dsft import sequence_parallel as seqpar
 from dsft.config import to_dict
 from dsft.data.sampler import steps_per_epoch
@@ -153,8 +153,10 @@ def build_engine(job: Job, units: int) -> Engine:
         config=job.ds_config,
         mpu=sp_groups.mpu,  # sequence parallelism: ZeRO over all ranks, averaging over dp
     )
-    if cfg.model.compile:
-        ds.compile()  # DeepSpeed wraps torch.compile so its hooks stay in place
+    if cfg.model.compile:  # "regional": each decoder layer; true: the whole model (DeepSpeed's)
+        log.info(
+            "torch.compile: %d regions", fastpath.compile_model(ds, ds.module, cfg.model.compile)
+        )
     _describe(job, sp.enabled, total_params, trainable_params, total_steps, per_epoch)
     log.info(
         "optimizer groups (%d frozen parameter tensors):\n%s",

@@ -32,6 +32,13 @@ PEAK_TFLOPS = {
     "A6000": 155.0,
 }
 DEFAULT_PEAK_TFLOPS = PEAK_TFLOPS["H100"]  # planning for hardware we cannot see
+# The model FLOP utilisation a dsft training step reaches on a GPU: the planner's time
+# estimates (`dsft plan`, the "auto" plan) divide by it, and `dsft bench` prints its predicted
+# step time against the measured one. One home: set it from the GPU check's bench
+# (benchmarks/gpu_check.sh, docs/gpu-path.md). 0.40 is issue 24's target for the fast path
+# (varlen attention), not yet measured; the last measurement, 0.146 (1B Llama full FT, seq
+# 4096, packed, H200), was of sdpa with the 4-D mask.
+KERNEL_EFFICIENCY = 0.40
 
 
 def peak_flops(configured_tflops: float) -> float:

@@ -11,6 +11,7 @@ from typing import Any
 import torch
 
 from dsft import moe
+from dsft.attention import hf_name
 from dsft.config import FreezeConfig, LoraConfig, ModelConfig, is_hub_id
 from dsft.errors import ConfigError
 from dsft.flops import text_config
@@ -210,7 +211,8 @@ def load_model(
 
     Under ZeRO-3 call this while a ``HfDeepSpeedConfig`` is alive, so that
     transformers partitions the weights as it loads them (zero.Init). ``training=False``
-    (exports, their checks, chat): the CPU-safe sdpa attention and no checkpointing.
+    (exports, their checks, chat): the family's CPU-safe attention (sdpa, eager for a family
+    without it) and no checkpointing.
     """
     from transformers import AutoConfig
 
@@ -227,10 +229,11 @@ def load_model(
         source,
         dtype=dtype,
         trust_remote_code=cfg.trust_remote_code,
-        # eager is CPU-safe too, and the one some families (GPT-OSS's sinks) support
-        attn_implementation=cfg.attn_implementation
-        if training or cfg.attn_implementation == "eager"
-        else "sdpa",
+        attn_implementation=hf_name(
+            cfg.attn_implementation if training else "auto",
+            str(path or model_path(cfg.path, cfg.revision)),
+            cfg.trust_remote_code,
+        ),
         **extra,
     )
     if quantized:

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from dsft import distributed as dist
+from dsft import profiling
 from dsft.config import LoggingConfig
 from dsft.flops import peak_flops
 
@@ -358,13 +359,20 @@ class StepProfiler:
             table = prof.key_averages().table(sort_by=key, row_limit=30)
         except (AttributeError, KeyError):  # older torch: the CUDA name
             table = prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=30)
+        trace = self.folder / "trace.json"
+        prof.export_chrome_trace(str(trace))
+        # the kernel table (dsft.profiling): categories as shares of the step, top kernels
+        try:
+            kernels = profiling.kernel_table(profiling.load_trace(trace))
+            (self.folder / "kernels.json").write_text(json.dumps(kernels.to_json(), indent=2))
+            head = kernels.markdown(f"{self.steps} profiled optimizer steps (rank 0)") + "\n"
+        except (ValueError, KeyError, OSError) as e:
+            head = f"# Top kernels\n\n(no kernel table: {e})\n\n"
         text = (
-            f"# Top kernels of {self.steps} profiled optimizer steps (rank 0), by "
+            f"{head}## torch.profiler's key averages, by "
             f"{'device' if self.cuda else 'CPU'} self time\n\n```\n{table}\n```\n"
         )
         (self.folder / "top_kernels.md").write_text(text)
-        trace = self.folder / "trace.json"
-        prof.export_chrome_trace(str(trace))
         with trace.open("rb") as src, gzip.open(f"{trace}.gz", "wb") as dst:
             shutil.copyfileobj(src, dst)
         trace.unlink()

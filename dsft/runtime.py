@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from dsft import distributed, planner
+from dsft import attention, distributed, fastpath, planner
 from dsft.config import Config
 from dsft.errors import ConfigError, HubError
 from dsft.hub import model_path
@@ -58,7 +58,7 @@ def check_runtime(cfg: Config) -> None:
                 "model.kernels=liger: the liger-kernel package is not installed; "
                 "pip install 'dsft[gpu]' (or liger-kernel>=0.8), or use model.kernels=none"
             )
-    if cfg.model.compile and not cuda:
+    if cfg.model.compile in (True, "regional") and not cuda:
         log.warning("model.compile on CPU works but is rarely faster; it is meant for CUDA")
     bnb = importlib.util.find_spec("bitsandbytes") is not None
     for what, asked in (
@@ -87,7 +87,8 @@ def hardware_name(world_size: int) -> str:
 
 
 def resolve_plan(cfg: Config, env: distributed.DistEnv) -> tuple[Config, planner.Decision]:
-    """Resolve "auto" (ZeRO stage, offload, micro-batch) for this job's hardware.
+    """Resolve "auto" (attention and kernels: dsft.attention, dsft.fastpath; ZeRO stage,
+    offload, micro-batch) for this job's hardware.
 
     Rank 0 plans and the others receive its decision, so every rank builds the same engine;
     the free GPU memory that bounds the plan is the smallest of all ranks'.
@@ -103,6 +104,9 @@ def resolve_plan(cfg: Config, env: distributed.DistEnv) -> tuple[Config, planner
             # neither cached nor reachable); the resolved config keeps the name.
             local = model_path(cfg.model.path, cfg.model.revision)
             on_disk = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, path=local))
+            cuda = torch.cuda.is_available()
+            on_disk = attention.resolve_config(on_disk, cuda)  # "auto" attention
+            on_disk = fastpath.resolve_config(on_disk, cuda)  # "auto" kernels and compile
             resolved, decision = planner.resolve(on_disk, hw)
             resolved = dataclasses.replace(
                 resolved, model=dataclasses.replace(resolved.model, path=cfg.model.path)

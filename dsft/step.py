@@ -12,13 +12,14 @@ engine (reference log-probs) can be a bound method of an object made after build
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import torch
 
-from dsft import distributed, loss, moe
+from dsft import attention, distributed, loss, moe
 from dsft.data import Splits, prepare
 from dsft.data.collate import collate
 from dsft.data.packing import collate_packed
@@ -192,3 +193,19 @@ def reduce_with_stop(values: torch.Tensor, dev: Any) -> tuple[list[float], bool]
 
 
 SFT = Objective("sft", prepare, sft_batch, sft_step)
+
+
+def with_segments(objective: Objective, attn_implementation: str) -> Objective:
+    """``objective`` whose packed micro-batches also carry their rows' segments (cu_seqlens,
+    counted on the host from the position ids) when the attention wants them (varlen:
+    dsft.attention); unchanged otherwise."""
+    if not attention.wants_segments(attn_implementation):
+        return objective
+
+    def batch(*args: Any) -> dict[str, torch.Tensor]:
+        b = objective.batch(*args)
+        if "position_ids" in b and attention.SEGMENTS_KEY not in b:
+            b[attention.SEGMENTS_KEY] = attention.cu_seqlens_from_positions(b["position_ids"])
+        return b
+
+    return dataclasses.replace(objective, batch=batch)

@@ -59,6 +59,7 @@ def build_model_dir(
     tokenizer: Any = None,
     shape: dict[str, Any] | None = None,
     dtype: Any = None,
+    device: str | None = None,
     **config: Any,
 ) -> Path:
     """Save a randomly initialised Llama and a tokenizer (the demo's by default) to ``out``.
@@ -66,6 +67,7 @@ def build_model_dir(
     The shape is the demo's (``hidden``, ``layers``) unless ``shape`` gives one (for example
     ``planner.SHAPES["llama-1b"]``); its vocabulary grows to the tokenizer's if smaller.
     ``config`` adds LlamaConfig fields (``rope_theta``, ``max_position_embeddings``...).
+    ``device="cuda"`` initialises the weights there, in ``dtype`` (an 8B model in seconds).
     """
     import torch
     from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
@@ -89,7 +91,16 @@ def build_model_dir(
     ids = dict(bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
     llama = LlamaConfig(**fields, pad_token_id=tok.pad_token_id, **ids)
     torch.manual_seed(seed)
-    model = LlamaForCausalLM(llama)
+    if device is None:
+        model = LlamaForCausalLM(llama)
+    else:
+        default = torch.get_default_dtype()
+        torch.set_default_dtype(dtype or default)
+        try:
+            with torch.device(device):
+                model = LlamaForCausalLM(llama)
+        finally:
+            torch.set_default_dtype(default)
     if dtype is not None:
         model = model.to(dtype)
     model.generation_config = GenerationConfig(pad_token_id=tok.pad_token_id, **ids)

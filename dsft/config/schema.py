@@ -69,14 +69,21 @@ class ModelConfig:
     path: str = ""
     revision: str = ""  # Hub ids: a branch, tag or commit ("" = main)
     trust_remote_code: bool = False  # never run a model repo's own Python unless asked
-    attn_implementation: str = "sdpa"  # "eager", "sdpa" or "flash_attention_2"
+    # "auto": varlen on CUDA with packed rows, else sdpa (eager for a family without it, e.g.
+    # GPT-OSS on CPU; FlexAttention there on CUDA) — docs/gpu-path.md; or one of "varlen"
+    # (flash varlen on packed rows' segments), "sdpa", "eager", "flash_attention_2",
+    # "flex_attention"
+    attn_implementation: str = "auto"
     gradient_checkpointing: bool = (
         False  # recompute activations in backward: less memory, ~30% slower
     )
-    compile: bool = False  # torch.compile the model: faster steps after a slow first one (CUDA)
+    # torch.compile: "regional" = each decoder layer, true = the whole model, false = off;
+    # "auto" = regional on CUDA where the GPU check measured it helps, else off (dsft/fastpath.py)
+    compile: bool | Literal["auto", "regional"] = "auto"
     # Fused kernels patched into the model before loading: "liger" = Liger Kernel's
-    # RMSNorm, RoPE and SwiGLU (CUDA, `pip install dsft[gpu]`); "none" = transformers' own.
-    kernels: Literal["none", "liger"] = "none"
+    # RMSNorm, RoPE and SwiGLU (CUDA, `pip install dsft[gpu]`); "none" = transformers' own;
+    # "auto" = liger on CUDA where measured to help and installed, else none (docs/gpu-path.md)
+    kernels: Literal["auto", "none", "liger"] = "auto"
     # Long sequences: run each block's MLP over tiles of the sequence and recompute them in
     # backward, so its wide intermediate activations never exist for the whole sequence
     # (DeepSpeed's ALST tiled compute; about one extra MLP forward of time).
@@ -490,7 +497,8 @@ def validate(cfg: Config) -> list[str]:
     return p
 
 
-ATTENTION = ("eager", "sdpa", "flash_attention_2", "flex_attention")
+# model.attn_implementation: dsft's own ("auto", "varlen": dsft/attention.py), transformers'
+ATTENTION = ("auto", "varlen", "eager", "sdpa", "flash_attention_2", "flex_attention")
 COLUMNS = [
     "instruction",
     "input",
@@ -630,7 +638,7 @@ def validate_data(d: DataConfig) -> list[str]:
 
 
 # Attention implementations the Ulysses all-to-all wraps (dsft/sequence_parallel.py).
-SP_ATTENTION = ("sdpa", "eager", "flash_attention_2")
+SP_ATTENTION = ("auto", "sdpa", "eager", "flash_attention_2")
 
 
 REFERENCE_FREE = ("orpo", "simpo")

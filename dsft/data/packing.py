@@ -23,6 +23,7 @@ from collections.abc import Sequence
 
 import torch
 
+from dsft.attention import SEGMENTS_KEY, cu_seqlens_from_lengths
 from dsft.data.tokenize import IGNORE_INDEX, Tokenized
 
 
@@ -53,18 +54,24 @@ def efficiency(lengths: Sequence[int], bins: list[list[int]], capacity: int) -> 
 
 
 def collate_packed(
-    rows: list[list[Tokenized]], pad_id: int, token_mask: bool = False
+    rows: list[list[Tokenized]], pad_id: int, token_mask: bool = False, cu_seqlens: bool = False
 ) -> dict[str, torch.Tensor]:
     """Concatenate each row's examples; pad rows to the longest with a pad segment.
+
     ``token_mask``: also the mask of the real tokens (not a model input: the MoE router
-    loss's, dsft/moe.py)."""
+    loss's, dsft/moe.py). ``cu_seqlens``: also the segments' cumulative lengths over the
+    flattened rows, counted here on the host (``dsft_cu_seqlens``, int32), for the varlen
+    attention (dsft.attention).
+    """
     width = max(sum(len(e.input_ids) for e in row) for row in rows)
     ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
     labels = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)
     pos = torch.zeros((len(rows), width), dtype=torch.long)
     real = torch.zeros((len(rows), width), dtype=torch.long)
     lengths: list[int] = []
+    per_row: list[list[int]] = []
     for r, row in enumerate(rows):
+        per_row.append([len(e.input_ids) for e in row])
         at = 0
         for e in row:
             n = len(e.input_ids)
@@ -76,10 +83,14 @@ def collate_packed(
         # padding forms its own segment (positions restart), so no example attends to it
         pos[r, at:] = torch.arange(width - at)
         real[r, :at] = 1
-    out = {
+    batch = {
         "input_ids": ids,
         "position_ids": pos,
         "labels": labels,
         "lengths": torch.tensor(lengths),
     }
-    return {**out, "token_mask": real} if token_mask else out
+    if token_mask:
+        batch["token_mask"] = real
+    if cu_seqlens:
+        batch[SEGMENTS_KEY] = cu_seqlens_from_lengths(per_row, width)
+    return batch

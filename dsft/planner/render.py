@@ -5,12 +5,12 @@ from __future__ import annotations
 
 import dataclasses
 
-from dsft.flops import DEFAULT_PEAK_TFLOPS, train_flops
+from dsft.flops import DEFAULT_PEAK_TFLOPS, KERNEL_EFFICIENCY, train_flops
 from dsft.planner.choose import Plan, smallest_sp
 from dsft.planner.facts import GiB, Hardware, ModelFacts, _count, _gb
 from dsft.planner.memory import Workload, activation_bytes, loss_bytes
 
-DEFAULT_MFU = 0.4
+DEFAULT_MFU = KERNEL_EFFICIENCY  # measured efficiency of dsft's step (dsft/flops.py)
 
 
 def flops_per_token(f: ModelFacts, seq: int, checkpointing: bool = False) -> float:

@@ -74,7 +74,11 @@ def plan(ns: argparse.Namespace) -> int:
             planner.choose(planner.model_facts(name, lora, cfg.model.freeze), hw, work)
             for name in planner.SHAPES
         ]
-        print(planner.render_family(plans, tokens, peak, ns.mfu, epochs, ns.budget_hours))
+        print(
+            planner.render_family(
+                plans, tokens, peak, ns.mfu or planner.DEFAULT_MFU, epochs, ns.budget_hours
+            )
+        )
         if show_sp:
             print("\n" + planner.render_sequence_parallel([p.facts for p in plans], hw, work))
         return 0
@@ -82,7 +86,7 @@ def plan(ns: argparse.Namespace) -> int:
     plan = planner.choose(facts, hw, work)
     if auto_sp:
         plan = planner.smallest_sp(facts, hw, work) or plan
-    print(planner.render_plan(plan, tokens, peak, ns.mfu))
+    print(planner.render_plan(plan, tokens, peak, ns.mfu or planner.DEFAULT_MFU))
     if show_sp or plan.choice is None:
         print("\n" + planner.render_sequence_parallel([facts], hw, work))
     ds = cfg.deepspeed

@@ -34,7 +34,7 @@ from dsft.meter import StepMeter
 from dsft.monitor import Monitor, StepProfiler
 from dsft.objectives import objective_for
 from dsft.runtime import hardware_name
-from dsft.step import Window
+from dsft.step import Window, with_segments
 
 log = logging.getLogger("dsft")
 
@@ -44,6 +44,7 @@ def run(cfg: Config) -> dict[str, Any]:
     objective = objective_for(cfg)  # what the loop trains for: SFT or DPO (dsft.objectives)
     job = open_job(cfg, training=True, prepare=objective.prepare)
     cfg, env, shape, splits, out = job.cfg, job.env, job.shape, job.splits, job.out
+    objective = with_segments(objective, cfg.model.attn_implementation)  # varlen: cu_seqlens
     # The sampler deals out units: examples, or packed rows of examples (data.packing).
     units = splits.packs or [[i] for i in range(len(splits.train))]
     engine = build_engine(job, len(units))

@@ -1,5 +1,6 @@
-"""CUDA: the fused loss, FlexAttention on packed rows, torch.compile and Liger kernels, each
-against the plain path (loss and every gradient). Skipped without a GPU."""
+"""CUDA: the fused loss, the varlen and FlexAttention paths on packed rows, torch.compile
+(whole and regional) and Liger kernels, each against the plain path (loss and every
+gradient). Skipped without a GPU."""
 
 from __future__ import annotations
 
@@ -36,10 +37,13 @@ def _examples() -> list[Tokenized]:
     return out
 
 
-def packed_batch(dev: str, packed: bool = True) -> tuple[dict, torch.Tensor]:
-    """Two packed rows of four examples each (or the eight padded), on ``dev``."""
+def packed_batch(
+    dev: str, packed: bool = True, segments: bool = False
+) -> tuple[dict, torch.Tensor]:
+    """Two packed rows of four examples each (or the eight padded), on ``dev``; ``segments``:
+    with the rows' cu_seqlens (the varlen path's)."""
     exs = _examples()
-    b = collate_packed([exs[:4], exs[4:]], 0) if packed else collate(exs, 0)
+    b = collate_packed([exs[:4], exs[4:]], 0, cu_seqlens=segments) if packed else collate(exs, 0)
     b.pop("lengths")
     labels = b.pop("labels")
     return {k: v.to(dev) for k, v in b.items()}, labels
@@ -97,6 +101,58 @@ def test_flex_attention_on_packed_rows_equals_sdpa(tiny_model: Path) -> None:
     flex = _run(_model(tiny_model, attn_implementation="flex_attention"), *packed_batch("cuda"))
     _close(sdpa, padded, 1e-4)
     _close(flex, sdpa, 1e-4)
+
+
+@pytest.fixture(scope="module")
+def gqa_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """64 wide, 4 query / 2 key-value heads (GQA), head_dim 16."""
+    from dsft.synthetic import build_model_dir
+
+    return build_model_dir(tmp_path_factory.mktemp("gqa") / "m", hidden=64, layers=2,
+                           num_key_value_heads=2)  # fmt: skip
+
+
+def test_varlen_kernel_equals_reference_on_cuda() -> None:
+    """The CUDA varlen kernel (torch's varlen_attn, else flash-attn) against the per-segment
+    sdpa reference, bf16, GQA, a non-default scale: outputs and q/k/v gradients."""
+    from dsft import attention
+
+    if attention.kernel_name("cuda").startswith("reference"):
+        pytest.skip("no CUDA varlen kernel in this torch (and no flash-attn)")
+    g = torch.Generator(device="cuda").manual_seed(0)
+    cu = torch.tensor([0, 37, 100, 101, 230, 256], dtype=torch.int32, device="cuda")
+    qkv = [torch.randn(256, h, 64, device="cuda", generator=g, dtype=torch.bfloat16)
+           for h in (8, 2, 2)]  # fmt: skip
+    outs = []
+    for kernel in (attention._kernel(qkv[0]), attention.reference_varlen):
+        leaves = [t.clone().requires_grad_() for t in qkv]
+        out = kernel(*leaves, cu, 256, 0.1)
+        out.float().square().sum().backward()
+        outs.append([out.float(), *(t.grad.float() for t in leaves)])
+    diffs = [(a - b).abs().max().item() for a, b in zip(*outs, strict=True)]
+    print(f"varlen kernel vs reference (bf16): max |d out|, |d dq|, |d dk|, |d dv| = {diffs}")
+    for a, b in zip(*outs, strict=True):
+        torch.testing.assert_close(a, b, rtol=2e-2, atol=2e-2)
+
+
+@pytest.mark.parametrize("segments", [True, False], ids=["cu_seqlens", "positions"])
+def test_varlen_on_packed_rows_equals_sdpa(gqa_model: Path, segments: bool) -> None:
+    """model.attn_implementation=varlen on packed rows (no 4-D mask) gives the loss and
+    gradients of sdpa with the block-diagonal mask, bf16 tolerance."""
+    sdpa = _run(_model(gqa_model, torch.bfloat16, attn_implementation="sdpa"),
+                *packed_batch("cuda"))  # fmt: skip
+    varlen = _run(_model(gqa_model, torch.bfloat16, attn_implementation="varlen"),
+                  *packed_batch("cuda", segments=segments))  # fmt: skip
+    _close(varlen, sdpa, 2e-2)
+
+
+def test_regional_compile_equals_eager(tiny_model: Path) -> None:
+    from dsft.fastpath import compile_model
+
+    eager = _run(_model(tiny_model), *packed_batch("cuda"))
+    model = _model(tiny_model)
+    assert compile_model(None, model, "regional") == 2
+    _close(_run(model, *packed_batch("cuda")), eager, 1e-4)
 
 
 def test_torch_compile_equals_eager(tiny_model: Path) -> None:
