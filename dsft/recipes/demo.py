@@ -94,14 +94,16 @@ def preference_config(workdir: Path, nproc: int) -> dict[str, Any]:
             "epochs": 1,
             "micro_batch": 16 // nproc,
             "grad_accum": 1,
-            "lr": 5e-4,
+            "lr": 2e-4,
             "warmup_steps": 5,
             "schedule": "cosine",
             "max_grad_norm": 1.0,
             "precision": "fp32",
             "fused_loss": False,
         },
-        "preference": {"loss_type": "sigmoid", "beta": 0.1},
+        # RPO's NLL on the chosen answers keeps their likelihood up: plain sigmoid DPO at
+        # lr 5e-4 pushed both sides down and took test exact match from 0.985 to 0.40
+        "preference": {"loss_type": "sigmoid", "beta": 0.1, "rpo_alpha": 1.0},
         "deepspeed": {"zero_stage": 0 if nproc == 1 else 2},
         "eval": {"every": 0, "micro_batch": 64, "max_generate": 200, "max_new_tokens": 12},
         "checkpoint": {"every": 0},
@@ -114,7 +116,7 @@ def format_preference_report(summary: dict[str, Any]) -> str:
     b, a = summary.get("before", {}), summary["after"]
     lines = [
         "",
-        "dsft demo --preference: DPO (sigmoid, beta 0.1) from the SFT demo's model",
+        "dsft demo --preference: DPO (sigmoid, beta 0.1, rpo_alpha 1) from the SFT demo's model",
         f"  ranks {summary['world_size']}, {summary['total_steps']} steps, "
         f"{summary['train_seconds']:.0f}s of training (+ the reference pass)",
         f"  {'':34}{'before':>10}{'after':>10}",
