@@ -105,10 +105,11 @@ def run_benchmarks(ns: argparse.Namespace) -> dict[str, Any] | None:
     )
     harness.choose_backend(opts.backend)
     model_dir, adapter, tok_dir = locate_trained(ns.config, ns.base)
-    distributed.setup()
     out = Path(ns.out or (Path(ns.config) / "benchmarks" if Path(ns.config).is_dir() else "."))
     with tempfile.TemporaryDirectory(prefix="dsft-lmeval-") as work:
+        # every task named before any rank joins the job or a model loads
         manager = harness.prepare_tasks(opts, Path(work))
+        distributed.setup()
         results = harness.evaluate_dir(
             model_dir, opts, manager, adapter, tok_dir, trust_remote_code=ns.trust_remote_code
         )
