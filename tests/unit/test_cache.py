@@ -14,22 +14,14 @@ from dsft.config import DataConfig
 from dsft.data import prepare
 from dsft.data.build import cached_store
 from dsft.data.cache import cache_root
-from dsft.synthetic import build_tokenizer, generate_tasks, write_tasks
+from dsft.synthetic import build_tokenizer
+
+from .test_build import _data
 
 
 @pytest.fixture(scope="module")
 def tok():
     return build_tokenizer()
-
-
-def _data(path: Path, n: int = 400, bad: bool = True) -> Path:
-    write_tasks(path, generate_tasks(n=n, seed=3))
-    if bad:  # bad rows in the middle: skipped, and reported in file order
-        lines = path.read_text().splitlines(keepends=True)
-        lines[57] = "{oops\n"
-        lines[301] = '{"messages": []}\n'
-        path.write_text("".join(lines))
-    return path
 
 
 def test_targets_by_blocks_equal_the_whole_array(tmp_path: Path, tok) -> None:

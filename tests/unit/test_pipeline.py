@@ -10,7 +10,9 @@ import pytest
 
 from dsft.config import DataConfig
 from dsft.data import prepare
-from dsft.synthetic import build_tokenizer, generate_tasks, write_tasks
+from dsft.synthetic import build_tokenizer
+
+from .test_build import _data
 
 
 @pytest.fixture(scope="module")
@@ -69,16 +71,6 @@ def _write(path: Path, n: int, start: int = 0) -> Path:
             for i in range(start, start + n)
         )
     )
-    return path
-
-
-def _data(path: Path, n: int = 400, bad: bool = True) -> Path:
-    write_tasks(path, generate_tasks(n=n, seed=3))
-    if bad:  # bad rows in the middle: skipped, and reported in file order
-        lines = path.read_text().splitlines(keepends=True)
-        lines[57] = "{oops\n"
-        lines[301] = '{"messages": []}\n'
-        path.write_text("".join(lines))
     return path
 
 
