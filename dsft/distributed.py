@@ -214,6 +214,14 @@ def import_deepspeed() -> Any:
     configure_accelerator()
     import deepspeed
 
+    if not torch.cuda.is_available():
+        # DeepSpeed's CPU backend JIT-compiles a shared-memory all-reduce at its first
+        # init_distributed (80-95 s of g++ on 2 cores), though only inference_all_reduce uses
+        # it, never a training step; and a compile killed midway leaves a lock file that every
+        # later run waits on for ever. Training never builds it.
+        import deepspeed.comm.torch as ds_comm_torch
+
+        ds_comm_torch.build_shm_op = lambda: None
     return deepspeed
 
 

@@ -98,3 +98,12 @@ def test_dist_timeout() -> None:
     for bad in ("0", "-5", "ten"):
         with pytest.raises(ConfigError, match="DSFT_DIST_TIMEOUT"):
             dist.dist_timeout({"DSFT_DIST_TIMEOUT": bad})
+
+
+def test_cpu_training_never_builds_deepspeeds_shm_op() -> None:
+    """The shm all-reduce is a 90 s JIT compile (and a lock a killed build leaves for ever)."""
+    ds = dist.import_deepspeed()
+    import deepspeed.comm.torch as ds_comm_torch
+
+    assert ds is not None
+    assert ds_comm_torch.build_shm_op() is None
