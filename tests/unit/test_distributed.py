@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 
 import pytest
+import torch
 
 from dsft import distributed as dist
 from dsft.errors import ConfigError
@@ -100,6 +101,7 @@ def test_dist_timeout() -> None:
             dist.dist_timeout({"DSFT_DIST_TIMEOUT": bad})
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU backend's op")
 def test_cpu_training_never_builds_deepspeeds_shm_op() -> None:
     """The shm all-reduce is a 90 s JIT compile (and a lock a killed build leaves for ever)."""
     ds = dist.import_deepspeed()
