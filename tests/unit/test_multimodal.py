@@ -214,3 +214,39 @@ def test_image_rows_are_not_packed(gemma3: Path, tmp_path: Path) -> None:
     data = write_colour_task(tmp_path / "c", n=8, seed=3)
     with pytest.raises(DataError, match=r"data\.packing: 8 rows have images"):
         _prepare(gemma3, data, packing=True)
+
+
+def test_a_changed_image_at_the_same_path_rebuilds_the_cache(
+    gemma3: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The cache key covers the image files' bytes (the data file holds only their paths):
+    an edited image rebuilds, a touched one (same bytes) does not, and a bad image's cached
+    error is retried once the image is fixed."""
+    import os
+
+    import dsft.data.build as build
+    from dsft.errors import DataError
+
+    data = write_colour_task(tmp_path / "c", n=6, seed=3, forms=False)
+    cache = {"cache_dir": str(tmp_path / "cache")}
+    _prepare(gemma3, data, **cache)
+    built = []
+    encode = build.encode
+    monkeypatch.setattr(build, "encode", lambda *a, **k: built.append(1) or encode(*a, **k))
+    image = data.parent / "img" / "red.png"
+    good = image.read_bytes()
+    os.utime(image, ns=(1, 1))  # new mtime, same bytes: reused
+    _prepare(gemma3, data, **cache)
+    assert built == []
+    from PIL import Image
+
+    Image.new("RGB", (40, 30), (0, 0, 0)).save(image)
+    _prepare(gemma3, data, **cache)
+    assert built == [1]
+    _prepare(gemma3, data, **cache)  # the edited image's entry, now reused
+    assert built == [1]
+    image.write_bytes(good[:20])
+    with pytest.raises(DataError, match=r"red\.png: a truncated or corrupt image"):
+        _prepare(gemma3, data, **cache)
+    image.write_bytes(good)  # fixed: the recorded error is not raised again
+    _prepare(gemma3, data, **cache)
