@@ -11,7 +11,7 @@ from typing import Any
 import torch
 
 from dsft import moe
-from dsft.attention import hf_name
+from dsft.attention import hf_name, mask_packed_images
 from dsft.config import FreezeConfig, LoraConfig, ModelConfig, is_hub_id
 from dsft.errors import ConfigError
 from dsft.flops import text_config
@@ -85,6 +85,21 @@ def model_class(config: Any, trust_remote_code: bool = False) -> Any:
         if cls is not None and hasattr(cls, "from_pretrained"):
             return cls
     return transformers.AutoModelForImageTextToText
+
+
+def multimodal_rope(config: Any) -> bool:
+    """Whether the model places its tokens by multimodal RoPE (Qwen2-VL, Qwen2.5-VL,
+    Qwen3-VL, Qwen3.5, GLM-4V...: 3-D positions from each image's grid, made by the
+    family's ``get_rope_index``), which packed rows' restarting position ids cannot carry."""
+    import sys
+
+    import transformers
+
+    cls = model_class(config)
+    if cls is transformers.AutoModelForImageTextToText:
+        cls = cls._model_mapping.get(type(config), cls)
+    module = vars(sys.modules[cls.__module__])
+    return any(isinstance(o, type) and hasattr(o, "get_rope_index") for o in module.values())
 
 
 def from_config(config: Any, trust_remote_code: bool = False) -> Any:
@@ -199,8 +214,12 @@ def attach_processor(tok: Any, path: str | Path, trust_remote_code: bool = False
         log.info("model: no image processor (%s); text rows only", tok.dsft_processor_error)
         return
     if getattr(proc, "image_token", None) and getattr(proc, "image_processor", None):
+        from transformers import AutoConfig
+
         proc.tokenizer = tok  # the same pad token and template as training's
         tok.dsft_processor = proc
+        config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+        tok.dsft_mrope = multimodal_rope(config)  # its image rows are not packed
 
 
 def load_model(
@@ -248,6 +267,7 @@ def load_model(
     if training and cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.config.use_cache = False
+    mask_packed_images(model)  # Gemma 3: packed image rows' bidirectional image attention
     return model
 
 

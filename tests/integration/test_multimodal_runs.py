@@ -98,18 +98,18 @@ def test_text_only_sft_two_ranks_zero3(
 # ------------------------------------------------------------------------ image-text SFT
 
 
-def _image_train(model: Path, data: Path, out: Path, steps: int, ranks: int = 1, stage: int = 0):
+def _image_train(model: Path, data: Path, out: Path, steps: int, packing: bool = False):
     tree = base_config(
         model, data, out,
-        data={"max_len": 64, "val_fraction": 0.1, "test_fraction": 0.0},
+        data={"max_len": 128 if packing else 64, "val_fraction": 0.1, "test_fraction": 0.0,
+              "packing": packing},
         train={"max_steps": steps, "grad_accum": 1, "micro_batch": 4, "lr": 5e-3,
                "fused_loss": True},
-        deepspeed={"zero_stage": stage},
         eval={"generate": False, "before_training": False},
         logging={"every": 10},
     )  # fmt: skip
     cfg = write_config(out.parent / f"{out.name}.yaml", tree)
-    proc = run_dsft(["train", str(cfg)], nproc=ranks)
+    proc = run_dsft(["train", str(cfg)])
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "Traceback" not in proc.stderr
     return out / "final"
@@ -146,14 +146,15 @@ def _colour_accuracy(export: Path) -> float:
 
 
 def test_image_sft_learns_a_visual_task_and_chats_about_a_picture(vlm_dirs, tmp_path: Path) -> None:
-    """Gemma 3, tower and projector frozen: which colour is the picture? (chance 0.25)"""
+    """Gemma 3, tower and projector frozen, image rows packed (each image's two-way
+    attention kept inside its example): which colour is the picture? (chance 0.25)"""
     from PIL import Image
 
     from dsft.synthetic import write_colour_task
 
     base = vlm_dirs("gemma3")
     export = _image_train(base, write_colour_task(tmp_path / "c", n=200, seed=1),
-                          tmp_path / "run", steps=60)  # fmt: skip
+                          tmp_path / "run", steps=60, packing=True)  # fmt: skip
     _check_export(base, export)
     accuracy = _colour_accuracy(export)
     assert accuracy >= 0.5, accuracy
@@ -170,7 +171,7 @@ def test_image_sft_trains_and_exports(family: str, vlm_dirs, tmp_path: Path) -> 
 
     base = vlm_dirs(family)
     data = write_colour_task(tmp_path / "c", n=40, seed=2)
-    _check_export(base, _image_train(base, data, tmp_path / "run", steps=4))
+    _check_export(base, _image_train(base, data, tmp_path / "run", steps=4, packing=True))
 
 
 @pytest.mark.slow
