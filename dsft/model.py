@@ -156,10 +156,26 @@ class TowerTouch:
         self.fn = fn
         self.inputs = {k: v.to(device) for k, v in dummy.items() if k in params}
         self.armed = False
+        # transformers' generate() runs the tower on a prompt's images before the prefill
+        # (mm_encoder_outputs), not inside the forward, where the model supports it
+        self.generate_encodes_first = bool(
+            getattr(base, "_supports_mm_encoder_outputs", lambda: False)()
+        )
         base.get_input_embeddings().register_forward_hook(self._hook)
 
     def arm(self, on: bool = True) -> None:
         self.armed = on
+
+    def before_generate(self, has_images: bool) -> None:
+        """Before ``generate()`` of a prompt batch: one without images runs the tower where
+        a batch with images does (first thing, or in the prefill's forward)."""
+        if has_images:
+            return
+        if self.generate_encodes_first:
+            with torch.no_grad():
+                self.fn(**self.inputs)
+        else:
+            self.arm()
 
     def _hook(self, module: Any, args: Any, output: torch.Tensor) -> torch.Tensor | None:
         if not self.armed:

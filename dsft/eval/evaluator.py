@@ -264,7 +264,7 @@ def generate_predictions(
         if images is not None:
             images(batch, [examples[i].images for i in (idx or [0])])
         if toucher is not None:
-            toucher.arm("pixel_values" not in batch)
+            toucher.before_generate("pixel_values" in batch)
         batch = {k: v.to(dev) for k, v in batch.items()}
         out = module.generate(
             **batch,
@@ -359,7 +359,7 @@ class Evaluator:
         # train.fused_loss: validation losses from the chunked head too (dsft/loss.py)
         self.head = loss.output_head(self._module()) if fused_loss else None
         # image rows: their pixels (dsft.data.collate.ImageInputs), and under ZeRO-3 the
-        # dummy tower run of batches without images (dsft.model.TowerTouch, set by train)
+        # dummy tower run of batches without images (Job.tower_toucher, set by train and eval)
         self.images: Any = images
         self.toucher: Any = None
         self.router = router  # MoE: validation reports the router loss too (dsft/moe.py)
