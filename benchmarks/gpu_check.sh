@@ -28,7 +28,10 @@
 #                       (MFU also as 4·N·T, NeMo AutoModel's count)   -> bench-8b/bench.md
 #   7. pytest           pytest -m gpu: varlen/flex/compile/Liger/fused loss against the
 #                       plain path, CUDA precisions, the planner's 1B peak-memory check
-#   8. profile_1b_fast, loss_memory, tiling   only with time left (profile_1b_fast: the 1B
+#   8. vlm              with time left, before the rest (60 s): image-text SFT on tiny Qwen2.5-VL,
+#                       Qwen3-VL, Qwen3.5 (dense, MoE), whose processors need torchvision (here
+#                       only): train, export, reload, answer about a picture -> vlm/vlm.md
+#   9. profile_1b_fast, loss_memory, tiling   only with time left (profile_1b_fast: the 1B
 #                       profile with DSFT_FAST_DEFAULTS=liger,compile, to set fastpath's verdicts)
 # DSFT_FAST_DEFAULTS (dsft/fastpath.py) set for the whole check flips Liger / regional compile
 # on for every "auto" run (e.g. DSFT_FAST_DEFAULTS=liger,compile bash benchmarks/gpu_check.sh).
@@ -166,7 +169,13 @@ stage pytest $((DRY ? 300 : 100)) bash -c '
   ((a == 5)) && a=0; ((b == 5)) && b=0  # 5: nothing collected
   exit $((a || b))' _ "$PY" "$OUT" "${FIRST[@]}" "${PYTEST[@]}"
 
-# 8. with the time left: Liger + regional compile on the 1B shape (the verdicts of
+# 8. with the time left: the Qwen vision-language families' image path (their processors need
+#    torchvision: the dry run on a CPU without it skips each with the reason). The families
+#    train at once; the script stops their trainings itself in time to write its table.
+stage vlm $((DRY ? 120 : 60)) "$PY" -m benchmarks.vlm_gpu_check --out "$OUT/vlm" \
+  --timeout $((DRY ? 100 : 40)) $([[ $DRY == 1 ]] && echo --dry-run)
+
+# 9. with the time left: Liger + regional compile on the 1B shape (the verdicts of
 #    dsft/fastpath.py: compare its step time and kernel table with profile_1b's); the loss's
 #    memory (fused vs full logits); tiling (model.tiled_mlp)
 if [[ $DRY == 1 ]]; then  # the same script as profile_1b; on a CPU both stay off anyway
@@ -221,12 +230,14 @@ section() {  # section TITLE FILE
   if [[ -f "$OUT/memory_check.json" ]]; then
     echo; echo "## planner check (memory_check.json)"; echo '```'; cat "$OUT/memory_check.json"; echo '```'
   fi
+  section "image-text SFT: Qwen vision-language families" "$OUT/vlm/vlm.md"
   section "loss memory" "$OUT/loss_memory/loss_memory.md"
   section "tiling" "$OUT/tiling/tiling.md"
 } >"$OUT/summary.md"
 # weights and caches stay behind: the folder is for logs and results
 rm -rf "$OUT/.cache" "$OUT"/bench-*/model "$OUT"/bench-*/dsft-cache "$OUT"/bench-*/pretokenized \
-  "$OUT"/bench-*/tokenizer "$OUT"/profile*/model "$OUT"/profile*/cache "$OUT"/bench-*/runs/*/final
+  "$OUT"/bench-*/tokenizer "$OUT"/profile*/model "$OUT"/profile*/cache "$OUT"/bench-*/runs/*/final \
+  "$OUT"/vlm/*/model "$OUT"/vlm/*/run/final "$OUT"/vlm/*/run/checkpoints
 find "$OUT" \( -name "*.safetensors" -o -name "*.pt" -o -name "*.bin" \) -delete 2>/dev/null
 echo
 cat "$OUT/summary.md"

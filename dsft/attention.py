@@ -405,3 +405,77 @@ def resolve_config(cfg: Any, cuda: bool) -> Any:
         f"; kernel: {kernel_name()}" if chosen == "varlen" and cuda else "",
     )
     return dataclasses.replace(cfg, model=dataclasses.replace(m, attn_implementation=chosen))
+
+
+# ------------------------------------------------------------ packed image rows (Gemma 3)
+# Gemma 3 (and Gemma 4) let an image's tokens attend to each other both ways: its forward
+# makes "block" ids from token_type_ids and ORs them into the causal mask. On packed rows
+# (restarting position_ids, no attention mask) transformers 5.25 looks those block ids up by
+# position, not by index, in its sliding-window layers, so an image in a row's second example
+# borrows the first example's blocks. For such rows the masks are built here, by index, from
+# transformers' own pieces (its block ids, causal / blockwise / sliding / same-segment
+# functions): within an example, causal or the same image; sliding layers also within the
+# window. Packed == unpacked is held by tests/unit/test_packing.py.
+
+
+def mask_packed_images(model: torch.nn.Module) -> None:
+    """Have ``model`` (a family that builds image blocks from ``token_type_ids``) take, on
+    packed rows, the per-layer-type masks of :func:`packed_image_masks`; other models and
+    unpacked or generation forwards are left as they are."""
+    block_ids = getattr(
+        sys.modules[type(model).__module__], "get_block_sequence_ids_for_mask", None
+    )
+    if block_ids is None:
+        return
+    from transformers.masking_utils import find_packed_sequence_indices
+
+    def hook(module: Any, args: Any, kwargs: dict[str, Any]) -> Any:
+        types, pos = kwargs.get("token_type_ids"), kwargs.get("position_ids")
+        if types is None or pos is None or kwargs.get("attention_mask") is not None:
+            return None
+        segments = find_packed_sequence_indices(pos)
+        if segments is None:  # one example per row: transformers' own masks are right
+            return None
+        impl = module.config._attn_implementation
+        masks = packed_image_masks(module.config.get_text_config(), block_ids(types), segments)
+        if impl == "eager":  # eager adds the mask to the scores
+            for k, m in masks.items():
+                masks[k] = torch.zeros(m.shape, device=m.device).masked_fill(~m, torch.finfo().min)
+        elif impl != "sdpa":
+            raise ConfigError(
+                [f"packed image rows of {type(module).__name__} need model.attn_implementation "
+                 f"sdpa or eager (its image tokens attend both ways), not {impl}"]
+            )  # fmt: skip
+        return args, {**kwargs, "attention_mask": masks}
+
+    model.register_forward_pre_hook(hook, with_kwargs=True)
+
+
+def packed_image_masks(
+    text_config: Any, blocks: torch.Tensor, segments: torch.Tensor
+) -> dict[str, torch.Tensor]:
+    """Boolean ``(rows, 1, L, L)`` masks per layer type (True: attends) for packed rows whose
+    image tokens form ``blocks`` (-1: text) and examples ``segments`` (ids per token)."""
+    from transformers.masking_utils import (
+        and_masks,
+        blockwise_overlay,
+        causal_mask_function,
+        or_masks,
+        packed_sequence_mask_function,
+        sliding_window_overlay,
+    )
+
+    full = and_masks(
+        or_masks(causal_mask_function, blockwise_overlay(blocks)),
+        packed_sequence_mask_function(segments),
+    )
+    fns = {"full_attention": full}
+    if getattr(text_config, "sliding_window", None):
+        fns["sliding_attention"] = and_masks(
+            full, sliding_window_overlay(text_config.sliding_window)
+        )
+    rows, n = blocks.shape
+    at = torch.arange(n, device=blocks.device)
+    b = torch.arange(rows, device=blocks.device)[:, None, None, None]
+    q, kv = at[None, None, :, None], at[None, None, None, :]
+    return {k: fn(b, 0, q, kv).expand(rows, 1, n, n) for k, fn in fns.items()}

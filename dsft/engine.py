@@ -188,9 +188,7 @@ def build_engine(job: Job, units: int) -> Engine:
         frozen_tensors=len(frozen),
         state=state,
         resumed_from=resume_from,
-        toucher=TowerTouch(ds.module, images.dummy(), distributed.device())
-        if (images := getattr(job.splits, "images", None)) and cfg.deepspeed.zero_stage == 3
-        else None,
+        toucher=job.tower_toucher(ds.module),
         idle_params=idle,
         idle_trainable=idle_trainable,
         # mixture of experts: the router's load-balancing loss (dsft/moe.py), None when none

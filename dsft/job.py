@@ -15,7 +15,7 @@ from dsft.config import BatchShape, Config, DataConfig, batch_shape
 from dsft.data.collate import ImageInputs
 from dsft.ds_config import deepspeed_config
 from dsft.eval.evaluator import Evaluator
-from dsft.model import load_tokenizer
+from dsft.model import TowerTouch, load_tokenizer
 from dsft.planner import Decision
 from dsft.runtime import check_runtime, resolve_plan, seed_everything
 
@@ -42,6 +42,16 @@ class Job:
     @property
     def out(self) -> Path:
         return Path(self.cfg.output_dir)
+
+    def tower_toucher(self, module: Any) -> TowerTouch | None:
+        """ZeRO-3 with image rows: the dummy tower run (dsft.model.TowerTouch) that every
+        forward of ``module`` without images needs, training's and ``dsft eval``'s alike (a
+        rank whose shard has no image in a batch would otherwise skip the tower's gathers);
+        None otherwise."""
+        images = getattr(self.splits, "images", None)
+        if images is None or self.cfg.deepspeed.zero_stage != 3:
+            return None
+        return TowerTouch(module, images.dummy(), distributed.device())
 
     def evaluator(self, engine: Any, monitor: Any, out: Path, router: Any = None) -> Evaluator:
         """The Evaluator of ``engine`` on this job's splits (predictions under ``out``);

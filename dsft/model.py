@@ -11,7 +11,7 @@ from typing import Any
 import torch
 
 from dsft import moe
-from dsft.attention import hf_name
+from dsft.attention import hf_name, mask_packed_images
 from dsft.config import FreezeConfig, LoraConfig, ModelConfig, is_hub_id
 from dsft.errors import ConfigError
 from dsft.flops import text_config
@@ -87,6 +87,21 @@ def model_class(config: Any, trust_remote_code: bool = False) -> Any:
     return transformers.AutoModelForImageTextToText
 
 
+def multimodal_rope(config: Any) -> bool:
+    """Whether the model places its tokens by multimodal RoPE (Qwen2-VL, Qwen2.5-VL,
+    Qwen3-VL, Qwen3.5, GLM-4V...: 3-D positions from each image's grid, made by the
+    family's ``get_rope_index``), which packed rows' restarting position ids cannot carry."""
+    import sys
+
+    import transformers
+
+    cls = model_class(config)
+    if cls is transformers.AutoModelForImageTextToText:
+        cls = cls._model_mapping.get(type(config), cls)
+    module = vars(sys.modules[cls.__module__])
+    return any(isinstance(o, type) and hasattr(o, "get_rope_index") for o in module.values())
+
+
 def from_config(config: Any, trust_remote_code: bool = False) -> Any:
     """A randomly initialised model of ``config`` with the class that loads it
     (:func:`model_class`); build it on the meta device to read shapes for free."""
@@ -141,10 +156,26 @@ class TowerTouch:
         self.fn = fn
         self.inputs = {k: v.to(device) for k, v in dummy.items() if k in params}
         self.armed = False
+        # transformers' generate() runs the tower on a prompt's images before the prefill
+        # (mm_encoder_outputs), not inside the forward, where the model supports it
+        self.generate_encodes_first = bool(
+            getattr(base, "_supports_mm_encoder_outputs", lambda: False)()
+        )
         base.get_input_embeddings().register_forward_hook(self._hook)
 
     def arm(self, on: bool = True) -> None:
         self.armed = on
+
+    def before_generate(self, has_images: bool) -> None:
+        """Before ``generate()`` of a prompt batch: one without images runs the tower where
+        a batch with images does (first thing, or in the prefill's forward)."""
+        if has_images:
+            return
+        if self.generate_encodes_first:
+            with torch.no_grad():
+                self.fn(**self.inputs)
+        else:
+            self.arm()
 
     def _hook(self, module: Any, args: Any, output: torch.Tensor) -> torch.Tensor | None:
         if not self.armed:
@@ -199,8 +230,12 @@ def attach_processor(tok: Any, path: str | Path, trust_remote_code: bool = False
         log.info("model: no image processor (%s); text rows only", tok.dsft_processor_error)
         return
     if getattr(proc, "image_token", None) and getattr(proc, "image_processor", None):
+        from transformers import AutoConfig
+
         proc.tokenizer = tok  # the same pad token and template as training's
         tok.dsft_processor = proc
+        config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+        tok.dsft_mrope = multimodal_rope(config)  # its image rows are not packed
 
 
 def load_model(
@@ -248,6 +283,7 @@ def load_model(
     if training and cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.config.use_cache = False
+    mask_packed_images(model)  # Gemma 3: packed image rows' bidirectional image attention
     return model
 
 

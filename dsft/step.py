@@ -84,7 +84,7 @@ def sft_batch(
         micro = collate([splits.train[units[u][0]] for u in batch], pad_id)
     images = getattr(splits, "images", None)
     if images is not None:
-        images.add(micro, splits.train, [i for u in batch for i in units[u]], bool(splits.packs))
+        images.add(micro, splits.train, [i for u in batch for i in units[u]])
     return micro
 
 

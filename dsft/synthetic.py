@@ -260,10 +260,12 @@ def write_tasks(path: str | Path, rows: list[dict[str, Any]]) -> None:
 # Tiny random multimodal checkpoints, built from transformers' own config and model classes
 # and saved as the published ones are: the ``*ForConditionalGeneration`` class with its vision
 # tower and projector, the demo's character tokenizer grown by the family's image tokens, and a
-# processor where the family's image processor needs no torchvision.
+# processor where the family's processor loads: the Qwen-VL families' (their video processor
+# needs torchvision) only where torchvision is installed (the GPU machine).
 #
 # ``build_vlm_dir(out, family)``; ``VLM_FAMILIES`` lists the families and ``VLM_IMAGE_FAMILIES`` those
-# whose processor runs here (the others are tested text-only on CPU).
+# whose processor runs without torchvision (the others are tested text-only on CPU, their image
+# path by benchmarks/vlm_gpu_check.py).
 
 # A chat template that takes plain string content and HF content parts alike; each image
 # part becomes the family's image placeholder, which the processor expands.
@@ -284,18 +286,17 @@ _TOKENS: dict[str, tuple[list[str], str]] = {
     "idefics3": (["<image>", "<fake_token_around_image>", "<global-img>"], "<image>"),
     "mistral3": (["[IMG]", "[IMG_BREAK]", "[IMG_END]"], "[IMG]"),
     "llama4": (["<|image_start|>", "<|image|>", "<|image_end|>", "<|patch|>"], "<|image|>"),
-    "qwen3_5": (
-        ["<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>"],
-        "<|vision_start|><|image_pad|><|vision_end|>",
-    ),
-    "qwen3_5_moe": (
-        ["<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>"],
-        "<|vision_start|><|image_pad|><|vision_end|>",
-    ),
 }
+_QWEN_TOKENS = (
+    ["<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>"],
+    "<|vision_start|><|image_pad|><|vision_end|>",
+)
+_TOKENS.update(dict.fromkeys(["qwen2_5_vl", "qwen3_vl", "qwen3_5", "qwen3_5_moe"], _QWEN_TOKENS))
 VLM_FAMILIES = tuple(_TOKENS)
 # Families whose image processor (and so processor) works without torchvision.
 VLM_IMAGE_FAMILIES = ("gemma3", "llava", "idefics3")
+# Families whose processor needs torchvision (a video processor): image rows on the GPU machine.
+VLM_QWEN_FAMILIES = ("qwen2_5_vl", "qwen3_vl", "qwen3_5", "qwen3_5_moe")
 
 VLM_H = 32  # hidden size of every tiny tower and language model
 VLM_IMAGE = 32  # image side in pixels
@@ -450,6 +451,32 @@ def vlm_config(family: str, tok: Any) -> Any:
             eoi_token_index=ids["<|image_end|>"],
             image_token_index=ids["<|image|>"],
         )
+    if family in ("qwen2_5_vl", "qwen3_vl"):
+        # multimodal RoPE: the (t, h, w) sections split head_dim / 2 = 4 rotary pairs
+        rope = {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 1, 1]}
+        vision = dict(hidden_size=VLM_H, intermediate_size=64, depth=2, num_heads=4,
+                      out_hidden_size=VLM_H, patch_size=8, spatial_merge_size=2,
+                      temporal_patch_size=2)  # fmt: skip
+        if family == "qwen2_5_vl":
+            cls = tf.Qwen2_5_VLConfig
+            text_cfg = tf.Qwen2_5_VLTextConfig(**text, rope_parameters=rope)
+            vis = tf.Qwen2_5_VLVisionConfig(**vision, window_size=32, fullatt_block_indexes=[1])
+        else:
+            cls = tf.Qwen3VLConfig
+            text_cfg = tf.Qwen3VLTextConfig(
+                **text, head_dim=8, rope_parameters={**rope, "mrope_interleaved": True}
+            )
+            vis = tf.Qwen3VLVisionConfig(
+                **vision, num_position_embeddings=64, deepstack_visual_indexes=[0]
+            )
+        return cls(
+            text_config=text_cfg,
+            vision_config=vis,
+            image_token_id=ids["<|image_pad|>"],
+            video_token_id=ids["<|video_pad|>"],
+            vision_start_token_id=ids["<|vision_start|>"],
+            vision_end_token_id=ids["<|vision_end|>"],
+        )
     if family in ("qwen3_5", "qwen3_5_moe"):
         moe = family == "qwen3_5_moe"
         cls = tf.Qwen3_5MoeConfig if moe else tf.Qwen3_5Config
@@ -491,7 +518,8 @@ def vlm_config(family: str, tok: Any) -> Any:
 
 
 def build_vlm_processor(family: str, tok: Any, config: Any) -> Any:
-    """The family's processor (its PIL image processor), or None where it needs torchvision."""
+    """The family's processor (a PIL image processor where there is one), or None where it
+    needs torchvision and this machine has none."""
     import transformers as tf
 
     if family == "gemma3":
@@ -520,6 +548,23 @@ def build_vlm_processor(family: str, tok: Any, config: Any) -> Any:
         return tf.Idefics3Processor(
             image_processor=ip, tokenizer=tok, image_seq_len=seq, chat_template=tok.chat_template
         )
+    if family in VLM_QWEN_FAMILIES:
+        import importlib.util
+
+        if importlib.util.find_spec("torchvision") is None:
+            return None
+        # the published processors: Qwen2.5-VL's own, Qwen3-VL's for Qwen3-VL and Qwen3.5
+        qwen25 = family == "qwen2_5_vl"
+        sizes = dict(patch_size=8, merge_size=2, temporal_patch_size=2,
+                     size={"shortest_edge": VLM_IMAGE**2, "longest_edge": (2 * VLM_IMAGE) ** 2})  # fmt: skip
+        video = tf.Qwen2VLVideoProcessor if qwen25 else tf.Qwen3VLVideoProcessor
+        proc = tf.Qwen2_5_VLProcessor if qwen25 else tf.Qwen3VLProcessor
+        return proc(
+            image_processor=tf.Qwen2VLImageProcessor(**sizes),
+            video_processor=video(**sizes),
+            tokenizer=tok,
+            chat_template=tok.chat_template,
+        )
     return None
 
 
@@ -534,6 +579,8 @@ def vlm_class(family: str) -> Any:
         "idefics3": tf.Idefics3ForConditionalGeneration,
         "mistral3": tf.Mistral3ForConditionalGeneration,
         "llama4": tf.Llama4ForConditionalGeneration,
+        "qwen2_5_vl": tf.Qwen2_5_VLForConditionalGeneration,
+        "qwen3_vl": tf.Qwen3VLForConditionalGeneration,
         "qwen3_5": tf.Qwen3_5ForConditionalGeneration,
         "qwen3_5_moe": tf.Qwen3_5MoeForConditionalGeneration,
     }[family]

@@ -41,6 +41,7 @@ import numpy as np
 
 from dsft import distributed, faults, locks
 from dsft.data.cache import (
+    IMAGES,
     KINDS,
     TokenStore,
     _read_entry,
@@ -48,6 +49,8 @@ from dsft.data.cache import (
     _store_name,
     _write_error,
     entry_key,
+    image_lines,
+    images_changed,
     tokenizer_digest,
 )
 from dsft.data.formats import Example, check_not_empty, examples_of, expand_turns, normaliser
@@ -109,9 +112,9 @@ def _encode_chunk(k: int, task: tuple) -> tuple[str, Any]:
     ("error", message)."""
     tokenizer, settings, norm, parts = (_JOB[x] for x in ("tokenizer", "settings", "norm", "parts"))
     kind, path, *rest = task
+    examples: list[Example] = []
     try:
         rows = read_range(path, *rest) if kind == "range" else rest[0]
-        examples: list[Example] = []
         bad: list[str] = []
         for item in examples_of(rows, norm, settings["on_bad_row"]):
             if isinstance(item, str):
@@ -124,9 +127,12 @@ def _encode_chunk(k: int, task: tuple) -> tuple[str, Any]:
         examples = expand_turns(examples) if multi_turn == "per_turn" else examples
         loss_on = settings["loss_on"] if multi_turn == "as_rendered" else "last_assistant"
         enc = encode(tokenizer, examples, loss_on, options=ChatOptions.from_settings(settings))
-    except DataError as e:
-        return "error", str(e)
+    except DataError as e:  # with the chunk's images: fixing one retries the build
+        return "error", (str(e), _image_lines(examples))
     faults.delay("DSFT_FAULT_SLOW_CHUNK")  # test hook: builders on two "nodes" overlap
+    # digested here, in the workers, as the images were just read; a skipped row's too (a
+    # fixed image brings it back)
+    images = _image_lines(examples)
     # rows the chat template refused (data.on_bad_row=skip) are left out and counted
     if enc.kept is not None:
         examples = [examples[i] for i in enc.kept]
@@ -148,6 +154,7 @@ def _encode_chunk(k: int, task: tuple) -> tuple[str, Any]:
     np.save(tmp / "kinds.npy", np.asarray([KINDS.index(e.kind) for e in examples], np.uint8))
     np.save(tmp / "exlen.npy", np.asarray([len(x) for x in lines], dtype=np.int64))
     (tmp / "examples.jsonl").write_bytes(b"".join(lines))
+    (tmp / IMAGES).write_text("".join(images))
     meta = {"n": len(examples), "tokens": len(enc.ids), "bytes": sum(map(len, lines)),
             "images": sum(bool(ex.images) for ex in examples)}  # fmt: skip
     (tmp / "meta.json").write_text(json.dumps({**meta, "skipped": bad}))
@@ -156,6 +163,18 @@ def _encode_chunk(k: int, task: tuple) -> tuple[str, Any]:
     except OSError:  # another builder wrote it first (after taking over a claim): equal
         shutil.rmtree(tmp, ignore_errors=True)
     return "ok", len(examples)
+
+
+def _image_lines(examples: list[Example]) -> list[str]:
+    return image_lines(r for ex in examples for r in ex.images or ())
+
+
+class _ChunkError(DataError):
+    """A chunk's error, with its image lines (recorded with the entry's error)."""
+
+    def __init__(self, message: str, images: list[str]) -> None:
+        super().__init__(message)
+        self.images = images
 
 
 # How long a finished pool's workers get to leave before they are killed and reported.
@@ -338,7 +357,7 @@ def _build(
             def done(k: int, result: tuple[str, Any]) -> None:
                 nonlocal built, examples
                 if result[0] == "error":
-                    raise DataError(result[1])
+                    raise _ChunkError(*result[1])
                 built, examples = built + 1, examples + result[1]
                 (parts / f"{k:06d}.claim").unlink(missing_ok=True)
 
@@ -380,7 +399,8 @@ def _build(
                 waiter.sleep(lambda: _progress(entry))
     except DataError as e:
         if not isinstance(e, _Timeout) and not error.exists():
-            _write_error(error, path, str(e))  # every waiting rank raises the same message
+            # every waiting rank raises the same message
+            _write_error(error, path, str(e), getattr(e, "images", None))
         raise
     if built:
         log.info(
@@ -433,6 +453,8 @@ def _merge(path: str, entry: Path, parts: Path, n: int) -> None:
                 at_byte += int(exlen.sum())
                 with (d / "examples.jsonl").open("rb") as src:
                     shutil.copyfileobj(src, ex, 1 << 20)
+                with (d / IMAGES).open("rb") as src, (tmp / IMAGES).open("ab") as images:
+                    shutil.copyfileobj(src, images, 1 << 20)
     finally:
         for f in out.values():
             f.close()
@@ -473,10 +495,34 @@ def cached_store(
     builder: bool,
     opts: BuildOptions | None = None,
 ) -> TokenStore:
-    """The file's tokenised store from the cache, building (a share of) it if this rank may."""
+    """The file's tokenised store from the cache, building (a share of) it if this rank may.
+
+    An entry whose rows name image files that changed since it was built is not used: the
+    entry keyed by the files' current digests is (built if need be), so every rank, reading
+    the same files, goes to the same one."""
     opts = opts or BuildOptions()
     key = entry_key(path, tokenizer_digest(tokenizer), settings)
     entry = root / key
+    try:
+        store = _cached_entry(path, tokenizer, settings, entry, builder, opts)
+    except DataError:
+        if (now := images_changed(entry)) is None:
+            raise
+    else:
+        if (now := images_changed(entry)) is None:
+            return store
+    entry = entry.with_name(f"{key}-{now[:16]}")
+    return _cached_entry(path, tokenizer, settings, entry, builder, opts)
+
+
+def _cached_entry(
+    path: str,
+    tokenizer: Any,
+    settings: dict[str, Any],
+    entry: Path,
+    builder: bool,
+    opts: BuildOptions,
+) -> TokenStore:
     error = entry.with_suffix(".error")
     waiter = _Waiter(path, opts.wait_timeout)
     while not builder and not (entry / "meta.json").is_file():
@@ -487,6 +533,6 @@ def cached_store(
         if not builder:
             waiter.sleep(lambda: _progress(entry))
     if builder:  # returns at once when the entry exists
-        root.mkdir(parents=True, exist_ok=True)
+        entry.parent.mkdir(parents=True, exist_ok=True)
         _build(path, tokenizer, settings, entry, opts)
     return _read_entry(entry, path)

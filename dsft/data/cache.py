@@ -2,8 +2,9 @@
 
 One cache entry per data file, keyed by the file's bytes, the tokenizer (its
 vocabulary, special tokens and chat template) and every setting that changes the
-tokens (format, columns, loss_on, bad-row policy). Truncation is applied when an
-example is read, so ``data.max_len`` changes reuse the entry.
+tokens (format, columns, loss_on, bad-row policy), and by the image files its rows name
+(:func:`images_changed`). Truncation is applied when an example is read, so ``data.max_len``
+changes reuse the entry.
 
 This module: the key of an entry, its layout and reading it (``TokenStore``, memory-mapped).
 Building an entry (chunks, forked workers, several builders): dsft/data/build.py.
@@ -14,7 +15,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -25,7 +26,7 @@ from dsft.config import is_hub_id
 from dsft.data.formats import Example
 from dsft.data.tokenize import IGNORE_INDEX, Encoded, Tokenized
 
-CACHE_VERSION = "2"
+CACHE_VERSION = "3"
 KINDS = (
     "chat",
     "completion",
@@ -104,15 +105,88 @@ class _JsonlExamples(Sequence[Example]):
         return Example(d["m"], d["s"], d["k"], d.get("t"), d.get("i"))
 
 
+def _update(h: Any, f: Path) -> None:
+    """Feed ``f``'s bytes to ``h``, a megabyte at a time."""
+    with f.open("rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+
+
 def _file_digest(path: Path) -> str:
     h = hashlib.sha256()
     files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
     for f in files:
         h.update(str(f.relative_to(path) if path.is_dir() else f.name).encode())
-        with f.open("rb") as fh:
-            for block in iter(lambda fh=fh: fh.read(1 << 20), b""):
-                h.update(block)
+        _update(h, f)
     return h.hexdigest()
+
+
+# ------------------------------------------------------------------------- image files
+# An image row's token layout depends on its image (the size sets Idefics3's tiles, for
+# one), but the data file holds only the image's path: so an entry lists the image files
+# its rows name with their digests (images.jsonl: [sha256, size, mtime_ns, path]; data: URIs
+# and embedded bytes are in the data file's own bytes), and a reader whose files no
+# longer match is sent to the entry keyed by the current digests (build.cached_store). A
+# file whose size and mtime are unchanged keeps its recorded digest: one stat per image,
+# as make and rsync judge, and only a changed file is read again, so a million images
+# cost a million stats per run, not their bytes. Pixels are never stored.
+IMAGES = "images.jsonl"
+
+
+def _image_digest(path: str) -> str:
+    h = hashlib.sha256()
+    try:
+        _update(h, Path(path))
+    except OSError:  # missing or unreadable: the build that follows says which and why
+        return "-"
+    return h.hexdigest()
+
+
+def image_lines(refs: Iterable[str]) -> list[str]:
+    """The images.jsonl lines of the image files among ``refs`` (each once, in order)."""
+    lines = []
+    for ref in dict.fromkeys(refs):
+        if ref.startswith("data:"):
+            continue
+        try:
+            st = os.stat(ref)
+            size, mtime = st.st_size, st.st_mtime_ns
+        except OSError:  # missing: the row was refused or skipped, until the file appears
+            size = mtime = -1
+        lines.append(json.dumps([_image_digest(ref), size, mtime, ref]) + "\n")
+    return lines
+
+
+def images_changed(entry: Path) -> str | None:
+    """The current digest of the image files named by ``entry``'s rows (or, for a build
+    that failed, by the failing chunk's rows: a fixed image is retried) when one changed
+    since the build; None when none did, or they name none. Read a line at a time: memory
+    stays flat for any number of images."""
+    listed, error = entry / IMAGES, entry.with_suffix(".error")
+    if listed.is_file() and listed.stat().st_size:
+        with listed.open(encoding="utf-8") as f:
+            return _compare(f)
+    if not listed.is_file() and error.is_file():
+        try:
+            lines = json.loads(error.read_text()).get("images")
+        except (ValueError, AttributeError):  # an older cache's plain message
+            return None
+        return _compare(lines) if lines else None
+    return None
+
+
+def _compare(lines: Iterable[str]) -> str | None:
+    was, now = hashlib.sha256(), hashlib.sha256()
+    for line in lines:
+        digest, size, mtime, path = json.loads(line)
+        try:
+            st = os.stat(path)
+            same = (st.st_size, st.st_mtime_ns) == (size, mtime)
+        except OSError:
+            same = False
+        was.update(json.dumps([digest, path]).encode())
+        now.update(json.dumps([digest if same else _image_digest(path), path]).encode())
+    return None if was.digest() == now.digest() else now.hexdigest()
 
 
 def _source_digest(path: str) -> str:
@@ -171,11 +245,12 @@ def _store_name(path: str) -> str:
     return Path(path).stem if not Path(path).is_dir() else Path(path).name
 
 
-def _write_error(error: Path, path: str, message: str) -> None:
+def _write_error(error: Path, path: str, message: str, images: list[str] | None = None) -> None:
     """Record a build's error for the ranks waiting on the entry. The entry is keyed by the
     file's contents, so a byte-identical copy at another path finds it too: the path is
-    stored apart and put back as the reader's own (:func:`_read_error`)."""
-    error.write_text(json.dumps({"path": path, "message": message}))
+    stored apart and put back as the reader's own (:func:`_read_error`). ``images``: the
+    failing chunk's image lines (:func:`image_lines`), so a fixed image is retried."""
+    error.write_text(json.dumps({"path": path, "message": message, "images": images or []}))
 
 
 def _read_error(error: Path, path: str) -> str:

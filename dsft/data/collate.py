@@ -81,31 +81,23 @@ class ImageInputs:
         tower, so that every rank gathers its parameters alike)."""
         return dict(self._dummy)
 
-    def add(
-        self, batch: dict[str, torch.Tensor], split: Any, index: list[int], packed: bool
-    ) -> None:
-        """Add the image inputs of examples ``index`` of ``split`` (the batch's rows, in
-        order) to ``batch``. Image rows are never packed nor truncated (the processor's
-        expansion must stay whole)."""
-        from dsft.errors import ConfigError, DataError
+    def add(self, batch: dict[str, torch.Tensor], split: Any, index: list[int]) -> None:
+        """Add the image inputs of examples ``index`` of ``split`` (the batch's examples,
+        in order: packed rows' examples one after the other) to ``batch``. The families
+        place image features by their image tokens in flattened order, so packed rows take
+        the same pixels in the same order as the examples unpacked. Image rows are never
+        truncated (the processor's expansion must stay whole)."""
+        from dsft.errors import DataError
 
         rows = []
         for i in index:
             ex = split.example(i)
-            if ex.images:
-                if packed:
-                    raise ConfigError(
-                        [
-                            "data.packing: image rows are not packed (each row's image "
-                            "tokens and attention must stay its own); set data.packing=false"
-                        ]
-                    )
-                if split[i].truncated:
-                    raise DataError(
-                        f"{ex.source}: an image row longer than data.max_len (truncating it "
-                        "would cut its image tokens); raise data.max_len or set "
-                        "data.truncation=drop"
-                    )
+            if ex.images and split[i].truncated:
+                raise DataError(
+                    f"{ex.source}: an image row longer than data.max_len (truncating it "
+                    "would cut its image tokens); raise data.max_len or set "
+                    "data.truncation=drop"
+                )
             rows.append(ex.images)
         self(batch, rows)
 

@@ -25,7 +25,7 @@ from dsft.data.readers import set_max_row_bytes
 from dsft.data.split import carve_arrays, reweight, split_count
 from dsft.data.template import ChatOptions, apply_template, set_chat_options
 from dsft.data.tokenize import Tokenized, char_cap
-from dsft.errors import DataError
+from dsft.errors import ConfigError, DataError
 
 log = logging.getLogger("dsft")
 
@@ -262,10 +262,14 @@ def prepare(cfg: DataConfig, tokenizer: Any, builder: bool = True) -> Splits:
     unit_source = train_source
     packs = None
     image_rows = sum(getattr(st, "image_rows", 0) for st in pool.stores)
-    if cfg.packing and image_rows:
-        raise DataError(
-            f"data.packing: {image_rows} rows have images, which are not packed (each row's "
-            "image tokens and pixels must stay its own); set data.packing=false"
+    if cfg.packing and image_rows and getattr(tokenizer, "dsft_mrope", False):
+        raise ConfigError(
+            [
+                f"data.packing: {image_rows} rows have images and the model places tokens by "
+                "multimodal RoPE (Qwen-VL, Qwen3.5: 3-D positions from each image's grid), "
+                "which packed rows' restarting position ids cannot carry; set "
+                "data.packing=false (text-only rows pack)"
+            ]
         )
     if cfg.packing:
         if cfg.mix:  # rows never mix files, so each row has one source to draw it from

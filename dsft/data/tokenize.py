@@ -343,7 +343,8 @@ def tokenize_prompt(
 ) -> tuple[list[int], str]:
     """Prompt ids for generation and the reference answer.
 
-    Chat: every turn before the last assistant one, with the generation prompt.
+    Chat: every turn before the last assistant one, with the generation prompt; an image
+    row's images expanded as in training (its pixels: ``ImageInputs`` on ``ex.images``).
     Completion: the raw prompt. (Raw text examples have no reference.)
     """
     messages = ex.messages
@@ -352,11 +353,17 @@ def tokenize_prompt(
         text = _special(tokenizer, "bos_token") + messages[0]["content"]
     else:
         tpl = chat_template(tokenizer, options)
+        shown = _with_image_token(tokenizer, ex).messages[:last]
         try:
             text = tpl.render(
-                prepare_messages(messages[:last], tpl.opts), ex.tools, add_generation_prompt=True
+                prepare_messages(shown, tpl.opts), ex.tools, add_generation_prompt=True
             )[0]
         except Exception as e:
             raise DataError(f"{ex.source}: {_refusal(e)}") from None
     ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    expanded = image_expansions(tokenizer, ex, tpl.opts) if ex.kind != "completion" else None
+    if expanded:
+        _check_image_count(tokenizer, ex, text)
+        ids = _expand_images(tokenizer, np.asarray(ids), np.zeros(len(ids), bool), expanded)[0]
+        ids = ids.tolist()
     return ids, _text(messages[last])

@@ -95,7 +95,7 @@ def validate(
         idx = mine[b * micro_batch : (b + 1) * micro_batch]
         batch = collate([examples[i] for i in idx] or [examples[0]], pad_id)
         if images is not None:
-            images.add(batch, examples, idx or [0], packed=False)
+            images.add(batch, examples, idx or [0])
         if toucher is not None:
             toucher.arm("pixel_values" not in batch)
         router_logits: list | None = [] if router is not None else None
@@ -235,6 +235,8 @@ def generate_predictions(
     max_new_tokens: int,
     synced: bool,
     sample: dict[str, float] | None = None,
+    images: Any = None,
+    toucher: Any = None,
 ) -> tuple[list[dict[str, Any]], int]:
     """Generate the last assistant turn of every example, sharded over ranks.
 
@@ -242,6 +244,9 @@ def generate_predictions(
     tokens generated. ``synced`` (ZeRO-3 with several ranks) keeps every rank
     decoding until all are done, because each decoding step gathers parameters
     collectively. ``sample`` (temperature, top_p) switches from greedy to sampling.
+    ``images`` (dsft.data.collate.ImageInputs): image rows' prompts get their pixels;
+    ``toucher`` (ZeRO-3): a prompt batch without images runs the tower on a dummy one in
+    its first forward, as the ranks with images do.
     """
     mine = eval_shard(len(examples), dist.get_world_size(), dist.get_rank())
     dev = dist.device()
@@ -256,6 +261,10 @@ def generate_predictions(
             *(tokenize_prompt(tokenizer, examples[i]) for i in (idx or [0])), strict=True
         )
         batch = collate_prompts(list(prompts), tokenizer.pad_token_id)
+        if images is not None:
+            images(batch, [examples[i].images for i in (idx or [0])])
+        if toucher is not None:
+            toucher.before_generate("pixel_values" in batch)
         batch = {k: v.to(dev) for k, v in batch.items()}
         out = module.generate(
             **batch,
@@ -350,7 +359,7 @@ class Evaluator:
         # train.fused_loss: validation losses from the chunked head too (dsft/loss.py)
         self.head = loss.output_head(self._module()) if fused_loss else None
         # image rows: their pixels (dsft.data.collate.ImageInputs), and under ZeRO-3 the
-        # dummy tower run of batches without images (dsft.model.TowerTouch, set by train)
+        # dummy tower run of batches without images (Job.tower_toucher, set by train and eval)
         self.images: Any = images
         self.toucher: Any = None
         self.router = router  # MoE: validation reports the router loss too (dsft/moe.py)
@@ -425,6 +434,8 @@ class Evaluator:
             self.cfg.max_new_tokens,
             self.synced,
             self.sample,
+            getattr(self, "images", None),
+            getattr(self, "toucher", None),
         )
         seconds = time.time() - t0
         for p in preds:

@@ -74,6 +74,7 @@ def run_eval(cfg: Config, checkpoint: str, out_dir: str | None = None) -> dict[s
     )
     monitor = Monitor(out, logging_cfg, 0)
     evaluator = job.evaluator(engine, monitor, out)
+    evaluator.toucher = job.tower_toucher(engine.module)  # ZeRO-3 image rows
     results: dict[str, Any] = {
         "checkpoint": str(checkpoint),
         "kind": kind,

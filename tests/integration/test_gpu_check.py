@@ -18,7 +18,7 @@ from .test_bench import _check_figures
 pytestmark = pytest.mark.slow
 
 
-@pytest.mark.timeout(1600)  # ten stages, each a fresh process; on 2 shared cores
+@pytest.mark.timeout(1600)  # eleven stages, each a fresh process; on 2 shared cores
 def test_gpu_check_dry_run_writes_every_result(tmp_path: Path) -> None:
     out = tmp_path / "check"
     env = {k: v for k, v in cpu_env(threads=2).items() if k != "OUT"}
@@ -28,13 +28,13 @@ def test_gpu_check_dry_run_writes_every_result(tmp_path: Path) -> None:
     assert proc.returncode == 0, stages + proc.stdout[-4000:] + proc.stderr[-3000:]
     status = dict(line.split("\t")[:2] for line in stages.splitlines())
     stages = ("inputs_1b", "inputs_8b", "profile_before", "profile_1b", "profile_8b",
-              "bench_1b", "bench_8b", "pytest", "loss_memory", "tiling")  # fmt: skip
+              "bench_1b", "bench_8b", "pytest", "vlm", "loss_memory", "tiling")  # fmt: skip
     assert [s for s in status if s != "profile_1b_fast"] == list(stages)  # the profile first
     assert {s: status[s] for s in stages} == dict.fromkeys(stages, "ok")
     assert status["profile_1b_fast"].startswith("skipped (dry run")  # GPU only
     for f in ("summary.md", "environment.txt", "pytest.log", "pytest.xml", "bench-1b/bench.md",
               "bench-1b/bench.json", "bench-8b/bench.json", "loss_memory/loss_memory.md",
-              "tiling/tiling.md"):  # fmt: skip
+              "tiling/tiling.md", "vlm/vlm.md"):  # fmt: skip
         assert (out / f).is_file(), f
     for p in ("profile_before", "profile_1b", "profile_8b"):
         for f in ("summary.md", "kernels.json", "run/profile/top_kernels.md",
@@ -49,6 +49,8 @@ def test_gpu_check_dry_run_writes_every_result(tmp_path: Path) -> None:
     assert "fused / full" in summary and "Top kernels" in summary
     assert "| idle / host gaps |" in summary and "predicted vs measured" in summary
     assert "8B LoRA r=16" in summary and "LoRA r=16 all-linear" in summary
+    # the Qwen families' image path needs torchvision: a CPU without it skips them, saying so
+    assert "| qwen3_vl | skipped: no torchvision" in summary
     assert not list(out.rglob("*.safetensors"))  # weights are not results
     # the bench stages ran the GPU mode's defaults (bf16, one rank, H100 peak) on the CPU
     for name, lora in (("bench-1b", 0), ("bench-8b", 16)):

@@ -14,7 +14,7 @@ import torch
 from dsft.model import part
 from dsft.synthetic import build_vlm_dir
 
-from ..conftest import base_config, run_dsft, weights, write_config
+from ..conftest import base_config, read_summary, run_dsft, weights, write_config
 
 FAST = ["gemma3", "qwen3_5_moe"]
 SLOW = ["gemma4", "qwen3_5", "llama4", "mistral3", "llava", "idefics3", "smolvlm"]
@@ -98,18 +98,18 @@ def test_text_only_sft_two_ranks_zero3(
 # ------------------------------------------------------------------------ image-text SFT
 
 
-def _image_train(model: Path, data: Path, out: Path, steps: int, ranks: int = 1, stage: int = 0):
+def _image_train(model: Path, data: Path, out: Path, steps: int, packing: bool = False):
     tree = base_config(
         model, data, out,
-        data={"max_len": 64, "val_fraction": 0.1, "test_fraction": 0.0},
+        data={"max_len": 128 if packing else 64, "val_fraction": 0.1, "test_fraction": 0.0,
+              "packing": packing},
         train={"max_steps": steps, "grad_accum": 1, "micro_batch": 4, "lr": 5e-3,
                "fused_loss": True},
-        deepspeed={"zero_stage": stage},
         eval={"generate": False, "before_training": False},
         logging={"every": 10},
     )  # fmt: skip
     cfg = write_config(out.parent / f"{out.name}.yaml", tree)
-    proc = run_dsft(["train", str(cfg)], nproc=ranks)
+    proc = run_dsft(["train", str(cfg)])
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "Traceback" not in proc.stderr
     return out / "final"
@@ -146,14 +146,15 @@ def _colour_accuracy(export: Path) -> float:
 
 
 def test_image_sft_learns_a_visual_task_and_chats_about_a_picture(vlm_dirs, tmp_path: Path) -> None:
-    """Gemma 3, tower and projector frozen: which colour is the picture? (chance 0.25)"""
+    """Gemma 3, tower and projector frozen, image rows packed (each image's two-way
+    attention kept inside its example): which colour is the picture? (chance 0.25)"""
     from PIL import Image
 
     from dsft.synthetic import write_colour_task
 
     base = vlm_dirs("gemma3")
     export = _image_train(base, write_colour_task(tmp_path / "c", n=200, seed=1),
-                          tmp_path / "run", steps=60)  # fmt: skip
+                          tmp_path / "run", steps=60, packing=True)  # fmt: skip
     _check_export(base, export)
     accuracy = _colour_accuracy(export)
     assert accuracy >= 0.5, accuracy
@@ -170,7 +171,7 @@ def test_image_sft_trains_and_exports(family: str, vlm_dirs, tmp_path: Path) -> 
 
     base = vlm_dirs(family)
     data = write_colour_task(tmp_path / "c", n=40, seed=2)
-    _check_export(base, _image_train(base, data, tmp_path / "run", steps=4))
+    _check_export(base, _image_train(base, data, tmp_path / "run", steps=4, packing=True))
 
 
 @pytest.mark.slow
@@ -178,20 +179,46 @@ def test_image_sft_trains_and_exports(family: str, vlm_dirs, tmp_path: Path) -> 
 def test_image_sft_two_ranks_zero3_mixed_rows(vlm_dirs, tmp_path: Path, trained: bool) -> None:
     """Micro-batches of one image row or one text row each: a rank with no image in its
     micro-batch still runs the tower (a dummy image, where the model runs it), or ZeRO-3's
-    gathers would mismatch (they did, before dsft.model.TowerTouch)."""
+    gathers would mismatch (they did, before dsft.model.TowerTouch). Tower frozen, the run's
+    step-0 evaluation (2 ranks) is also the base's on 1 and 3 ranks (`dsft eval`): the same
+    loss, token accuracy and generations on image rows, whatever the shard sizes."""
     from dsft.synthetic import write_colour_task
 
     base = vlm_dirs("gemma3")
     data = write_colour_task(tmp_path / "c", n=40, seed=2, text_every=2)
-    tree = base_config(
-        base, data, tmp_path / "run",
-        data={"max_len": 64, "val_fraction": 0.1, "test_fraction": 0.0},
-        train={"max_steps": 6, "grad_accum": 1, "micro_batch": 1, "fused_loss": True},
-        model={"freeze": {"vision": not trained, "projector": not trained}},
-        deepspeed={"zero_stage": 3},
-        eval={"generate": False, "before_training": False},
-    )  # fmt: skip
-    proc = run_dsft(["train", str(write_config(tmp_path / "c.yaml", tree))], nproc=2, timeout=400)
+
+    def config(stage: int) -> Path:
+        # 5 validation and 3 test rows, image and text: uneven shards on 2 and 3 ranks
+        tree = base_config(
+            base, data, tmp_path / "run",
+            data={"max_len": 64, "val_fraction": 0.125, "test_fraction": 0.075},
+            train={"max_steps": 6, "grad_accum": 1, "micro_batch": 1, "fused_loss": True},
+            model={"freeze": {"vision": not trained, "projector": not trained}},
+            deepspeed={"zero_stage": stage},
+            eval={"generate": not trained, "before_training": not trained, "micro_batch": 2,
+                  "max_new_tokens": 2},
+        )  # fmt: skip
+        return write_config(tmp_path / f"c{stage}.yaml", tree)
+
+    proc = run_dsft(["train", str(config(3))], nproc=2, timeout=400)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    if not trained:
-        _check_export(base, tmp_path / "run" / "final")
+    if trained:
+        return
+    _check_export(base, tmp_path / "run" / "final")
+    two = read_summary(tmp_path / "run")["before"]
+    for nproc, stage in ((1, 0), (3, 3)):
+        out = tmp_path / f"eval{nproc}"
+        cmd = ["eval", str(config(stage)), "--checkpoint", str(base), "--out", str(out)]
+        proc = run_dsft(cmd, nproc=nproc, timeout=300)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        r = json.loads((out / "results.json").read_text())
+        assert r["val"]["examples"] == 5 and r["test_generation"]["examples"] == 3
+        assert r["val"]["tokens"] == two["val"]["tokens"]
+        assert r["val"]["loss"] == pytest.approx(two["val"]["loss"], rel=1e-5)
+        assert r["val"]["token_acc"] == pytest.approx(two["val"]["token_acc"], rel=1e-9)
+        for k in ("exact_match", "f1", "examples"):
+            assert r["test_generation"][k] == two["test"][k]
+        # greedy decoding about the same images: the same text, sharded and gathered (before
+        # Job.tower_toucher / TowerTouch.before_generate, ZeRO-3 on 3 ranks hung here)
+        said = [x["prediction"] for x in r["test_generation"]["samples"]]
+        assert said == [x["prediction"] for x in two["test"]["samples"]] and len(said) == 3
