@@ -15,8 +15,12 @@ setup: $(VENV)/.installed
 demo: setup
 	$(VENV)/bin/dsft demo $(ARGS)
 
+# Two pytest workers per machine (at most 4): most tests are one tiny-model process whose
+# import and start-up hold one core, so a second worker halves the wall time on CI's 2 cores.
+# Tests sharing an expensive module fixture or a Slurm cluster stay on one worker
+# (xdist_group, tests/conftest.py). `make test ARGS="-n 0"` runs them in one process.
 test: setup
-	$(PY) -m pytest $(ARGS)
+	$(PY) -m pytest -n auto --maxprocesses 4 --dist loadgroup $(ARGS)
 
 test-fast: setup
 	$(PY) -m pytest -m "unit and not slow" $(ARGS)

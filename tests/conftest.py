@@ -18,6 +18,10 @@ from dsft.synthetic import build_model_dir, generate_tasks, write_tasks
 ROOT = Path(__file__).resolve().parents[1]
 
 
+# Integration modules whose module fixture is a training run (or several).
+_SHARED_RUNS = {"test_checkpoint_runs", "test_checkpoint_safety_runs", "test_sequence_parallel_runs"}
+
+
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     # The folder is the level: unit (in-process, fast), integration (ranks, runs),
     # cluster (Slurm, namespaces). `make test-fast` runs `-m unit`.
@@ -25,6 +29,10 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
         level = Path(str(item.fspath)).parent.name
         if level in ("unit", "integration", "cluster"):
             item.add_marker(getattr(pytest.mark, level))
+        # `make test` runs two xdist workers: a module whose tests share a trained run (a
+        # module fixture) or one Slurm cluster stays on one worker, so it is built once.
+        if level == "cluster" or item.module.__name__.rsplit(".", 1)[-1] in _SHARED_RUNS:
+            item.add_marker(pytest.mark.xdist_group(item.module.__name__))
 
 
 @pytest.fixture(autouse=True, scope="session")
