@@ -644,6 +644,22 @@ SP_ATTENTION = ("auto", "sdpa", "eager", "flash_attention_2")
 REFERENCE_FREE = ("orpo", "simpo")
 
 
+def needs_reference(p: PreferenceConfig) -> bool:
+    """Whether the preference loss compares with a reference model at all."""
+    return p.loss_type not in REFERENCE_FREE and p.reference != "none"
+
+
+def live_reference_copy(cfg: Config) -> bool:
+    """Whether training holds a second, frozen copy of the weights: preference.reference=live
+    for a full fine-tune (with LoRA the live reference is the model with its adapter off)."""
+    return (
+        cfg.train.objective == "dpo"
+        and needs_reference(cfg.preference)
+        and cfg.preference.reference == "live"
+        and not cfg.model.lora.enabled
+    )
+
+
 def validate_preference(cfg: Config) -> list[str]:
     """Problems of the ``preference`` section (only read with train.objective=dpo)."""
     pr, p = cfg.preference, []
