@@ -29,6 +29,7 @@ once per step with the loss: identical on any number of ranks and through accumu
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import json
 import logging
@@ -43,7 +44,7 @@ import torch
 import torch.nn.functional as F
 
 from dsft import distributed
-from dsft.config import REFERENCE_FREE, PreferenceConfig
+from dsft.config import PreferenceConfig, needs_reference
 from dsft.data.collate import collate
 from dsft.data.packing import collate_packed
 from dsft.data.pairs import Pair
@@ -69,10 +70,6 @@ SUMS = (
     "kl",  # KTO: the KL estimate (summed per micro-batch)
     "kl_batches",
 )
-
-
-def needs_reference(cfg: PreferenceConfig) -> bool:
-    return cfg.loss_type not in REFERENCE_FREE and cfg.reference != "none"
 
 
 # --------------------------------------------------------------------------- batches
@@ -308,7 +305,7 @@ class PreferenceStep:
     def head_of_live(self) -> Head:
         from dsft.loss import output_head
 
-        return output_head(self.live)
+        return output_head(getattr(self.live, "module", self.live))  # a DeepSpeed engine's
 
     def loss(
         self, engine: Any, micro: dict[str, Any], pairs: float, chosen_tokens: float
@@ -495,6 +492,7 @@ class PreferenceRun:
         engine: Any,
         pad_id: int,
         out_dir: Path,
+        ds_config: dict[str, Any],
         weights_trained: bool = False,
     ) -> None:
         from dsft.checkpoint import _weights_dir, base_fingerprint
@@ -502,6 +500,7 @@ class PreferenceRun:
         from dsft.loss import output_head
 
         self.cfg, self.pref, self.splits, self.pad_id = cfg, cfg.preference, splits, pad_id
+        self.ds_config = ds_config
         self.dev = distributed.device()
         self.head = output_head(engine.module)
         self.kto = splits.train_pairs[0].rejected is None
@@ -547,16 +546,25 @@ class PreferenceRun:
         self.step = PreferenceStep(self.pref, self.head, self.dev, live)
 
     def _frozen_copy(self) -> Any:
-        from dsft.model import load_model, torch_dtype
+        """The live reference of a full fine-tune: ``model.path`` loaded again, frozen, and
+        placed like the trained model (under ZeRO-3 partitioned as it loads and wrapped in
+        an optimizer-less DeepSpeed engine, whose hooks gather each layer for its forward;
+        with parameter offload, in host RAM): the planner counts it so."""
+        from dsft.model import build_model, torch_dtype
 
-        if self.cfg.deepspeed.zero_stage == 3:
-            raise_config(
-                "preference.reference=live: a full-weight copy is not partitioned under "
-                "ZeRO-3; use preference.reference=precomputed (the default) or LoRA"
-            )
-        model = load_model(self.cfg.model, torch_dtype(self.cfg.train.precision))
-        model.requires_grad_(False).eval().to(self.dev)
-        return model
+        frozen = dataclasses.replace(
+            self.cfg.model, lora=dataclasses.replace(self.cfg.model.lora, enabled=False)
+        )
+        model = build_model(frozen, torch_dtype(self.cfg.train.precision), self.ds_config)
+        model.requires_grad_(False).eval()
+        if self.ds_config["zero_optimization"]["stage"] != 3:
+            return model.to(self.dev)
+        import deepspeed
+
+        conf = {k: v for k, v in self.ds_config.items() if k not in ("optimizer", "scheduler")}
+        ref, *_ = deepspeed.initialize(model=model, config=conf)
+        ref.eval()  # DeepSpeed's eval() returns None, not the engine
+        return ref
 
     def micro_batch(self, units: Sequence[Sequence[int]], batch: Sequence[int]) -> dict[str, Any]:
         """The collated pairs of one micro-batch (packed rows with data.packing)."""
@@ -684,6 +692,7 @@ def start(job: Any, engine: Any) -> Objective:
         engine.ds,
         job.tokenizer.pad_token_id,
         job.out,
+        job.ds_config,
         weights_trained=engine.resumed_from is not None and not cfg.model.lora.enabled,
     )
     return Objective("dpo", prepare, run.batch, run.train_step, validation=run.validation)
