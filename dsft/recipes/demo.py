@@ -171,7 +171,7 @@ def format_preference_report(summary: dict[str, Any]) -> str:
     b, a = summary.get("before", {}), summary["after"]
     lines = [
         "",
-        "dsft demo --preference: DPO (sigmoid, beta 0.1, rpo_alpha 1) from the SFT demo's model",
+        "dsft demo --preference: DPO (sigmoid, beta 0.1, rpo_alpha 1) on the SFT model's mistakes",
         f"  ranks {summary['world_size']}, {summary['total_steps']} steps, "
         f"{summary['train_seconds']:.0f}s of training (+ the reference pass)",
         f"  {'':34}{'before':>10}{'after':>10}",
@@ -180,7 +180,7 @@ def format_preference_report(summary: dict[str, Any]) -> str:
         ("val reward accuracy", "val", "rewards/accuracy"),
         ("val reward margin", "val", "rewards/margin"),
         ("val log p(chosen) - log p(rejected)", "val", "logp_gap"),
-        ("test exact match", "test", "exact_match"),
+        ("test exact match (fresh prompts)", "test", "exact_match"),
     ):
         for d in (b.get(split, {}), a.get(split, {})):
             if key == "logp_gap" and "logps/chosen" in d:
