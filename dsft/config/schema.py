@@ -207,6 +207,7 @@ class TrainConfig:
     # Loss from the final hidden states of the target positions only, through the LM head
     # in gradient-checkpointed chunks: no [batch, seq, vocab] logits (dsft/loss.py).
     # false = the model's full logits, then cross-entropy (the older, hungrier path).
+    # train.objective=dpo: the scored tokens' log-probs in chunks (dsft.loss.chunked_logps).
     fused_loss: bool = True
     # Sequence parallelism (Ulysses): each sequence / packed row is split across this many
     # ranks, attention exchanges heads for sequence (all-to-all); data-parallel size =
