@@ -50,21 +50,22 @@ def test_one_two_three_ranks_equal(tiny_model: Path, pairs: Path, tmp_path: Path
     """The same 6 pairs per step on 1 rank (ZeRO-0, micro-batch 6), 2 ranks (ZeRO-3 with
     precomputed references: each rank's share assembled by one all-reduce; micro-batch 1 x
     accumulation 3) and 3 ranks (ZeRO-3 with the live reference: a second copy of the
-    weights, partitioned; micro-batch 2): every step's loss, rewards, log-probs and gradient
-    norm, and the validation rewards, are equal. eval.micro_batch 2 leaves the ranks uneven
-    last batches in the reference pass and in validation."""
+    weights, partitioned; micro-batch 2; log-probs through train.fused_loss's chunks): every
+    step's loss, rewards, log-probs and gradient norm, and the validation rewards, are equal.
+    eval.micro_batch 2 leaves the ranks uneven last batches in the reference pass and in
+    validation."""
     runs = {}
-    for name, nproc, stage, micro, accum, reference in (
-        ("one", 1, 0, 6, 1, "precomputed"),
-        ("two", 2, 3, 1, 3, "precomputed"),
-        ("three", 3, 3, 2, 1, "live"),
+    for name, nproc, stage, micro, accum, reference, fused in (
+        ("one", 1, 0, 6, 1, "precomputed", False),
+        ("two", 2, 3, 1, 3, "precomputed", False),
+        ("three", 3, 3, 2, 1, "live", True),
     ):
         out = tmp_path / name
         tree = dpo_config(
             tiny_model,
             pairs,
             out,
-            train={"micro_batch": micro, "grad_accum": accum},
+            train={"micro_batch": micro, "grad_accum": accum, "fused_loss": fused},
             deepspeed={"zero_stage": stage},
             data={"cache_dir": str(tmp_path / f"cache_{name}")},  # each computes its own
             eval={"micro_batch": 2},
