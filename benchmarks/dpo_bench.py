@@ -7,8 +7,8 @@ The same randomly initialised Llama (the demo's character tokenizer), the same p
 same order, batch size, fp32, one process on the CPU, sigmoid loss with beta 0.1, and
 precomputed reference log-probs on both sides. Each system runs as its own process,
 alternating (``--repeats``, medians reported);
-tokens/s counts the real (non-pad) tokens of both sides of every pair over the steps after
-the first two (warm-up), peak memory is the process's peak RSS (sampled every 50 ms, so
+tokens/s counts the real (non-pad) tokens of both sides of every pair over the wall-clock
+time from the log of step 2 (warm-up) to the last, on both sides alike; peak memory is the process's peak RSS (sampled every 50 ms, so
 the reference pass is included). Not a timed test: a measurement (docs/preference.md).
 """
 
@@ -31,10 +31,12 @@ WARMUP = 2
 
 
 def dsft_rate(metrics: Path) -> float:
+    """Real tokens per wall-clock second from the log of step WARMUP to the last, as
+    :func:`trl_rate` measures TRL (logging, batching and all between them)."""
     rows = [json.loads(x) for x in metrics.read_text().splitlines()]
-    rows = [r for r in rows if r["split"] == "train" and r["step"] > WARMUP]
-    tokens = sum(r["tokens_per_s"] * r["step_time"] for r in rows)
-    return tokens / sum(r["step_time"] for r in rows)
+    rows = [r for r in rows if r["split"] == "train" and r["step"] >= WARMUP]
+    tokens = sum(r["tokens_per_s"] * r["step_time"] for r in rows[1:])
+    return tokens / (rows[-1]["time"] - rows[0]["time"])
 
 
 def trl_rate(metrics: Path) -> float:
@@ -53,6 +55,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--steps", type=int, default=24)
     ap.add_argument("--repeats", type=int, default=3, help="alternating runs; medians reported")
+    ap.add_argument(
+        "--threads",
+        type=int,
+        default=0,
+        help="OMP_NUM_THREADS of both runs (0: the cores); 1 on a shared, loaded machine, where "
+        "two OpenMP threads spin against other jobs (a small matmul 8x slower)",
+    )
     ns = ap.parse_args(argv)
     w = Path(ns.workdir)
     w.mkdir(parents=True, exist_ok=True)
@@ -62,6 +71,8 @@ def main(argv: list[str] | None = None) -> int:
     order, _, _ = carve_arrays(len(rows), 0, 0, seed=0)  # dsft's training order
     write_tasks(w / "in_order.jsonl", [rows[i] for i in order])
     env = child_env(cpu=True, nproc=1)
+    if ns.threads:
+        env["OMP_NUM_THREADS"] = str(ns.threads)
     lr = 1e-4
     cfg = {
         "output_dir": str(w / "dsft"),

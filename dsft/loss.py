@@ -193,13 +193,75 @@ class _LinearCrossEntropy(torch.autograd.Function):
         return grad_h, grad_w, None, None, None
 
 
-def _through_module(lin: torch.nn.Linear, hidden, targets, chunks, softcap) -> torch.Tensor:
-    """``_LinearCrossEntropy`` run as the forward of the head's own module, so that ZeRO-3's
-    hooks gather its partitioned weight for forward and again for backward, where the
+class _LinearLogProbs(torch.autograd.Function):
+    """Per-target log-probs of ``targets`` (all scored) from ``hidden @ weight.T``, chunk by
+    chunk: forward keeps no logits; backward, given each target's gradient (a preference
+    loss weighs every sequence differently), recomputes one chunk's logits at a time."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, targets, chunks, softcap):  # type: ignore[override]
+        out = []
+        for h, y in zip(
+            torch.tensor_split(hidden, chunks), torch.tensor_split(targets, chunks), strict=True
+        ):
+            z = _logits(lambda x: x @ weight.t(), h, softcap)
+            out.append(z.gather(1, y[:, None])[:, 0] - torch.logsumexp(z, dim=-1))
+        ctx.save_for_backward(hidden, weight, targets)
+        ctx.chunks, ctx.softcap = chunks, softcap
+        return torch.cat(out)
+
+    @staticmethod
+    def backward(ctx, grad_out):  # type: ignore[override]
+        hidden, weight, targets = ctx.saved_tensors
+        softcap = ctx.softcap
+        want_h, want_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        grad_h = torch.empty_like(hidden) if want_h else None
+        grad_w = (
+            torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if want_w else None
+        )
+        start = 0
+        for h, y, g in zip(
+            torch.tensor_split(hidden, ctx.chunks),
+            torch.tensor_split(targets, ctx.chunks),
+            torch.tensor_split(grad_out.float(), ctx.chunks),
+            strict=True,
+        ):
+            rows = h.size(0)
+            z = _logits(lambda x: x @ weight.t(), h, softcap)
+            dz = torch.softmax(z, dim=-1).mul_(-g[:, None])  # d log p(y) / dz = onehot - p
+            dz[torch.arange(rows, device=dz.device), y] += g
+            if softcap:
+                dz *= 1.0 - (z / softcap) ** 2
+            dz = dz.to(hidden.dtype)
+            if want_h:
+                grad_h[start : start + rows] = dz @ weight
+            if want_w:
+                grad_w.add_(dz.t().float() @ h.float())
+            start += rows
+        return grad_h, grad_w.to(weight.dtype) if want_w else None, None, None, None
+
+
+def chunked_logps(
+    hidden: torch.Tensor, targets: torch.Tensor, head: torch.nn.Linear, softcap: float | None
+) -> torch.Tensor:
+    """Log-prob of each of ``targets`` [N] (all scored) from ``hidden`` [N, H] through the
+    plain linear LM head ``head`` (:func:`head_linear`), never more than one chunk of logits
+    at a time (train.fused_loss for the preference objective). Through the head's module, so
+    ZeRO-3 gathers its weight once for forward and once for backward, whatever the chunk
+    count (ranks need not agree on it)."""
+    chunks = num_chunks(targets.numel(), head.out_features)
+    return _through_module(head, hidden, targets, chunks, softcap, _LinearLogProbs)
+
+
+def _through_module(
+    lin: torch.nn.Linear, hidden, targets, chunks, softcap, fn: Any = _LinearCrossEntropy
+) -> torch.Tensor:
+    """``fn`` (``_LinearCrossEntropy``) run as the forward of the head's own module, so that
+    ZeRO-3's hooks gather its partitioned weight for forward and again for backward, where the
     weight's full gradient is accumulated while it is whole (DeepSpeed's own order)."""
 
     def forward(h: torch.Tensor) -> torch.Tensor:
-        return _LinearCrossEntropy.apply(h, lin.weight, targets, chunks, softcap)
+        return fn.apply(h, lin.weight, targets, chunks, softcap)
 
     lin.forward = forward  # an instance attribute: nn.Module.__call__ runs it, hooks and all
     try:

@@ -29,6 +29,7 @@ once per step with the loss: identical on any number of ranks and through accumu
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import json
 import logging
@@ -43,12 +44,12 @@ import torch
 import torch.nn.functional as F
 
 from dsft import distributed
-from dsft.config import REFERENCE_FREE, PreferenceConfig
+from dsft.config import PreferenceConfig, needs_reference
 from dsft.data.collate import collate
 from dsft.data.packing import collate_packed
 from dsft.data.pairs import Pair
 from dsft.data.tokenize import IGNORE_INDEX
-from dsft.loss import Head, final_hidden
+from dsft.loss import Head, chunked_logps, final_hidden, head_linear
 from dsft.optim import guard_zero0_fp32_step
 from dsft.step import Objective, StepResult, Window
 
@@ -69,10 +70,6 @@ SUMS = (
     "kl",  # KTO: the KL estimate (summed per micro-batch)
     "kl_batches",
 )
-
-
-def needs_reference(cfg: PreferenceConfig) -> bool:
-    return cfg.loss_type not in REFERENCE_FREE and cfg.reference != "none"
 
 
 # --------------------------------------------------------------------------- batches
@@ -156,11 +153,13 @@ def _model_inputs(batch: dict[str, Any], dev: torch.device) -> dict[str, torch.T
 
 
 def sequence_logps(
-    model: Any, head: Head, batch: dict[str, Any], dev: torch.device
+    model: Any, head: Head, batch: dict[str, Any], dev: torch.device, fused: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Per sequence: summed log-prob of its scored tokens [n_seq], token count [n_seq], and
     the summed NLL of the chosen sequences' tokens (scalar). Only the scored positions'
-    hidden states go through the LM head (no full [batch, seq, vocab] logits)."""
+    hidden states go through the LM head (no full [batch, seq, vocab] logits); ``fused``
+    (train.fused_loss, a plain linear head) goes further: a chunk of their logits at a time
+    (dsft.loss.chunked_logps)."""
     labels, seq = batch["labels"], batch["seq"]
     target, tseq = labels[:, 1:], seq[:, 1:]
     rows, cols = (target != IGNORE_INDEX).nonzero(as_tuple=True)
@@ -169,10 +168,14 @@ def sequence_logps(
     owner = tseq[rows, cols].to(dev)
     hidden = final_hidden(model, _model_inputs(batch, dev))
     picked = hidden.reshape(-1, hidden.size(-1)).index_select(0, index)
-    logits = head.module(picked).float()
-    if head.softcap:
-        logits = head.softcap * torch.tanh(logits / head.softcap)
-    lp = torch.log_softmax(logits, dim=-1).gather(1, ids[:, None])[:, 0]
+    lin = head_linear(head.module) if fused else None
+    if lin is not None:
+        lp = chunked_logps(picked, ids, lin, head.softcap)
+    else:
+        logits = head.module(picked).float()
+        if head.softcap:
+            logits = head.softcap * torch.tanh(logits / head.softcap)
+        lp = torch.log_softmax(logits, dim=-1).gather(1, ids[:, None])[:, 0]
     n_seq = batch["n_seq"]
     logps = torch.zeros(n_seq, dtype=lp.dtype, device=dev).index_add(0, owner, lp)
     counts = torch.bincount(owner, minlength=n_seq).to(lp.dtype)
@@ -277,8 +280,9 @@ class PreferenceStep:
         head: Head,
         dev: torch.device,
         live_reference: Any = None,
+        fused: bool = False,
     ) -> None:
-        self.cfg, self.head, self.dev = cfg, head, dev
+        self.cfg, self.head, self.dev, self.fused = cfg, head, dev, fused
         self.live = live_reference  # a frozen model, or "adapter": the engine, adapter off
         self.nll_weight = (
             1.0 if cfg.loss_type == "orpo" else (cfg.rpo_alpha if cfg.loss_type != "kto" else 0.0)
@@ -299,23 +303,23 @@ class PreferenceStep:
         with torch.no_grad():
             if self.live == "adapter":
                 with adapter_off(engine):
-                    return sequence_logps(engine, self.head, micro, self.dev)[0]
+                    return sequence_logps(engine, self.head, micro, self.dev, self.fused)[0]
             if self.live is not None:
-                return sequence_logps(self.live, self.head_of_live, micro, self.dev)[0]
+                return sequence_logps(self.live, self.head_of_live, micro, self.dev, self.fused)[0]
         raise RuntimeError("preference: no reference log-probs for this batch")
 
     @property
     def head_of_live(self) -> Head:
         from dsft.loss import output_head
 
-        return output_head(self.live)
+        return output_head(getattr(self.live, "module", self.live))  # a DeepSpeed engine's
 
     def loss(
         self, engine: Any, micro: dict[str, Any], pairs: float, chosen_tokens: float
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """The micro-batch's share of the step loss (to backward) and its metric sums."""
         ref = self.reference(engine, micro)
-        logps, counts, nll = sequence_logps(engine, self.head, micro, self.dev)
+        logps, counts, nll = sequence_logps(engine, self.head, micro, self.dev, self.fused)
         n = micro["pairs"]
         sums = torch.zeros(len(SUMS), dtype=torch.float64, device=self.dev)
         if "desirable" in micro:  # KTO
@@ -414,6 +418,7 @@ def compute_reference(
     pad_id: int,
     micro_batch: int,
     dev: torch.device,
+    fused: bool = False,
 ) -> np.ndarray:
     """Reference log-probs [n_pairs, 2] (KTO: [n, 2] = completion, mismatched KL sequence,
     computed in fixed groups) of every pair: the engine's forward, adapter off, no
@@ -434,7 +439,7 @@ def compute_reference(
                 batch_pairs = [pairs[i] for i in idx] or [pairs[0]]  # a dummy keeps lockstep
                 partners = [pairs[(i + 1) % n] for i in idx] or [pairs[0]]
                 micro = collate_pairs(batch_pairs, pad_id, partners=partners)
-                logps = sequence_logps(engine, head, micro, dev)[0].double().cpu()
+                logps = sequence_logps(engine, head, micro, dev, fused)[0].double().cpu()
                 if idx:
                     m = len(idx)
                     out[idx, 0] = logps[:m]
@@ -454,6 +459,7 @@ def load_or_compute_reference(
     pad_id: int,
     micro_batch: int,
     dev: torch.device,
+    fused: bool = False,
 ) -> np.ndarray:
     """The reference table at ``path`` if a run already stored it, else computed and stored
     (rank 0 writes; every rank computes its share and receives the whole table)."""
@@ -463,7 +469,7 @@ def load_or_compute_reference(
         if table.shape == (len(pairs), 2):
             log.info("preference: reference log-probs reused from %s", path)
             return table
-    table = compute_reference(engine, head, pairs, pad_id, micro_batch, dev)
+    table = compute_reference(engine, head, pairs, pad_id, micro_batch, dev, fused)
     if distributed.is_main():
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(f".tmp{distributed.get_rank()}.npy")
@@ -495,6 +501,7 @@ class PreferenceRun:
         engine: Any,
         pad_id: int,
         out_dir: Path,
+        ds_config: dict[str, Any],
         weights_trained: bool = False,
     ) -> None:
         from dsft.checkpoint import _weights_dir, base_fingerprint
@@ -502,6 +509,7 @@ class PreferenceRun:
         from dsft.loss import output_head
 
         self.cfg, self.pref, self.splits, self.pad_id = cfg, cfg.preference, splits, pad_id
+        self.ds_config = ds_config
         self.dev = distributed.device()
         self.head = output_head(engine.module)
         self.kto = splits.train_pairs[0].rejected is None
@@ -543,20 +551,30 @@ class PreferenceRun:
                     pad_id,
                     cfg.eval.micro_batch,
                     self.dev,
+                    cfg.train.fused_loss,
                 )
-        self.step = PreferenceStep(self.pref, self.head, self.dev, live)
+        self.step = PreferenceStep(self.pref, self.head, self.dev, live, cfg.train.fused_loss)
 
     def _frozen_copy(self) -> Any:
-        from dsft.model import load_model, torch_dtype
+        """The live reference of a full fine-tune: ``model.path`` loaded again, frozen, and
+        placed like the trained model (under ZeRO-3 partitioned as it loads and wrapped in
+        an optimizer-less DeepSpeed engine, whose hooks gather each layer for its forward;
+        with parameter offload, in host RAM): the planner counts it so."""
+        from dsft.model import build_model, torch_dtype
 
-        if self.cfg.deepspeed.zero_stage == 3:
-            raise_config(
-                "preference.reference=live: a full-weight copy is not partitioned under "
-                "ZeRO-3; use preference.reference=precomputed (the default) or LoRA"
-            )
-        model = load_model(self.cfg.model, torch_dtype(self.cfg.train.precision))
-        model.requires_grad_(False).eval().to(self.dev)
-        return model
+        frozen = dataclasses.replace(
+            self.cfg.model, lora=dataclasses.replace(self.cfg.model.lora, enabled=False)
+        )
+        model = build_model(frozen, torch_dtype(self.cfg.train.precision), self.ds_config)
+        model.requires_grad_(False).eval()
+        if self.ds_config["zero_optimization"]["stage"] != 3:
+            return model.to(self.dev)
+        import deepspeed
+
+        conf = {k: v for k, v in self.ds_config.items() if k not in ("optimizer", "scheduler")}
+        ref, *_ = deepspeed.initialize(model=model, config=conf)
+        ref.eval()  # DeepSpeed's eval() returns None, not the engine
+        return ref
 
     def micro_batch(self, units: Sequence[Sequence[int]], batch: Sequence[int]) -> dict[str, Any]:
         """The collated pairs of one micro-batch (packed rows with data.packing)."""
@@ -684,6 +702,7 @@ def start(job: Any, engine: Any) -> Objective:
         engine.ds,
         job.tokenizer.pad_token_id,
         job.out,
+        job.ds_config,
         weights_trained=engine.resumed_from is not None and not cfg.model.lora.enabled,
     )
     return Objective("dpo", prepare, run.batch, run.train_step, validation=run.validation)

@@ -197,19 +197,37 @@ def generate_tasks(n: int = 8000, seed: int = 1234) -> list[dict[str, str]]:
     rng = random.Random(seed)
     rows = []
     for i in range(n):
-        task = i % 4
-        if task == 0:
-            w = _word(rng, 3, 6)
-            rows.append({"instruction": "Reverse", "input": w, "output": w[::-1]})
-        elif task == 1:
-            w = _word(rng, 3, 6)
-            rows.append({"instruction": "Sort", "input": w, "output": "".join(sorted(w))})
-        elif task == 2:
-            w = _word(rng, 3, 7)
-            rows.append({"instruction": "Capitalise", "input": w, "output": w.upper()})
-        else:
+        task = ("Reverse", "Sort", "Capitalise", "Add")[i % 4]
+        if task == "Add":
             a, b = rng.randint(0, 19), rng.randint(0, 19)
-            rows.append({"instruction": "Add", "input": f"{a}+{b}", "output": str(a + b)})
+            rows.append(task_row(task, f"{a}+{b}"))
+        else:
+            rows.append(task_row(task, _word(rng, 3, 7 if task == "Capitalise" else 6)))
+    return rows
+
+
+def task_row(task: str, inp: str) -> dict[str, str]:
+    """One instruction record of a demo task, with its correct answer."""
+    if task == "Add":
+        a, b = (int(x) for x in inp.split("+"))
+        out = str(a + b)
+    else:
+        out = {"Reverse": inp[::-1], "Sort": "".join(sorted(inp)), "Capitalise": inp.upper()}[task]
+    return {"instruction": task, "input": inp, "output": out}
+
+
+def generate_hard_tasks(n: int, seed: int) -> list[dict[str, str]]:
+    """``n`` records of the demo tasks where its SFT model errs most (about 1 in 10): reverse
+    and sort of 5-6 letter words, sums of two operands from 10 to 19. Capitalise, solved
+    almost always, is left out."""
+    rng = random.Random(seed)
+    rows = []
+    for i in range(n):
+        task = ("Reverse", "Sort", "Add")[i % 3]
+        if task == "Add":
+            rows.append(task_row(task, f"{rng.randint(10, 19)}+{rng.randint(10, 19)}"))
+        else:
+            rows.append(task_row(task, _word(rng, 5, 6)))
     return rows
 
 
@@ -233,21 +251,37 @@ def generate_preference_pairs(n: int = 2000, seed: int = 4321) -> list[dict[str,
     """``n`` preference rows (TRL's conversational format) from the demo's four tasks: the
     chosen answer is correct, the rejected one plausible and wrong (an off-by-one sum, two
     letters swapped, one letter not capitalised)."""
+    return synthetic_pairs(generate_tasks(n, seed), seed)
+
+
+def synthetic_pairs(tasks: list[dict[str, str]], seed: int) -> list[dict[str, Any]]:
+    """Preference rows of ``tasks``: the correct answer chosen, a made-up wrong one rejected."""
     rng = random.Random(seed)
+    wrong = [_wrong(rng, r["instruction"], r["input"], r["output"]) for r in tasks]
+    return [preference_row(r, w) for r, w in zip(tasks, wrong, strict=True) if w != r["output"]]
+
+
+def on_policy_pairs(tasks: list[dict[str, str]], answers: list[list[str]]) -> list[dict[str, Any]]:
+    """Preference rows from a model's own answers (``answers[k][i]``: its k-th answer to
+    ``tasks[i]``, e.g. greedy then sampled): the first wrong one rejected, the correct answer
+    chosen. Tasks it answered right every time give no pair: the pairs target exactly the
+    model's errors."""
     rows = []
-    for r in generate_tasks(n, seed):
-        prompt = f"{r['instruction']}\n\n{r['input']}"  # as dsft renders instruction rows
-        wrong = _wrong(rng, r["instruction"], r["input"], r["output"])
-        if wrong == r["output"]:
-            continue
-        rows.append(
-            {
-                "prompt": [{"role": "user", "content": prompt}],
-                "chosen": [{"role": "assistant", "content": r["output"]}],
-                "rejected": [{"role": "assistant", "content": wrong}],
-            }
-        )
+    for i, r in enumerate(tasks):
+        wrong = next((a[i] for a in answers if a[i].strip() != r["output"]), None)
+        if wrong is not None:
+            rows.append(preference_row(r, wrong.strip()))
     return rows
+
+
+def preference_row(task: dict[str, str], rejected: str) -> dict[str, Any]:
+    """A TRL conversational preference row: the task's prompt, its answer, ``rejected``."""
+    prompt = f"{task['instruction']}\n\n{task['input']}"  # as dsft renders instruction rows
+    return {
+        "prompt": [{"role": "user", "content": prompt}],
+        "chosen": [{"role": "assistant", "content": task["output"]}],
+        "rejected": [{"role": "assistant", "content": rejected}],
+    }
 
 
 def write_tasks(path: str | Path, rows: list[dict[str, Any]]) -> None:

@@ -207,6 +207,7 @@ class TrainConfig:
     # Loss from the final hidden states of the target positions only, through the LM head
     # in gradient-checkpointed chunks: no [batch, seq, vocab] logits (dsft/loss.py).
     # false = the model's full logits, then cross-entropy (the older, hungrier path).
+    # train.objective=dpo: the scored tokens' log-probs in chunks (dsft.loss.chunked_logps).
     fused_loss: bool = True
     # Sequence parallelism (Ulysses): each sequence / packed row is split across this many
     # ranks, attention exchanges heads for sequence (all-to-all); data-parallel size =
@@ -642,6 +643,22 @@ SP_ATTENTION = ("auto", "sdpa", "eager", "flash_attention_2")
 
 
 REFERENCE_FREE = ("orpo", "simpo")
+
+
+def needs_reference(p: PreferenceConfig) -> bool:
+    """Whether the preference loss compares with a reference model at all."""
+    return p.loss_type not in REFERENCE_FREE and p.reference != "none"
+
+
+def live_reference_copy(cfg: Config) -> bool:
+    """Whether training holds a second, frozen copy of the weights: preference.reference=live
+    for a full fine-tune (with LoRA the live reference is the model with its adapter off)."""
+    return (
+        cfg.train.objective == "dpo"
+        and needs_reference(cfg.preference)
+        and cfg.preference.reference == "live"
+        and not cfg.model.lora.enabled
+    )
 
 
 def validate_preference(cfg: Config) -> list[str]:

@@ -32,6 +32,10 @@ gradient (2 for bf16/fp16, 4 for fp32):
   fused loss    train.fused_loss (dsft/loss.py) keeps no logits per token: once per micro-batch
                 one chunk of them, (b + 12)·vocab per row over dsft.loss.chunk_rows rows, and
                 the head's gradient summed in fp32 (4·vocab·hidden; none with LoRA).
+  reference     preference.reference=live for a full fine-tune keeps a frozen second copy of the
+                weights (w·P), placed like the model's: divided by N under ZeRO-3, in host
+                RAM with parameter offload. Precomputed and reference-free methods, and LoRA
+                (the adapter switched off), hold none.
   allowance     1 GiB for the CUDA context, cuBLAS workspace and NCCL (invisible to PyTorch's
                 allocator) plus DeepSpeed's communication buckets.
 
@@ -94,6 +98,7 @@ class Workload:
     sequence_parallel: int = 1  # ranks sharing each sequence (train.sequence_parallel)
     tiled_mlp: bool = False  # model.tiled_mlp
     chunked_loss: bool = False  # train.fused_loss: one chunk of logits, never a row's
+    reference_copy: bool = False  # a frozen copy of the weights (dsft.config.live_reference_copy)
 
     @property
     def local_seq(self) -> int:
@@ -105,9 +110,12 @@ def _width(precision: str) -> int:
     return 4 if precision == "fp32" else 2
 
 
-def model_states(f: ModelFacts, o: Option, hw: Hardware, precision: str) -> tuple[int, int, int]:
+def model_states(
+    f: ModelFacts, o: Option, hw: Hardware, precision: str, reference_copy: bool = False
+) -> tuple[int, int, int]:
     """Model-state bytes: (held on each GPU, extra on each GPU during the optimizer step only,
-    host RAM per node)."""
+    host RAM per node). ``reference_copy``: a frozen second copy of the weights, placed as
+    the model's are."""
     n, w = hw.world_size, _width(precision)
     P, T = f.total_params, f.trainable_params
     # DeepSpeed keeps an fp32 master copy and builds fp32 gradients for the step in mixed
@@ -116,7 +124,7 @@ def model_states(f: ModelFacts, o: Option, hw: Hardware, precision: str) -> tupl
     zero_opt = w == 2 or o.stage >= 1
     optim = (4 + 8 if zero_opt else 8) * T  # master copy + Adam moments
     step = 4 * T if zero_opt else 0  # fp32 gradients, built for the step
-    weights = w * P
+    weights = w * P * (2 if reference_copy else 1)
     grads = w * T
     if o.stage >= 1:
         optim, step = optim / n, step / n
@@ -247,7 +255,7 @@ def micro_batch_candidates(w: Workload, world_size: int) -> list[int]:
 
 def estimate(f: ModelFacts, hw: Hardware, w: Workload, o: Option) -> Estimate:
     """Memory of option ``o`` and the largest candidate micro-batch that fits."""
-    states, step_extra, host = model_states(f, o, hw, w.precision)
+    states, step_extra, host = model_states(f, o, hw, w.precision, w.reference_copy)
     act, logits = activation_bytes(f, w)
     fixed = comm_buffers(f, o, w.precision) + (CONTEXT_BYTES if hw.device == "cuda" else 0)
     est = Estimate(

@@ -8,7 +8,7 @@ import logging
 from dataclasses import dataclass, field
 from typing import Any
 
-from dsft.config import Config, batch_shape
+from dsft.config import Config, batch_shape, live_reference_copy
 from dsft.errors import ConfigError
 from dsft.planner.choose import choose, smallest_sp
 from dsft.planner.facts import Hardware, ModelFacts, hidden_size, model_facts
@@ -102,6 +102,7 @@ def resolve(cfg: Config, hw: Hardware, facts: ModelFacts | None = None) -> tuple
             sequence_parallel=sp,
             tiled_mlp=cfg.model.tiled_mlp,
             chunked_loss=t.fused_loss,
+            reference_copy=live_reference_copy(cfg),
         )
         plan = choose(facts, hw, work, options)
         if auto_sp and hw.device == "cuda":

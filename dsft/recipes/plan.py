@@ -9,7 +9,7 @@ import json
 from pathlib import Path
 
 from dsft import planner
-from dsft.config import Config, batch_shape, load_config
+from dsft.config import Config, batch_shape, live_reference_copy, load_config
 from dsft.ds_config import deepspeed_config
 from dsft.errors import ConfigError
 from dsft.flops import peak_flops
@@ -57,6 +57,7 @@ def plan(ns: argparse.Namespace) -> int:
         sequence_parallel=1 if auto_sp else int(sp),
         tiled_mlp=ns.tiled or cfg.model.tiled_mlp,
         chunked_loss=ns.tiled or t.fused_loss,
+        reference_copy=live_reference_copy(cfg),
     )
     # Long rows (or sequence parallelism asked for): which degree each model needs.
     show_sp = auto_sp or work.sequence_parallel > 1 or work.seq > LONG_SEQ

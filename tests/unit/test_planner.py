@@ -410,3 +410,31 @@ def test_dsft_plan_reads_a_config_and_its_data(
     out = capsys.readouterr().out
     assert "seq 64, global batch 16, fp32" in out and "time/epoch" in out
     assert "the config asks for ZeRO-2: fits" in out
+
+
+def test_live_reference_copy_is_counted(tiny_model: Path, tiny_data: Path, tmp_path) -> None:
+    """preference.reference=live for a full fine-tune holds a second copy of the weights,
+    partitioned like the model's (ZeRO-3: 1/N; parameter offload: in host RAM); the
+    precomputed and reference-free methods and LoRA (its adapter switched off) hold none."""
+    f, hw = facts(1e9), Hardware(4, 1, 80 * GB)
+    for o in (Option(0), Option(2), Option(3), Option(3, True, True)):
+        held, step, host = planner.model_states(f, o, hw, "bf16")
+        held2, step2, host2 = planner.model_states(f, o, hw, "bf16", reference_copy=True)
+        copy = 2 * f.total_params / (4 if o.stage == 3 else 1)
+        if o.offload_params:
+            assert held2 == held and host2 == pytest.approx(host + copy * 4 * 1.5, abs=8)
+        else:
+            assert held2 == pytest.approx(held + copy, abs=8) and host2 == host
+        assert step2 == step
+
+    def predicted(**preference) -> int:
+        tree = base_config(tiny_model, tiny_data, tmp_path / "run", deepspeed={"zero_stage": 2})
+        tree["train"].update(objective="dpo", micro_batch=2, precision="bf16")
+        tree["preference"] = preference
+        cfg = load_config(write_config(tmp_path / "c.yaml", tree))
+        return planner.resolve(cfg, Hardware(2, 1, 80 * GB))[1].record()["predicted_gpu_bytes"]
+
+    weights = 2 * planner.model_facts(tiny_model).total_params
+    precomputed = predicted(reference="precomputed")
+    assert predicted(reference="live") == precomputed + weights
+    assert predicted(reference="live", loss_type="simpo") == precomputed

@@ -218,9 +218,9 @@ def test_packed_pairs_equal_unpacked(tmp_path: Path, tiny_model: Path, tok) -> N
     cfg = PreferenceConfig()
     ref = torch.randn(12) - 20
 
-    def run(batch):
+    def run(batch, fused=False):
         model.zero_grad()
-        logps, counts, nll = sequence_logps(model, head, batch, torch.device("cpu"))
+        logps, counts, nll = sequence_logps(model, head, batch, torch.device("cpu"), fused)
         terms = pair_losses(cfg, logps[:6], logps[6:], ref[:6], ref[6:], counts[:6], counts[6:])
         loss = terms.losses.sum() + nll
         loss.backward()
@@ -231,9 +231,41 @@ def test_packed_pairs_equal_unpacked(tmp_path: Path, tiny_model: Path, tok) -> N
     packed_batch = collate_pairs(pairs, tok.pad_token_id, rows=[[0, 1, 2], [3, 4], [5]])
     assert packed_batch["input_ids"].shape[0] == 3 and "attention_mask" not in packed_batch
     packed = run(packed_batch)
-    for a, b in zip(plain, packed, strict=True):
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    fused = run(packed_batch, fused=True)  # train.fused_loss: chunked, recomputed in backward
+    for other in (packed, fused):
+        for a, b in zip(plain, other, strict=True):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
     assert math.isfinite(float(plain[1]))
+
+
+@pytest.mark.parametrize("softcap", [None, 5.0])
+def test_chunked_logps_equal_log_softmax(monkeypatch: pytest.MonkeyPatch, softcap) -> None:
+    """train.fused_loss's per-token log-probs over 3 chunks: the values and the gradients
+    (of a weighted sum, as a preference loss weighs each sequence) of the hidden states and
+    the head's weight equal log_softmax over the full logits."""
+    from dsft import loss
+
+    monkeypatch.setattr(loss, "num_chunks", lambda n, vocab: 3)
+    torch.manual_seed(0)
+    head = torch.nn.Linear(16, 40, bias=False)
+    hidden = torch.randn(50, 16, requires_grad=True)
+    targets = torch.randint(0, 40, (50,))
+    weights = torch.randn(50)
+
+    def run(fused: bool):
+        head.zero_grad()
+        hidden.grad = None
+        if fused:
+            lp = loss.chunked_logps(hidden, targets, head, softcap)
+        else:
+            z = head(hidden).float()
+            z = softcap * torch.tanh(z / softcap) if softcap else z
+            lp = torch.log_softmax(z, -1).gather(1, targets[:, None])[:, 0]
+        (lp * weights).sum().backward()
+        return lp.detach(), hidden.grad.clone(), head.weight.grad.clone()
+
+    for a, b in zip(run(False), run(True), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("kind", ["kto", "orpo", "simpo", "sigmoid"])
