@@ -13,8 +13,11 @@ runner freezes the same parameters, ``dsft.model.part``), or trained in both
 (``--train-tower``):
 
   dsft          dsft train, padded micro-batches (image rows are rendered by the processor)
-  dsft-packed   data.packing=true: image rows packed. Refused while dsft does not pack image
-                rows; the table says so (with dsft's reason) and the run goes on
+  dsft-packed   data.packing=true, rows of ``--packed-max-len`` tokens (default 4 × max_len),
+                one packed row per micro-batch: the same steps, as many examples as fit
+                (its samples/s counts them: real tokens / the mean example length). Refused
+                while dsft does not pack image rows; the table says so (with dsft's reason)
+                and the run goes on
   trl           trl.SFTTrainer on a prompt-completion dataset with an ``images`` column
                 (TRL's VLM path: AutoProcessor, DataCollatorForVisionLanguageModeling,
                 loss on the completion). TRL refuses packing and padding-free for vision
@@ -39,7 +42,7 @@ from typing import Any
 import numpy as np
 import yaml
 
-from benchmarks.vs_trl import _fmt, child_env, environment, log, watch
+from benchmarks.vs_trl import _fmt, child_env, environment, log, watch, write_result
 from dsft.distributed import local_launch_argv
 
 SYSTEMS = ("dsft", "dsft-packed", "trl")
@@ -92,13 +95,13 @@ class VlmBench:
                 "path": [str(self.data)],
                 "val_fraction": 0.0,
                 "test_fraction": 0.0,
-                "max_len": ns.max_len,
+                "max_len": (ns.packed_max_len or 4 * ns.max_len) if packed else ns.max_len,
                 "packing": packed,
                 "cache_dir": str(self.work / "dsft-cache"),
             },
             "train": {
                 "max_steps": steps,
-                "micro_batch": ns.micro_batch,
+                "micro_batch": 1 if packed else ns.micro_batch,
                 "grad_accum": ns.grad_accum,
                 "lr": ns.lr,
                 "warmup_steps": 0,  # as vs_trl: only w=0 gives both the same schedule
@@ -133,8 +136,15 @@ class VlmBench:
         rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
         rows = [r for r in rows if r["split"] == "train"]
         self.ds_config = out / "ds_config.json"
+        data = json.loads((out / "summary.json").read_text())["data"]
+        mean_len = data["train_tokens"] / data["train"]  # real tokens of an example
         return {
             **w,
+            # examples per step: exact for padded rows, from real tokens for packed ones
+            "samples": [
+                r["tokens_per_s"] * r["step_time"] / mean_len if packed else self.samples_per_step
+                for r in rows[1:]
+            ],
             "dt": [b["time"] - a["time"] for a, b in itertools.pairwise(rows)],
             "steps": [r["step"] for r in rows[1:]],
             "final": out / "final",
@@ -172,6 +182,7 @@ class VlmBench:
         return {
             **w,
             "dt": [b["wall"] - a["wall"] for a, b in itertools.pairwise(rows)],
+            "samples": [self.samples_per_step] * (len(rows) - 1),
             "steps": [r["step"] for r in rows[1:]],
             "final": out / "final",
         }
@@ -210,7 +221,7 @@ class VlmBench:
         dt = np.array(res["dt"][skip:])
         probes = colour_probes(self.ns.eval_per_colour, seed=1000, jitter=self.ns.jitter)
         res["exact_match"] = colour_accuracy(res["final"], probes)
-        res["samples_per_s"] = float(self.samples_per_step / np.median(dt))
+        res["samples_per_s"] = float(np.median(np.array(res["samples"][skip:]) / dt))
         res["steps_done"] = len(res["dt"]) + 1
         log(
             f"{name} seed {seed}: exact match {res['exact_match']:.3f}, "
@@ -252,7 +263,7 @@ def table(result: dict[str, Any]) -> str:
         f"Task: colour of a picture (4 colours, chance 0.25), {s['train_examples']} training rows "
         f"(each its own picture, ±{s['jitter']} per channel), exact match on "
         f"{4 * s['eval_per_colour']} held-out pictures. Model: tiny Gemma 3 "
-        f"({result['params'] / 1e6:.2f}M params, tower and projector "
+        f"({result['params']:,} params, tower and projector "
         f"{'trained' if s['train_tower'] else 'frozen'}), fp32, ZeRO-{s['zero_stage']} "
         f"(the same DeepSpeed JSON for both), {s['nproc']} rank(s), micro-batch "
         f"{s['micro_batch']} × accumulation {s['grad_accum']}, {s['steps']} steps, lr {s['lr']} "
@@ -319,12 +330,7 @@ def run(ns: argparse.Namespace) -> int:
         for a in ("dsft", "dsft-packed")
         if a in med and "trl" in med and "refused" not in med[a] and "refused" not in med["trl"]
     }
-    text = table(result)
-    result["table"] = text
-    (bench.work / "bench.json").write_text(json.dumps(result, indent=2, default=str))
-    (bench.work / "bench.md").write_text(text + "\n")
-    print(text)
-    print(f"\nwritten: {bench.work / 'bench.json'}, {bench.work / 'bench.md'}")
+    write_result(bench.work, result, table(result))
     return 0
 
 
@@ -335,15 +341,16 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--mode", choices=("vlm",), default="vlm")
     p.add_argument("--out", default="runs/bench-vlm", help="work directory (bench.json, bench.md)")
-    p.add_argument("--steps", type=int, default=60, help="optimizer steps per run")
+    p.add_argument("--steps", type=int, default=150, help="optimizer steps per run")
     p.add_argument("--skip-steps", type=int, default=3, help="first steps not timed")
-    p.add_argument("--repeats", type=int, default=1, help="rounds (data-order seeds 0..n-1)")
+    p.add_argument("--repeats", type=int, default=3, help="rounds (data-order seeds 0..n-1)")
     p.add_argument("--micro-batch", type=int, default=4)
     p.add_argument("--grad-accum", type=int, default=1)
     p.add_argument("--nproc", type=int, default=1, help="ranks per system")
     p.add_argument("--zero-stage", type=int, default=0)
     p.add_argument("--lr", type=float, default=5e-3)
     p.add_argument("--max-len", type=int, default=64)
+    p.add_argument("--packed-max-len", type=int, help="dsft-packed's row length (4 × max-len)")
     p.add_argument("--train-examples", type=int, default=240, help="training rows")
     p.add_argument("--jitter", type=int, default=20, help="± per colour channel of each picture")
     p.add_argument("--eval-per-colour", type=int, default=8, help="held-out pictures per colour")

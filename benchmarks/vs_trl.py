@@ -811,13 +811,17 @@ def run(ns: argparse.Namespace) -> int:
                 )
                 for k in FIGURES
             }
-    text = table(result)
-    result["table"] = text
-    (bench.work / "bench.json").write_text(json.dumps(result, indent=2, default=str))
-    (bench.work / "bench.md").write_text(text + "\n")
-    print(text)
-    print(f"\nwritten: {bench.work / 'bench.json'}, {bench.work / 'bench.md'}")
+    write_result(bench.work, result, table(result))
     return 0
+
+
+def write_result(work: Path, result: dict[str, Any], text: str) -> None:
+    """``<work>/bench.json`` (every figure, the table in it) and ``bench.md``; print the table."""
+    result["table"] = text
+    (work / "bench.json").write_text(json.dumps(result, indent=2, default=str))
+    (work / "bench.md").write_text(text + "\n")
+    print(text)
+    print(f"\nwritten: {work / 'bench.json'}, {work / 'bench.md'}")
 
 
 def main(argv: list[str] | None = None) -> int:
