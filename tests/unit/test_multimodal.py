@@ -118,6 +118,12 @@ def test_tower_flops_count_per_image_patch_not_per_token() -> None:
     micro = {"pixel_values": torch.zeros(3, 3, 32, 32)}  # three images
     assert image_patches(micro, t) == (48, 3 * 16**2)
     assert image_patches({"input_ids": torch.zeros(2, 5)}, t) == (0, 0)
+    # Qwen-VL's layout: flattened patches, t·h·w of them per image in image_grid_thw
+    grid = {
+        "pixel_values": torch.zeros(20, 384),
+        "image_grid_thw": torch.tensor([[1, 2, 2], [1, 4, 4]]),
+    }
+    assert image_patches(grid, t) == (20, 4**2 + 16**2)
     counter = FlopCounter(nl + nv + np_, nlt, cfg, 0.0, t)
     text = train_flops(nl, nlt, 2, 32, 100, 2000)
     assert counter.flops(100, 2000) == text  # no image: no tower FLOPs at all
