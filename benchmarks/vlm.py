@@ -46,7 +46,6 @@ from benchmarks.vs_trl import _fmt, child_env, environment, log, watch, write_re
 from dsft.distributed import local_launch_argv
 
 SYSTEMS = ("dsft", "dsft-packed", "trl")
-PROMPT = "What colour is this?"
 
 
 class VlmBench:
@@ -73,8 +72,9 @@ class VlmBench:
         for line in self.data.read_text().splitlines():
             user, answer = json.loads(line)["messages"]
             (image,) = [p["path"] for p in user["content"] if p["type"] == "image"]
+            (text,) = [p["text"] for p in user["content"] if p["type"] == "text"]
             trl_rows.append({
-                "prompt": [{"role": "user", "content": PROMPT}],
+                "prompt": [{"role": "user", "content": text}],
                 "completion": [{"role": "assistant", "content": answer["content"]}],
                 "images": [str(self.data.parent / image)],
             })  # fmt: skip
@@ -295,7 +295,7 @@ def run(ns: argparse.Namespace) -> int:
     datasets.disable_progress_bars()
     bench = VlmBench(ns)
     bench.build_inputs()
-    seeds = list(range(ns.repeats))
+    seeds = list(range(ns.first_seed, ns.first_seed + ns.repeats))
     settings = {k: v for k, v in vars(ns).items() if k not in ("mode",)}
     result: dict[str, Any] = {
         "settings": {**settings, "seeds": seeds},
@@ -343,7 +343,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default="runs/bench-vlm", help="work directory (bench.json, bench.md)")
     p.add_argument("--steps", type=int, default=150, help="optimizer steps per run")
     p.add_argument("--skip-steps", type=int, default=3, help="first steps not timed")
-    p.add_argument("--repeats", type=int, default=3, help="rounds (data-order seeds 0..n-1)")
+    p.add_argument("--repeats", type=int, default=3, help="rounds, one data-order seed each")
+    p.add_argument("--first-seed", type=int, default=0, help="the first round's seed")
     p.add_argument("--micro-batch", type=int, default=4)
     p.add_argument("--grad-accum", type=int, default=1)
     p.add_argument("--nproc", type=int, default=1, help="ranks per system")

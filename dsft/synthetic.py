@@ -567,6 +567,7 @@ def build_vlm_dir(out: str | Path, family: str, seed: int = 0) -> Path:
     return out
 
 
+COLOUR_QUESTION = "What colour is this?"
 COLOURS = {
     "red": (220, 30, 30),
     "green": (30, 200, 40),
@@ -628,13 +629,13 @@ def write_colour_task(
             Image.new("RGB", (32, 32), COLOURS[colour]).save(buf, format="PNG")
             ref = "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
         if forms and i % 3 == 2:
-            rows.append({"messages": [{"role": "user", "content": "<image>What colour is this?"},
+            rows.append({"messages": [{"role": "user", "content": "<image>" + COLOUR_QUESTION},
                                       {"role": "assistant", "content": answer}],
                          "images": [ref]})  # fmt: skip
         else:
             part = {"type": "image", "url" if ref.startswith("data:") else "path": ref}
             rows.append({"messages": [
-                {"role": "user", "content": [part, {"type": "text", "text": "What colour is this?"}]},
+                {"role": "user", "content": [part, {"type": "text", "text": COLOUR_QUESTION}]},
                 {"role": "assistant", "content": answer}]})  # fmt: skip
     path = folder / "data.jsonl"
     with path.open("w", encoding="utf-8") as f:
@@ -676,7 +677,7 @@ def colour_accuracy(export: str | Path, probes: list[tuple[str, Any]] | None = N
     model = AutoModelForImageTextToText.from_pretrained(export).eval()
     proc = AutoProcessor.from_pretrained(export)
     ask = [{"role": "user", "content": [{"type": "image"},
-                                        {"type": "text", "text": "What colour is this?"}]}]  # fmt: skip
+                                        {"type": "text", "text": COLOUR_QUESTION}]}]  # fmt: skip
     text = proc.apply_chat_template(ask, add_generation_prompt=True, tokenize=False)
     right = 0
     probes = colour_probes() if probes is None else probes
