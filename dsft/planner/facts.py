@@ -69,16 +69,14 @@ class ModelFacts:
 
     def describe(self) -> str:
         kind = "LoRA" if self.lora else "full" if self.trainable_params == self.total_params else ""
-        moe = f" ({_count(self.active_params)} active)" if self.active_params else ""
+        notes = f" ({_count(self.active_params)} active)" if self.active_params else ""
         if self.tower_params:
-            frozen = (
-                "frozen"
-                if not self.tower_trainable
-                else f"{_count(self.tower_trainable)} trainable"
+            trains = (
+                f"{_count(self.tower_trainable)} trainable" if self.tower_trainable else "frozen"
             )
-            moe += f" (vision tower + projector {_count(self.tower_params)}, {frozen})"
+            notes += f" (vision tower + projector {_count(self.tower_params)}, {trains})"
         return (
-            f"{self.name}: {_count(self.total_params)} params{moe}, "
+            f"{self.name}: {_count(self.total_params)} params{notes}, "
             f"{_count(self.trainable_params)} "
             f"trainable{f' ({kind})' if kind else ''}; hidden {self.hidden}, {self.layers} layers, "
             f"vocab {self.vocab}, largest layer {_count(self.largest_layer_params)}"
