@@ -11,6 +11,14 @@ Modes: ``default`` (padded micro-batches, TRL's defaults) and ``best``
 switches ``padding_free`` on: packed rows are flattened into one sequence per
 micro-batch with restarting position ids, no padding at all).
 
+VLM mode (``"vlm": true``, ``dsft bench --mode vlm``, benchmarks/vlm.py): TRL's own
+vision-language path: the model loaded with ``AutoModelForImageTextToText``, its
+``AutoProcessor`` as the processing class, a prompt-completion dataset with an ``images``
+column (image files, decoded by ``datasets``), which SFTTrainer renders and processes per
+batch (``DataCollatorForVisionLanguageModeling``; loss on the completion only). The vision
+tower and projector are frozen as dsft freezes them by default (``dsft.model.part``) unless
+the spec says ``"train_tower": true``.
+
 Writes ``<out>/metrics.jsonl``: one row per optimizer step with the real (non-pad)
 tokens of the step per device, the sum of squared segment lengths (attention FLOPs)
 and the wall time at the step's end; ``<out>/summary.json``; ``<out>/final`` (weights).
@@ -52,8 +60,7 @@ def main(spec_path: str) -> int:
             port = s.getsockname()[1]
         os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", LOCAL_WORLD_SIZE="1",
                           MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))  # fmt: skip
-    from datasets import load_from_disk
-    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
+    from transformers import TrainerCallback
     from trl import SFTConfig, SFTTrainer
 
     out = Path(spec["out"])
@@ -61,11 +68,7 @@ def main(spec_path: str) -> int:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     cuda = torch.cuda.is_available()
     dtype = torch.bfloat16 if spec["precision"] == "bf16" else torch.float32
-    tokenizer = AutoTokenizer.from_pretrained(spec["model"])
-    model = AutoModelForCausalLM.from_pretrained(
-        spec["model"], dtype=dtype, attn_implementation=spec["attn_implementation"]
-    )
-    train = load_from_disk(spec["train"])
+    tokenizer, model, train = (_vlm_inputs if spec.get("vlm") else _text_inputs)(spec, dtype)
     best = spec["mode"] == "best"
     args = SFTConfig(
         output_dir=str(out / "trainer"),
@@ -157,7 +160,7 @@ def main(spec_path: str) -> int:
     trainer.train()
     trainer.save_model(str(out / "final"))
     if rank == 0:
-        tokenizer.save_pretrained(out / "final")
+        tokenizer.save_pretrained(out / "final")  # (a processor: its files and the tokenizer's)
         summary = {
             "steps_done": len(rows),
             "world_size": world,
@@ -172,6 +175,39 @@ def main(spec_path: str) -> int:
             summary["gpu_mem_gb"] = torch.cuda.max_memory_allocated() / 2**30
         (out / "summary.json").write_text(json.dumps(summary, indent=2))
     return 0
+
+
+def _text_inputs(spec: dict[str, Any], dtype: torch.dtype) -> tuple[Any, Any, Any]:
+    """Tokenizer, causal LM and the pre-tokenised dataset (input_ids + assistant_masks)."""
+    from datasets import load_from_disk
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(spec["model"])
+    model = AutoModelForCausalLM.from_pretrained(
+        spec["model"], dtype=dtype, attn_implementation=spec["attn_implementation"]
+    )
+    return tokenizer, model, load_from_disk(spec["train"])
+
+
+def _vlm_inputs(spec: dict[str, Any], dtype: torch.dtype) -> tuple[Any, Any, Any]:
+    """Processor, image-text model (tower frozen unless asked) and the prompt-completion
+    dataset with its images column, from the JSON-lines file the driver wrote."""
+    import datasets
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    from dsft.model import part
+
+    processor = AutoProcessor.from_pretrained(spec["model"])
+    model = AutoModelForImageTextToText.from_pretrained(
+        spec["model"], dtype=dtype, attn_implementation=spec["attn_implementation"]
+    )
+    if not spec.get("train_tower"):
+        for name, p in model.named_parameters():
+            if part(name) != "language":
+                p.requires_grad_(False)
+    rows = [json.loads(x) for x in Path(spec["train"]).read_text().splitlines()]
+    train = datasets.Dataset.from_list(rows).cast_column("images", datasets.List(datasets.Image()))
+    return processor, model, train
 
 
 if __name__ == "__main__":

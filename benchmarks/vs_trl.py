@@ -811,26 +811,42 @@ def run(ns: argparse.Namespace) -> int:
                 )
                 for k in FIGURES
             }
-    text = table(result)
-    result["table"] = text
-    (bench.work / "bench.json").write_text(json.dumps(result, indent=2, default=str))
-    (bench.work / "bench.md").write_text(text + "\n")
-    print(text)
-    print(f"\nwritten: {bench.work / 'bench.json'}, {bench.work / 'bench.md'}")
+    write_result(bench.work, result, table(result))
     return 0
 
 
+def write_result(work: Path, result: dict[str, Any], text: str) -> None:
+    """``<work>/bench.json`` (every figure, the table in it) and ``bench.md``; print the table."""
+    result["table"] = text
+    (work / "bench.json").write_text(json.dumps(result, indent=2, default=str))
+    (work / "bench.md").write_text(text + "\n")
+    print(text)
+    print(f"\nwritten: {work / 'bench.json'}, {work / 'bench.md'}")
+
+
 def main(argv: list[str] | None = None) -> int:
-    """``dsft bench ...`` / ``python -m benchmarks ...``."""
+    """``dsft bench ...`` / ``python -m benchmarks ...``; ``--mode vlm``: benchmarks/vlm.py."""
+    args = sys.argv[1:] if argv is None else argv
+    mode = argparse.ArgumentParser(add_help=False)
+    mode.add_argument("--mode")
+    if mode.parse_known_args(args)[0].mode == "vlm":  # its own options
+        from benchmarks.vlm import main as vlm_main
+
+        return vlm_main(args)
     p = argparse.ArgumentParser(
         prog="dsft bench", description="dsft vs TRL SFTTrainer on identical work (tokens/s, MFU...)"
     )
     add_arguments(p)
-    return run(p.parse_args(argv))
+    return run(p.parse_args(args))
 
 
 def add_arguments(b: Any) -> None:
-    b.add_argument("--mode", choices=("cpu", "gpu"), default="cpu")
+    b.add_argument(
+        "--mode",
+        choices=("cpu", "gpu", "vlm"),
+        default="cpu",
+        help="vlm: image-text SFT against TRL's VLM path (benchmarks/vlm.py, its own options)",
+    )
     b.add_argument(
         "--dry-run", action="store_true", help="gpu mode with tiny shapes (runs on a CPU)"
     )

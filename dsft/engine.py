@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from dsft import checkpoint, distributed, fastpath, hf_export, loss, moe, tiled_mlp
+from dsft import checkpoint, distributed, fastpath, flops, hf_export, loss, moe, tiled_mlp
 from dsft import sequence_parallel as seqpar
 from dsft.config import to_dict
 from dsft.data.sampler import steps_per_epoch
@@ -24,6 +24,7 @@ from dsft.model import (
     build_model,
     count_params,
     freeze,
+    part_params,
     torch_dtype,
     warn_beyond_context,
 )
@@ -80,6 +81,8 @@ class Engine:
     idle_params: int = 0
     idle_trainable: int = 0
     router: moe.RouterLoss | None = None
+    # A multimodal model's vision tower and projector: their FLOPs count per image patch
+    tower: flops.Tower | None = None
 
     @property
     def active(self) -> tuple[int, int]:
@@ -191,6 +194,7 @@ def build_engine(job: Job, units: int) -> Engine:
         toucher=job.tower_toucher(ds.module),
         idle_params=idle,
         idle_trainable=idle_trainable,
+        tower=flops.tower(model.config, part_params(model)),
         # mixture of experts: the router's load-balancing loss (dsft/moe.py), None when none
         router=moe.router_loss(ds.module, cfg.train.router_aux_loss_coef),
     )

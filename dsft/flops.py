@@ -14,10 +14,24 @@ score and value products, which grow with each sequence's own length. With full
 fine-tuning N_t = N and this is the usual 6·N·T. Activation recomputation (checkpointing)
 is not counted: MFU counts the model's FLOPs, not the hardware's; the planner adds the
 recomputation to its *time* estimate only (``recompute=True``).
+
+A multimodal model's vision tower and projector (:class:`Tower`) run once per image patch,
+never per text token, so N and N_t above are the language model's alone and the tower adds,
+for P_j patches of image j (P = Σ P_j; L_v blocks of width d_v):
+
+    forward   2·(N_v + N_p)·P + 4·L_v·d_v·Σ P_j²
+    backward  only as far down as something trains: through the projector (2·N_p·P) when it
+              or the tower trains, through the tower (2·N_v·P + 8·L_v·d_v·Σ P_j²) when it
+              trains, plus the weight gradients 2·(N_v,t + N_p,t)·P
+
+A frozen tower and projector (the default) cost the forward only. The projector is counted
+per patch, an upper bound for the families that pool patches before projecting (Gemma 3,
+Idefics3).
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 # Dense bf16/fp16 tensor-core peaks (TFLOP/s) by GPU name; extend with logging.peak_tflops.
@@ -93,19 +107,122 @@ def text_dims(model_config: Any) -> tuple[int, int]:
     return int(layers), int(getattr(text, "hidden_size", 0) or 0)
 
 
-class FlopCounter:
-    """Model FLOPs of training steps and MFU, by :func:`train_flops`."""
+@dataclass(frozen=True)
+class Tower:
+    """A multimodal model's vision tower and projector: their parameters (total, trainable)
+    and the tower's shape, for FLOPs per image patch (see the module docstring)."""
 
-    def __init__(self, total: int, trainable: int, model_config: Any, total_peak: float):
-        self.total, self.trainable = total, trainable
+    vision: int
+    vision_trainable: int
+    projector: int
+    projector_trainable: int
+    layers: int  # the tower's blocks
+    hidden: int  # ... and their width
+    patch: int  # pixels per patch side
+    values_per_patch: int  # pixel_values entries per patch: channels × patch² × frames
+
+    @property
+    def params(self) -> tuple[int, int]:
+        """(total, trainable) parameters of tower and projector together."""
+        return self.vision + self.projector, self.vision_trainable + self.projector_trainable
+
+    def flops(self, patches: float, sq_patches: float) -> float:
+        """Training FLOPs of images of ``patches`` patches in all, whose per-image squares sum
+        to ``sq_patches``."""
+        total, trainable = self.params
+        out = 2 * total * patches + 4 * self.layers * self.hidden * sq_patches  # forward
+        if trainable:  # gradients flow back through the projector ...
+            out += 2 * self.projector * patches + 2 * trainable * patches
+        if self.vision_trainable:  # ... and through the tower when it trains
+            out += 2 * self.vision * patches + 8 * self.layers * self.hidden * sq_patches
+        return float(out)
+
+
+def tower(model_config: Any, parts: dict[str, tuple[int, int]]) -> Tower | None:
+    """The :class:`Tower` of a Hugging Face config with a ``vision_config``, given the
+    (total, trainable) parameters of each part (``dsft.model.part_params``); None for a
+    text model or a tower without image patches (audio)."""
+    vision = getattr(model_config, "vision_config", None)
+    if vision is None or isinstance(vision, dict) or not parts.get("vision", (0, 0))[0]:
+        return None
+    patch = int(getattr(vision, "patch_size", 0) or 0)
+    if not patch:
+        return None
+    layers = getattr(vision, "num_hidden_layers", None) or getattr(vision, "depth", 0)
+    channels = int(getattr(vision, "num_channels", None) or getattr(vision, "in_channels", 3))
+    frames = int(getattr(vision, "temporal_patch_size", None) or 1)
+    (nv, tv), (np_, tp) = parts.get("vision", (0, 0)), parts.get("projector", (0, 0))
+    return Tower(
+        vision=nv,
+        vision_trainable=tv,
+        projector=np_,
+        projector_trainable=tp,
+        layers=int(layers),
+        hidden=int(vision.hidden_size),
+        patch=patch,
+        values_per_patch=channels * patch * patch * frames,
+    )
+
+
+def image_patches(micro: dict[str, Any], tower: Tower | None) -> tuple[int, int]:
+    """(patches, Σ per-image patches²) of a micro-batch's images, from the shapes of its
+    processor outputs: ``image_grid_thw`` (Qwen-VL: t·h·w patches per image), else
+    ``pixel_values`` of images [..., channels, H, W] (H·W / patch² each; Idefics3's padding
+    images, all-zero in ``pixel_attention_mask``, left out). (0, 0) without images."""
+    pixels = micro.get("pixel_values")
+    if tower is None or pixels is None:
+        return 0, 0
+    grid = micro.get("image_grid_thw")
+    if grid is not None:
+        per = [int(t * h * w) for t, h, w in grid.tolist()]
+    elif pixels.dim() >= 4:
+        h, w = pixels.shape[-2:]
+        mask = micro.get("pixel_attention_mask")
+        images = (
+            int(mask.flatten(0, -3).flatten(1).any(1).sum())
+            if mask is not None
+            else pixels.numel() // (pixels.shape[-3] * h * w)
+        )
+        per = [(h // tower.patch) * (w // tower.patch)] * images
+    else:  # flattened patches without a grid: count them, as one image
+        per = [pixels.numel() // tower.values_per_patch]
+    return sum(per), sum(p * p for p in per)
+
+
+class FlopCounter:
+    """Model FLOPs of training steps and MFU, by :func:`train_flops` for the language model
+    and :meth:`Tower.flops` for a multimodal model's tower (``total``, ``trainable``: all
+    parameters; the tower's are counted per image patch, the rest per token)."""
+
+    def __init__(
+        self,
+        total: int,
+        trainable: int,
+        model_config: Any,
+        total_peak: float,
+        tower: Tower | None = None,
+    ):
+        tower_total, tower_trainable = tower.params if tower else (0, 0)
+        self.total, self.trainable = total - tower_total, trainable - tower_trainable
+        self.tower = tower
         self.layers, self.hidden = text_dims(model_config) if model_config else (0, 0)
         self.total_peak = total_peak  # peak FLOP/s of all devices together
 
-    def flops(self, tokens: float, sq_tokens: float) -> float:
-        return train_flops(self.total, self.trainable, self.layers, self.hidden, tokens, sq_tokens)
+    def flops(
+        self, tokens: float, sq_tokens: float, patches: float = 0, sq_patches: float = 0
+    ) -> float:
+        text = train_flops(self.total, self.trainable, self.layers, self.hidden, tokens, sq_tokens)
+        return text + (self.tower.flops(patches, sq_patches) if self.tower else 0.0)
 
-    def scalars(self, tokens: float, sq_tokens: float, seconds: float) -> dict[str, float]:
-        achieved = self.flops(tokens, sq_tokens) / max(seconds, 1e-9)
+    def scalars(
+        self,
+        tokens: float,
+        sq_tokens: float,
+        seconds: float,
+        patches: float = 0,
+        sq_patches: float = 0,
+    ) -> dict[str, float]:
+        achieved = self.flops(tokens, sq_tokens, patches, sq_patches) / max(seconds, 1e-9)
         out = {"tflops": achieved / 1e12}
         if self.total_peak:
             out["mfu"] = achieved / self.total_peak

@@ -32,6 +32,8 @@ class StepMeter:
     val_targets: float = 0.0
     tokens: int = 0  # this rank's real tokens since the last log line (and their squares)
     sq_tokens: int = 0
+    patches: int = 0  # ... image patches (a multimodal tower's FLOPs) and their squares
+    sq_patches: int = 0
     seconds: float = 0.0  # time spent in training steps since the last log line
     bad_steps: int = 0
     bad_in_a_row: int = 0
@@ -45,6 +47,8 @@ class StepMeter:
         Bad steps update nothing; too many in a row end the run (TrainingDiverged)."""
         self.tokens += r.tokens
         self.sq_tokens += r.sq_tokens
+        self.patches += r.patches
+        self.sq_patches += r.sq_patches
         self.grad_norm = r.grad_norm
         if not math.isfinite(r.loss) or (r.skipped and self.precision != "fp16"):
             self.bad_steps += 1
@@ -74,7 +78,9 @@ class StepMeter:
     def scalars(self, steps: int, engine: Any) -> dict[str, float]:
         """The log line's scalars over the last ``steps`` steps (all ranks call this: the
         token counts are summed over them); resets the log-line sums."""
-        tokens, sq_tokens = distributed.all_reduce_sum([self.tokens, self.sq_tokens]).tolist()
+        tokens, sq_tokens, patches, sq_patches = distributed.all_reduce_sum(
+            [self.tokens, self.sq_tokens, self.patches, self.sq_patches]
+        ).tolist()
         norm = engine.ds.get_global_grad_norm()
         if norm is None:  # ZeRO-0 fp32: DeepSpeed keeps no norm, the step took its own
             norm = self.grad_norm if self.grad_norm is not None else float("nan")
@@ -89,7 +95,7 @@ class StepMeter:
             "tokens_per_s": tokens / max(self.seconds, 1e-9),
             "skipped_steps": engine.ds.skipped_steps,
             "bad_steps": self.bad_steps,
-            **self.flops.scalars(tokens, sq_tokens, self.seconds),
+            **self.flops.scalars(tokens, sq_tokens, self.seconds, patches, sq_patches),
             # the objective's own metrics: means over the good steps
             **{k: v / max(self.good_steps, 1) for k, v in self.metrics.items()},
         }
@@ -98,7 +104,7 @@ class StepMeter:
         if torch.cuda.is_available():
             scalars["gpu_mem_gb"] = torch.cuda.max_memory_allocated() / 2**30
         self.loss_sum = self.targets = self.seconds = 0.0
-        self.tokens = self.sq_tokens = self.good_steps = 0
+        self.tokens = self.sq_tokens = self.patches = self.sq_patches = self.good_steps = 0
         self.metrics.clear()
         return scalars
 

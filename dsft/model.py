@@ -521,12 +521,21 @@ def freeze(model: torch.nn.Module, cfg: FreezeConfig) -> list[str]:
 
 def count_params(model: torch.nn.Module) -> tuple[int, int]:
     """(total, trainable) parameter counts; correct under ZeRO-3 partitioning too."""
-    total = trainable = 0
-    for p in model.parameters():
+    parts = part_params(model).values()
+    return sum(t for t, _ in parts), sum(t for _, t in parts)
+
+
+def part_params(model: torch.nn.Module) -> dict[str, tuple[int, int]]:
+    """(total, trainable) parameter counts of each :func:`part` ("language", "vision",
+    "projector"; the parts a model has), under ZeRO-3 partitioning too. FLOPs count the
+    tower's per image patch (dsft.flops.Tower)."""
+    counts: dict[str, list[int]] = {}
+    for name, p in model.named_parameters():
         n = getattr(p, "ds_numel", None) or p.numel()
-        total += n
-        trainable += n if p.requires_grad else 0
-    return total, trainable
+        c = counts.setdefault(part(name), [0, 0])
+        c[0] += n
+        c[1] += n if p.requires_grad else 0
+    return {k: (t, tr) for k, (t, tr) in counts.items()}
 
 
 def torch_dtype(precision: str) -> torch.dtype:

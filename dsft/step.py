@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from dsft import attention, distributed, loss, moe
+from dsft import attention, distributed, flops, loss, moe
 from dsft.data import Splits, prepare
 from dsft.data.collate import collate
 from dsft.data.packing import collate_packed
@@ -51,6 +51,8 @@ class StepResult:
     stop: bool  # some rank was asked to stop (SIGTERM / SIGUSR1)
     grad_norm: float | None = None  # our pre-clip norm where DeepSpeed keeps none (ZeRO-0 fp32)
     metrics: dict[str, float] = field(default_factory=dict)  # the objective's own scalars
+    patches: int = 0  # this rank's image patches (the tower's FLOPs, dsft.flops.Tower) ...
+    sq_patches: int = 0  # ... and the sum of their squares per image
 
 
 Batch = Callable[[Splits, list[list[int]], list[int], int], dict[str, torch.Tensor]]
@@ -127,7 +129,7 @@ def sft_step(engine: Engine, window: Window) -> StepResult:
     step_aux = torch.zeros((), dtype=torch.float64, device=dev)  # MoE router loss, summed
     router = engine.router
     n = len(window.micro_batches) * engine.data_parallel  # the step's micro-batches, all ranks
-    tokens = sq_tokens = 0
+    tokens = sq_tokens = patches = sq_patches = 0
     skipped_before = ds.skipped_steps
     for i, micro in enumerate(window.micro_batches):
         lengths = micro.pop("lengths")  # real tokens per example (for throughput)
@@ -160,6 +162,8 @@ def sft_step(engine: Engine, window: Window) -> StepResult:
         if sp.rank == 0:  # a group's rows are counted once
             tokens += int(lengths.sum())
             sq_tokens += int((lengths**2).sum())
+            p, sq = flops.image_patches(micro, engine.tower)
+            patches, sq_patches = patches + p, sq_patches + sq
     (nll_sum, aux_sum), stop = reduce_with_stop(torch.stack([step_nll, step_aux]), dev)
     return StepResult(
         loss=nll_sum / global_targets,
@@ -169,6 +173,8 @@ def sft_step(engine: Engine, window: Window) -> StepResult:
         skipped=ds.skipped_steps > skipped_before,
         stop=stop,
         grad_norm=own_norm,
+        patches=patches,
+        sq_patches=sq_patches,
         # MoE: the mean router aux loss of the step's micro-batches (before its coefficient)
         metrics={"aux_loss": aux_sum / n} if router is not None else {},
     )

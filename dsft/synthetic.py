@@ -648,6 +648,7 @@ def build_vlm_dir(out: str | Path, family: str, seed: int = 0) -> Path:
     return out
 
 
+COLOUR_QUESTION = "What colour is this?"
 COLOURS = {
     "red": (220, 30, 30),
     "green": (30, 200, 40),
@@ -656,15 +657,28 @@ COLOURS = {
 }
 
 
+def _colour(rng: random.Random, name: str, jitter: int) -> tuple[int, int, int]:
+    """``name``'s RGB, each channel moved by up to ±``jitter`` (clipped to 0..255)."""
+    r, g, b = (min(255, max(0, c + rng.randint(-jitter, jitter))) for c in COLOURS[name])
+    return r, g, b
+
+
 def write_colour_task(
-    folder: str | Path, n: int = 200, seed: int = 0, text_every: int = 0, forms: bool = True
+    folder: str | Path,
+    n: int = 200,
+    seed: int = 0,
+    text_every: int = 0,
+    forms: bool = True,
+    jitter: int = 0,
 ) -> Path:
     """A synthetic visual task: "What colour is this?" about a solid-colour image, answered
     with its colour's initial, R, G, B or Y (chance: 1 in 4; one token for the demo's
     character tokenizer, so a tiny model learns it in a few dozen steps). Images are PNG files next to ``data.jsonl``
     (relative paths); with ``forms`` every third row uses the ``images`` column with an
     ``<image>`` placeholder (LLaMA-Factory) and every fifth a base64 ``data:`` URI. With
-    ``text_every`` = k, every k-th row is text-only (mixed batches)."""
+    ``text_every`` = k, every k-th row is text-only (mixed batches). With ``jitter`` > 0 every
+    image row has its own picture (``img/<row>.png``: a random size, each channel of its colour
+    moved by up to ±``jitter``), so no two rows show the same image (the benchmark's form)."""
     import base64
     import io
 
@@ -687,24 +701,76 @@ def write_colour_task(
                                       {"role": "assistant", "content": w[::-1]}]})  # fmt: skip
             continue
         ref = f"img/{colour}.png"
+        if jitter:
+            size = (rng.randint(24, 48), rng.randint(24, 48))
+            Image.new("RGB", size, _colour(rng, colour, jitter)).save(folder / "img" / f"{i}.png")
+            ref = f"img/{i}.png"
         if forms and i % 5 == 4:
             buf = io.BytesIO()
             Image.new("RGB", (32, 32), COLOURS[colour]).save(buf, format="PNG")
             ref = "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
         if forms and i % 3 == 2:
-            rows.append({"messages": [{"role": "user", "content": "<image>What colour is this?"},
+            rows.append({"messages": [{"role": "user", "content": "<image>" + COLOUR_QUESTION},
                                       {"role": "assistant", "content": answer}],
                          "images": [ref]})  # fmt: skip
         else:
             part = {"type": "image", "url" if ref.startswith("data:") else "path": ref}
             rows.append({"messages": [
-                {"role": "user", "content": [part, {"type": "text", "text": "What colour is this?"}]},
+                {"role": "user", "content": [part, {"type": "text", "text": COLOUR_QUESTION}]},
                 {"role": "assistant", "content": answer}]})  # fmt: skip
     path = folder / "data.jsonl"
     with path.open("w", encoding="utf-8") as f:
         for r in rows:
             f.write(json.dumps(r) + "\n")
     return path
+
+
+def colour_probes(
+    per_colour: int = 3, seed: int | None = None, jitter: int = 0
+) -> list[tuple[str, Any]]:
+    """Held-out pictures for :func:`colour_accuracy`: (colour, PIL image) pairs,
+    ``per_colour`` of each colour. ``seed`` None: three fixed sizes of the exact colours;
+    else random sizes and colours moved by up to ±``jitter`` (pick a seed the training data
+    did not use)."""
+    from PIL import Image
+
+    fixed = [(24, 30), (40, 40), (48, 26)]
+    rng = random.Random(seed)
+    probes = []
+    for name in COLOURS:
+        for k in range(per_colour):
+            if seed is None:
+                size, rgb = fixed[k % len(fixed)], COLOURS[name]
+            else:
+                size = (rng.randint(24, 48), rng.randint(24, 48))
+                rgb = _colour(rng, name, jitter)
+            probes.append((name, Image.new("RGB", size, rgb)))
+    return probes
+
+
+def colour_accuracy(export: str | Path, probes: list[tuple[str, Any]] | None = None) -> float:
+    """Exact match of a colour-task model (loaded as a user would: AutoModelForImageTextToText
+    + AutoProcessor) on held-out pictures (:func:`colour_probes`): its greedy answer is the
+    colour's initial. Any trainer's export is scored by this same code."""
+    import torch
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    model = AutoModelForImageTextToText.from_pretrained(export).eval()
+    proc = AutoProcessor.from_pretrained(export)
+    ask = [{"role": "user", "content": [{"type": "image"},
+                                        {"type": "text", "text": COLOUR_QUESTION}]}]  # fmt: skip
+    text = proc.apply_chat_template(ask, add_generation_prompt=True, tokenize=False)
+    right = 0
+    probes = colour_probes() if probes is None else probes
+    for name, img in probes:
+        inputs = proc(text=[text], images=[[img]], add_special_tokens=False, return_tensors="pt")
+        with torch.no_grad():
+            out = model.generate(**inputs, max_new_tokens=3, do_sample=False)
+        got = proc.tokenizer.decode(
+            out[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True
+        )
+        right += got.strip() == name[0].upper()
+    return right / len(probes)
 
 
 if __name__ == "__main__":  # `python -m dsft.synthetic`: regenerate the bundled demo dataset

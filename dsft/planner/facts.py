@@ -47,6 +47,11 @@ class ModelFacts:
     # these, memory the totals. 0 = a dense model (all active).
     active_params: int = 0
     active_trainable: int = 0
+    # A multimodal model's vision tower and projector (in the totals above: memory holds
+    # them, frozen ones without gradients or optimizer state; FLOPs count them per image,
+    # not per token): parameters, trainable ones.
+    tower_params: int = 0
+    tower_trainable: int = 0
     config: Any = field(default=None, compare=False, repr=False)  # the HF config, for re-planning
 
     @property
@@ -55,16 +60,23 @@ class ModelFacts:
 
     @property
     def active(self) -> tuple[int, int]:
-        """(total, trainable) parameters a token uses: all of them unless a MoE."""
-        if not self.active_params:
-            return self.total_params, self.trainable_params
-        return self.active_params, self.active_trainable
+        """(total, trainable) parameters a token uses: all of them but a MoE's idle experts
+        and a multimodal model's tower and projector (which run per image)."""
+        total, trainable = self.total_params, self.trainable_params
+        if self.active_params:
+            total, trainable = self.active_params, self.active_trainable
+        return total - self.tower_params, trainable - self.tower_trainable
 
     def describe(self) -> str:
         kind = "LoRA" if self.lora else "full" if self.trainable_params == self.total_params else ""
-        moe = f" ({_count(self.active_params)} active)" if self.active_params else ""
+        notes = f" ({_count(self.active_params)} active)" if self.active_params else ""
+        if self.tower_params:
+            trains = (
+                f"{_count(self.tower_trainable)} trainable" if self.tower_trainable else "frozen"
+            )
+            notes += f" (vision tower + projector {_count(self.tower_params)}, {trains})"
         return (
-            f"{self.name}: {_count(self.total_params)} params{moe}, "
+            f"{self.name}: {_count(self.total_params)} params{notes}, "
             f"{_count(self.trainable_params)} "
             f"trainable{f' ({kind})' if kind else ''}; hidden {self.hidden}, {self.layers} layers, "
             f"vocab {self.vocab}, largest layer {_count(self.largest_layer_params)}"
@@ -109,6 +121,8 @@ def model_facts(
         if freeze is not None:
             dsft_model.freeze(model, freeze)
     total, trainable = dsft_model.count_params(model)
+    parts = dsft_model.part_params(model)
+    tower = [parts[k] for k in ("vision", "projector") if k in parts]
     idle, idle_trainable = moe.idle_params(model)  # experts a token does not use
     largest = max(sum(p.numel() for p in m.parameters(recurse=False)) for m in model.modules())
 
@@ -155,6 +169,8 @@ def model_facts(
         lora_dropout=bool(lora is not None and lora.enabled and lora.dropout > 0),
         active_params=total - idle if idle else 0,
         active_trainable=trainable - idle_trainable if idle else 0,
+        tower_params=sum(t for t, _ in tower),
+        tower_trainable=sum(t for _, t in tower),
         config=config,
     )
 

@@ -16,7 +16,9 @@ DEFAULT_MFU = KERNEL_EFFICIENCY  # measured efficiency of dsft's step (dsft/flop
 def flops_per_token(f: ModelFacts, seq: int, checkpointing: bool = False) -> float:
     """Training FLOPs per token of full ``seq``-token sequences, by :func:`dsft.flops.train_flops`
     (the formula MFU uses), with the recomputation of activation checkpointing."""
-    active, trainable = f.active  # a mixture of experts: the parameters a token uses
+    # the parameters a token uses: a MoE's idle experts and a multimodal model's tower are
+    # left out (the tower runs per image, and the plan does not know the images per row)
+    active, trainable = f.active
     per_seq = train_flops(active, trainable, f.layers, f.hidden, seq, seq * seq, checkpointing)
     return per_seq / seq
 

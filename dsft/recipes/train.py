@@ -73,7 +73,8 @@ def run(cfg: Config) -> dict[str, Any]:
     model_cfg = getattr(engine.ds.module, "config", None)
     peak = monitor.peak_flops * env.world_size
     meter = StepMeter(
-        FlopCounter(*engine.active, model_cfg, peak),  # MoE: the parameters a token uses
+        # MoE: the parameters a token uses; a multimodal model's tower: per image patch
+        FlopCounter(*engine.active, model_cfg, peak, engine.tower),
         cfg.train.precision,
         cfg.train.max_bad_steps,
     )

@@ -150,3 +150,30 @@ def test_cpu_bench_end_to_end(tmp_path: Path) -> None:
     assert prep["dsft"] > 0 and prep["trl"] > 0 and prep["tokens_identical"]
     assert "| **dsft / trl-default** |" in out and "×" in out and "MFU = (6·N·T" in out
     assert (tmp_path / "b" / "bench.md").read_text().strip() == result["table"].strip()
+
+
+def test_vlm_bench_gives_trl_the_rows_dsft_trains_on(tmp_path: Path) -> None:
+    """dsft bench --mode vlm (its one cheap check, no training): TRL's prompt-completion rows
+    render to the very text of dsft's rows, image and answer included."""
+    import argparse
+
+    from transformers import AutoProcessor
+    from trl.data_utils import apply_chat_template, prepare_multimodal_messages
+
+    from benchmarks.vlm import VlmBench
+
+    ns = argparse.Namespace(out=str(tmp_path), micro_batch=2, grad_accum=1, nproc=1,
+                            train_examples=6, jitter=20)  # fmt: skip
+    bench = VlmBench(ns)
+    bench.build_inputs()
+    proc = AutoProcessor.from_pretrained(bench.model_dir)
+    dsft_rows = [json.loads(x) for x in bench.data.read_text().splitlines()]
+    trl_rows = [json.loads(x) for x in bench.trl_data.read_text().splitlines()]
+    assert len(dsft_rows) == len(trl_rows) == 6
+    for ours, theirs in zip(dsft_rows, trl_rows, strict=True):
+        (image,) = theirs["images"]
+        assert Path(image).is_file()
+        text = proc.apply_chat_template(ours["messages"], tokenize=False)
+        theirs["prompt"] = prepare_multimodal_messages(theirs["prompt"], images=[image])
+        rendered = apply_chat_template(theirs, proc)
+        assert rendered["prompt"] + rendered["completion"] == text

@@ -115,48 +115,18 @@ def _image_train(model: Path, data: Path, out: Path, steps: int, packing: bool =
     return out / "final"
 
 
-def _colour_accuracy(export: Path) -> float:
-    """Greedy answers of the export (loaded with AutoModelForImageTextToText + AutoProcessor)
-    about solid-colour images of sizes it never saw."""
-    from PIL import Image
-    from transformers import AutoModelForImageTextToText, AutoProcessor
-
-    from dsft.synthetic import COLOURS
-
-    model = AutoModelForImageTextToText.from_pretrained(export).eval()
-    proc = AutoProcessor.from_pretrained(export)
-    ask = [{"role": "user", "content": [{"type": "image"},
-                                        {"type": "text", "text": "What colour is this?"}]}]  # fmt: skip
-    text = proc.apply_chat_template(ask, add_generation_prompt=True, tokenize=False)
-    right = total = 0
-    for name, rgb in COLOURS.items():
-        for size in [(24, 30), (40, 40), (48, 26)]:
-            img = Image.new("RGB", size, rgb)
-            inputs = proc(
-                text=[text], images=[[img]], add_special_tokens=False, return_tensors="pt"
-            )
-            with torch.no_grad():
-                out = model.generate(**inputs, max_new_tokens=3, do_sample=False)
-            got = proc.tokenizer.decode(
-                out[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True
-            )
-            right += got.strip() == name[0].upper()
-            total += 1
-    return right / total
-
-
 def test_image_sft_learns_a_visual_task_and_chats_about_a_picture(vlm_dirs, tmp_path: Path) -> None:
     """Gemma 3, tower and projector frozen, image rows packed (each image's two-way
     attention kept inside its example): which colour is the picture? (chance 0.25)"""
     from PIL import Image
 
-    from dsft.synthetic import write_colour_task
+    from dsft.synthetic import colour_accuracy, write_colour_task
 
     base = vlm_dirs("gemma3")
     export = _image_train(base, write_colour_task(tmp_path / "c", n=200, seed=1),
                           tmp_path / "run", steps=60, packing=True)  # fmt: skip
     _check_export(base, export)
-    accuracy = _colour_accuracy(export)
+    accuracy = colour_accuracy(export)
     assert accuracy >= 0.5, accuracy
     Image.new("RGB", (30, 30), (30, 40, 220)).save(tmp_path / "blue.png")
     proc = run_dsft(["chat", str(export), "--image", str(tmp_path / "blue.png"), "--prompt",

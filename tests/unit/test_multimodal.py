@@ -74,15 +74,66 @@ def test_layer_decay_puts_a_trained_tower_below_the_blocks() -> None:
             assert by_name[id(p)].startswith("embed/"), name
 
 
-def test_planner_counts_the_tower(tmp_path: Path) -> None:
-    config = vlm_config("gemma3", build_vlm_tokenizer("gemma3"))
-    facts = planner.model_facts(config, freeze=FreezeConfig())
-    model = _meta("gemma3")
+@pytest.mark.parametrize("family", ["gemma3", "llava"])
+@pytest.mark.parametrize("trained", [False, True], ids=["tower-frozen", "tower-trained"])
+def test_planner_counts_the_tower(family: str, trained: bool) -> None:
+    """Memory: the tower's weights always, its gradients and optimizer state only when it
+    trains; FLOPs per token leave it out (it runs per image)."""
+    from dsft.planner.memory import Option, model_states
+
+    config = vlm_config(family, build_vlm_tokenizer(family))
+    freeze = FreezeConfig(vision=not trained, projector=not trained)
+    facts = planner.model_facts(config, freeze=freeze)
+    model = _meta(family)  # the real model of the config, on the meta device
     everything = sum(p.numel() for p in model.parameters())
     tower = sum(p.numel() for n, p in model.named_parameters() if dsft_model.part(n) != "language")
-    assert facts.total_params == everything
-    assert facts.trainable_params == everything - tower  # frozen by default
+    assert tower and facts.total_params == everything
+    assert facts.tower_params == tower
+    assert facts.trainable_params == everything - (0 if trained else tower)
+    assert facts.tower_trainable == (tower if trained else 0)
+    assert facts.active == (everything - tower, everything - tower)
     assert (facts.layers, facts.hidden) == (2, 32)
+    hw = planner.Hardware(gpus_per_node=1, nodes=1, gpu_mem=80 * 2**30)
+    held, step, _ = model_states(facts, Option(0), hw, "bf16")
+    # bf16 weights of everything; bf16 gradients, fp32 master + Adam (12) and the step's
+    # fp32 gradients (4) of the trainable parameters only
+    assert (held, step) == (
+        2 * everything + 14 * facts.trainable_params,
+        4 * facts.trainable_params,
+    )
+
+
+def test_tower_flops_count_per_image_patch_not_per_token() -> None:
+    """A 32-pixel Gemma 3 picture is 16 patches of 8 pixels; the tower's FLOPs follow the
+    patches (forward only when frozen) and the language model's the tokens."""
+    from dsft.flops import FlopCounter, image_patches, tower, train_flops
+
+    model = _meta("gemma3")
+    cfg = model.config
+    dsft_model.freeze(model, FreezeConfig())
+    frozen = dsft_model.part_params(model)
+    t = tower(cfg, frozen)
+    assert t is not None and (t.layers, t.hidden, t.patch) == (2, 32, 8)
+    (nv, _), (np_, _), (nl, nlt) = frozen["vision"], frozen["projector"], frozen["language"]
+    micro = {"pixel_values": torch.zeros(3, 3, 32, 32)}  # three images
+    assert image_patches(micro, t) == (48, 3 * 16**2)
+    assert image_patches({"input_ids": torch.zeros(2, 5)}, t) == (0, 0)
+    # Qwen-VL's layout: flattened patches, t·h·w of them per image in image_grid_thw
+    grid = {
+        "pixel_values": torch.zeros(20, 384),
+        "image_grid_thw": torch.tensor([[1, 2, 2], [1, 4, 4]]),
+    }
+    assert image_patches(grid, t) == (20, 4**2 + 16**2)
+    counter = FlopCounter(nl + nv + np_, nlt, cfg, 0.0, t)
+    text = train_flops(nl, nlt, 2, 32, 100, 2000)
+    assert counter.flops(100, 2000) == text  # no image: no tower FLOPs at all
+    forward = 2 * (nv + np_) * 48 + 4 * 2 * 32 * 768
+    assert counter.flops(100, 2000, 48, 768) == text + forward
+    trained = tower(cfg, {**frozen, "vision": (nv, nv), "projector": (np_, np_)})
+    assert trained is not None
+    full = 6 * (nv + np_) * 48 + 12 * 2 * 32 * 768  # the usual 6·N·P when all of it trains
+    assert trained.flops(48, 768) == full
+    assert tower(text_config(cfg), frozen) is None  # a text model has no tower
 
 
 # ------------------------------------------------------------------------ image rows
