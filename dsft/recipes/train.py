@@ -34,7 +34,7 @@ from dsft.meter import StepMeter
 from dsft.monitor import Monitor, StepProfiler
 from dsft.objectives import objective_for
 from dsft.runtime import hardware_name
-from dsft.step import Window, with_segments
+from dsft.step import Window, WindowLoader, with_segments
 
 log = logging.getLogger("dsft")
 
@@ -97,6 +97,11 @@ def run(cfg: Config) -> dict[str, Any]:
     profiler = StepProfiler(out, cfg.logging.profile_steps)  # logging.profile_steps
     fault_steps = faults.steps("DSFT_FAULT_NAN_STEPS")
     pad_id, accum = job.tokenizer.pad_token_id, shape.grad_accum
+    # image rows: pixels are decoded one window ahead, in a loader thread
+    loader = WindowLoader(
+        lambda b: objective.batch(splits, units, b, pad_id),
+        getattr(splits, "images", None) is not None,
+    )
     engine.ds.train()
     t_start = time.time()
     stopped_early = False
@@ -108,7 +113,9 @@ def run(cfg: Config) -> dict[str, Any]:
             state.window = first // accum + 1
             t_step = time.time()
             window = Window(
-                [objective.batch(splits, units, b, pad_id) for b in batches[first : first + accum]],
+                loader.window(
+                    batches[first : first + accum], batches[first + accum : first + 2 * accum]
+                ),
                 nan_fault=state.step + 1 in fault_steps and env.is_main,
             )
             result = objective.step(engine, window)
@@ -162,6 +169,7 @@ def run(cfg: Config) -> dict[str, Any]:
 
     # ---------------------------------------------------------------- finish
     step = state.step
+    loader.close()
     if dealer.mixer is not None:
         summary["mix"] = dealer.mix_summary(step * shape.global_batch, cfg.data.mix)
     profiler.close()
