@@ -429,6 +429,8 @@ def mask_packed_images(model: torch.nn.Module) -> None:
         return
     from transformers.masking_utils import find_packed_sequence_indices
 
+    from dsft.flops import text_config
+
     def hook(module: Any, args: Any, kwargs: dict[str, Any]) -> Any:
         types, pos = kwargs.get("token_type_ids"), kwargs.get("position_ids")
         if types is None or pos is None or kwargs.get("attention_mask") is not None:
@@ -437,7 +439,7 @@ def mask_packed_images(model: torch.nn.Module) -> None:
         if segments is None:  # one example per row: transformers' own masks are right
             return None
         impl = module.config._attn_implementation
-        masks = packed_image_masks(module.config.get_text_config(), block_ids(types), segments)
+        masks = packed_image_masks(text_config(module.config), block_ids(types), segments)
         if impl == "eager":  # eager adds the mask to the scores
             for k, m in masks.items():
                 masks[k] = torch.zeros(m.shape, device=m.device).masked_fill(~m, torch.finfo().min)

@@ -19,7 +19,11 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 # Integration modules whose module fixture is a training run (or several).
-_SHARED_RUNS = {"test_checkpoint_runs", "test_checkpoint_safety_runs", "test_sequence_parallel_runs"}
+_SHARED_RUNS = {
+    "test_checkpoint_runs",
+    "test_checkpoint_safety_runs",
+    "test_sequence_parallel_runs",
+}
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
