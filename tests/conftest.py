@@ -26,6 +26,8 @@ _SHARED_RUNS = {
 }
 
 
+# tryfirst: xdist's worker reads the xdist_group marks in its own modifyitems hook
+@pytest.hookimpl(tryfirst=True)
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     # The folder is the level: unit (in-process, fast), integration (ranks, runs),
     # cluster (Slurm, namespaces). `make test-fast` runs `-m unit`.
