@@ -10,12 +10,19 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
 import yaml
 
 from dsft.distributed import local_launch_argv
 from dsft.synthetic import build_model_dir, generate_tasks, write_tasks
 
 ROOT = Path(__file__).resolve().parents[1]
+# `make test` runs several xdist workers: each gets its share of the cores, in process and
+# in the runs it starts (OpenMP threads beyond the cores spin against each other: a small
+# matmul took 8x longer with two threads per process on two busy cores).
+CORES = max(1, (os.cpu_count() or 1) // int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")))
+os.environ["OMP_NUM_THREADS"] = str(CORES)
+torch.set_num_threads(CORES)
 
 
 # Integration modules whose module fixture is a training run (or several).
@@ -147,7 +154,7 @@ def run_dsft(
 ) -> subprocess.CompletedProcess:
     """Run ``dsft`` as ``nproc`` ranks via torchrun (or one plain process)."""
     cmd = local_launch_argv(nproc, ["dsft", *args])
-    threads = max(1, (os.cpu_count() or 1) // nproc)
+    threads = max(1, CORES // nproc)
     proc = subprocess.run(
         cmd,
         env={**(gpu_env() if gpu else cpu_env(threads)), **(env or {})},

@@ -14,7 +14,7 @@ import torch
 
 from benchmarks.chat_data import CHATML_TRAINING, build_tokenizer, generate_rows
 from benchmarks.vs_trl import FIGURES, SYSTEMS, _param_count
-from tests.conftest import ROOT, cpu_env
+from tests.conftest import CORES, ROOT, cpu_env
 
 
 def test_generator_length_spread() -> None:
@@ -106,7 +106,7 @@ def test_mfu_formula_is_dsft_flop_counter() -> None:
 def _bench(tmp_path: Path, *args: str) -> tuple[dict, str]:
     proc = subprocess.run(
         [sys.executable, "-m", "dsft", "bench", "--out", str(tmp_path / "b"), *args],
-        env=cpu_env(threads=2),
+        env=cpu_env(threads=CORES),
         capture_output=True,
         text=True,
         timeout=900,

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from ..conftest import ROOT, cpu_env
+from ..conftest import CORES, ROOT, cpu_env
 from .test_bench import _check_figures
 
 pytestmark = pytest.mark.slow
@@ -21,7 +21,7 @@ pytestmark = pytest.mark.slow
 @pytest.mark.timeout(1600)  # eleven stages, each a fresh process; on 2 shared cores
 def test_gpu_check_dry_run_writes_every_result(tmp_path: Path) -> None:
     out = tmp_path / "check"
-    env = {k: v for k, v in cpu_env(threads=2).items() if k != "OUT"}
+    env = {k: v for k, v in cpu_env(threads=CORES).items() if k != "OUT"}
     proc = subprocess.run(["bash", "benchmarks/gpu_check.sh", "--dry-run", str(out)], env=env,
                           capture_output=True, text=True, timeout=1500, cwd=ROOT)  # fmt: skip
     stages = (out / "stages.tsv").read_text() if (out / "stages.tsv").is_file() else ""
