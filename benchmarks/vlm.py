@@ -135,7 +135,8 @@ class VlmBench:
             return {"refused": why[-1].strip() if why else "failed: see " + str(log_path)}
         rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
         rows = [r for r in rows if r["split"] == "train"]
-        self.ds_config = out / "ds_config.json"
+        if not packed:  # TRL gets the padded run's JSON (a packed run's micro-batch is 1 row)
+            self.ds_config = out / "ds_config.json"
         data = json.loads((out / "summary.json").read_text())["data"]
         mean_len = data["train_tokens"] / data["train"]  # real tokens of an example
         return {
