@@ -569,8 +569,7 @@ class PreferenceRun:
         model.requires_grad_(False).eval()
         if self.ds_config["zero_optimization"]["stage"] != 3:
             return model.to(self.dev)
-        import deepspeed
-
+        deepspeed = distributed.import_deepspeed()
         conf = {k: v for k, v in self.ds_config.items() if k not in ("optimizer", "scheduler")}
         ref, *_ = deepspeed.initialize(model=model, config=conf)
         ref.eval()  # DeepSpeed's eval() returns None, not the engine
